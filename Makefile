@@ -1,0 +1,55 @@
+# sdxl-serve: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+PROTO_OUT := client/sdxl_client/_proto
+# Shared by tests, `make run` and benchmarks so that a compile happens once per machine.
+export SDXL_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax-compilation-cache
+export SDXL_TINY_MODEL_DIR ?= $(CURDIR)/.cache/tiny-sdxl
+
+# Parts of the build owned by one area each (e.g. mk/chart.mk adds the Helm CLI to TEST_PREREQS).
+-include mk/*.mk
+
+.PHONY: install proto proto-check test lint run bench clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run    - install, then serve the tiny model on 127.0.0.1:50051"
+	@echo "make test   - install, then run every test"
+	@echo "make lint   - ruff and mypy"
+	@echo "make bench  - benchmarks under bench/ (tables + JSON in bench/results/)"
+	@echo "make proto  - regenerate the Python stubs from proto/"
+	@echo "make manifests - render k8s/ from the Helm chart"
+
+# Idempotent: re-runs pip only when a dependency list changed.
+install: $(INSTALLED)
+$(INSTALLED): client/pyproject.toml server/pyproject.toml requirements/dev.txt $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e ./client -e ./server
+	touch $@
+
+proto: install
+	$(PY) tools/gen_proto.py $(PROTO_OUT)
+
+test: install $(TEST_PREREQS)
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check client server tests bench
+	$(PY) -m ruff format --check client server tests bench
+	$(PY) -m mypy
+
+run: install
+	$(VENV)/bin/sdxl-server serve --model tiny --host 127.0.0.1 --port 50051
+
+bench: install
+	$(PY) bench/engine.py
+	$(PY) bench/service.py
+
+clean:
+	rm -rf $(VENV) .cache .tools
+

@@ -1,0 +1,208 @@
+"""The engine's interface to the rest of the server: requests in, events out.
+
+The service layer (gRPC) depends only on the names in this module; the engine never
+imports gRPC or generated protobuf code. Events are delivered by calling the listener
+that came with the request, from an engine thread: a listener must be quick and must not
+block (the service bridges into asyncio with ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+
+class ImageFormat(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @classmethod
+    def parse(cls, text: str) -> Resolution:
+        """Parses ``WxH`` (e.g. ``1024x1024``)."""
+        w, sep, h = text.strip().lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit():
+            raise ValueError(f"resolution {text!r} is not WIDTHxHEIGHT")
+        return cls(int(w), int(h))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One request with every default already applied (the service fills them in)."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_images: int
+    steps: int
+    guidance_scale: float
+    resolution: Resolution
+    image_format: ImageFormat = ImageFormat.PNG
+    quality: int = 90
+    # Absolute time.monotonic() by which the caller needs the result, or None.
+    deadline: float | None = None
+
+
+# ---- events delivered to a request's listener, in this order:
+# Queued, then Progress and ImageReady interleaved, then exactly one of Finished / Failed.
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    position: int  # images admitted earlier that have not entered a slot yet
+    prompt_truncated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    completed_steps: int  # summed over the request's images
+    total_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageReady:
+    index: int
+    seed: int
+    data: bytes
+    image_format: ImageFormat
+    width: int
+    height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    queue_seconds: float
+    denoise_seconds: float
+    total_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    error: EngineError
+
+
+EngineEvent = Queued | Progress | ImageReady | Finished | Failed
+Listener = Callable[[EngineEvent], None]
+
+
+# ---- errors. Recoverable ones concern one request; EngineFatalError means the engine
+# is broken (device failure) and reports unhealthy from then on.
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports."""
+
+
+class InvalidRequestError(EngineError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class QueueFullError(EngineError):
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class DeadlineUnreachableError(EngineError):
+    """The request cannot finish before its deadline (or the deadline passed while queued)."""
+
+
+class CancelledError(EngineError):
+    """The request was cancelled by its caller."""
+
+
+class NotReadyError(EngineError):
+    """The engine is warming up, draining or stopped."""
+
+
+class EngineFatalError(EngineError):
+    """The device or the step loop failed; the engine will not recover."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a request may ask for; the service validates against these."""
+
+    resolutions: tuple[Resolution, ...]  # the first is the default
+    min_steps: int
+    max_steps: int
+    default_steps: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    default_guidance_scale: float
+    max_images_per_request: int
+    max_prompt_tokens: int
+    max_queue: int  # images
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    limits: Limits
+    slots: int
+    devices: int
+    device_kind: str
+    policy: str
+    dtype: str
+    versions: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot, read without taking the step loop's lock."""
+
+    queue_depth: int  # images admitted and waiting for a slot
+    slots_busy: int
+    slots_total: int
+    load: float  # (queue_depth + slots_busy) / slots_total
+    steps_total: int
+    images_total: int
+    step_seconds_ewma: float  # recent device time of one batched step (0 before the first)
+    device_busy_ratio: float
+    compile_seconds: float
+    startup_seconds: float
+    ready: bool
+    healthy: bool
+
+
+class Ticket(Protocol):
+    request_id: str
+
+
+class Engine(Protocol):
+    """What the service needs from an engine: submit, cancel, health, stats."""
+
+    def info(self) -> EngineInfo: ...
+
+    def start(self) -> None:
+        """Loads, compiles every program (warm-up) and starts the step loop. Blocks."""
+
+    def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
+        """Admits a request or raises InvalidRequestError, QueueFullError,
+        DeadlineUnreachableError or NotReadyError at once (never blocks on the device)."""
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Frees the request's slots at the next step boundary; the listener gets Failed(CancelledError)."""
+
+    def stats(self) -> EngineStats: ...
+
+    def estimate_seconds(self, num_images: int, steps: int) -> float | None:
+        """Expected time for a new request to finish given the queue and measured step time; None if unknown."""
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stops admitting, lets accepted work finish for up to drain_seconds, then stops the loop."""
