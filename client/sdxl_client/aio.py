@@ -1,0 +1,287 @@
+"""The asyncio client: the same methods as :class:`sdxl_client.Client`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar, cast
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sdxl_client._base import _USE_DEFAULT, ClientBase
+from sdxl_client._channel import open_aio_channel
+from sdxl_client._errors import DeadlineExceeded, SdxlError, from_rpc_error
+from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
+from sdxl_client._requests import build_generate_request
+from sdxl_client._retry import RetryState
+from sdxl_client._types import (
+    GenerateResult,
+    HealthStatus,
+    ImageFormat,
+    ServerInfo,
+    StreamEvent,
+    stream_event_from_proto,
+)
+
+__all__ = ["AsyncClient"]
+
+_T = TypeVar("_T")
+
+
+class AsyncClient(ClientBase):
+    """Calls an sdxl-serve server from asyncio; use as an async context manager or await :meth:`close`.
+
+    The channel is opened on the first call, inside the running event loop; use a client from one loop.
+
+    Example::
+
+        async with AsyncClient("localhost:50051") as client:
+            result = await client.generate("a lighthouse at dusk", seed=7, steps=20)
+            result.images[0].save("lighthouse.png")
+
+    See :class:`sdxl_client._base.ClientBase` for the constructor's arguments.
+    """
+
+    def _open(self) -> None:
+        # An asyncio channel belongs to the loop that runs when it is created, so wait for the first call.
+        self._channel: grpc.aio.Channel | None = None
+
+    def _stubs(self) -> tuple[sdxl_pb2_grpc.ImageServiceAsyncStub, health_pb2_grpc.HealthStub]:
+        if self._channel is None:
+            self._channel = open_aio_channel(self.settings)
+            stub = sdxl_pb2_grpc.ImageServiceStub(self._channel)
+            # ImageServiceAsyncStub exists only in the type stubs: the cast names it as a string.
+            self._stub = cast("sdxl_pb2_grpc.ImageServiceAsyncStub", stub)
+            self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        return self._stub, self._health_stub
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        seed: int | None = None,
+        num_images: int = 0,
+        steps: int = 0,
+        guidance_scale: float = 0.0,
+        width: int = 0,
+        height: int = 0,
+        format: ImageFormat | str | None = None,
+        quality: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = _USE_DEFAULT,
+    ) -> GenerateResult:
+        """Generates images and returns them all together.
+
+        Zero (or None) for a numeric argument means the server's default; :meth:`server_info` tells the
+        defaults and bounds.
+
+        Args:
+            prompt: What to draw; required.
+            negative_prompt: What to steer away from.
+            seed: Seed of the first image (image i uses seed + i); None lets the server pick and report it.
+            num_images: Images to generate (0 means 1).
+            steps: Denoising steps per image.
+            guidance_scale: Classifier-free guidance scale.
+            width: Image width in pixels; width x height must be a served resolution.
+            height: Image height in pixels.
+            format: ``"png"``, ``"jpeg"``, ``"webp"`` or an :class:`ImageFormat`.
+            quality: JPEG/WebP quality 1..100 (0 means 90).
+            request_id: Identifier echoed by the server and written to its logs; generated when None.
+                Retries reuse it.
+            timeout: Overall deadline in seconds, retries included; defaults to the client's; None for none.
+
+        Returns:
+            The images, seed, steps, timings and request id.
+
+        Raises:
+            InvalidRequest: A field is out of bounds (``.field`` names it).
+            Overloaded: The server stayed overloaded through every retry.
+            Unavailable: No server could be reached through every retry.
+            DeadlineExceeded: The request could not finish in time.
+            Unauthenticated: The token is missing or wrong.
+            Internal: The server failed.
+        """
+        request = build_generate_request(
+            prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            num_images=num_images,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            format=format,
+            quality=quality,
+            request_id=request_id,
+        )
+        stub, _ = self._stubs()
+        response = await self._with_retries(
+            lambda attempt_timeout: stub.Generate(request, timeout=attempt_timeout, metadata=self._metadata),
+            timeout,
+        )
+        return GenerateResult.from_proto(response)
+
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        seed: int | None = None,
+        num_images: int = 0,
+        steps: int = 0,
+        guidance_scale: float = 0.0,
+        width: int = 0,
+        height: int = 0,
+        format: ImageFormat | str | None = None,
+        quality: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = _USE_DEFAULT,
+    ) -> AsyncIterator[StreamEvent]:
+        """Generates images and reports the work as it happens (``async for event in ...``).
+
+        Takes the same arguments as :meth:`generate`. A failure before the first event is retried like
+        :meth:`generate`; after it, the error is raised (the work already shown would be repeated).
+        Leaving the loop early cancels the request on the server.
+
+        Returns:
+            An iterator of events: :class:`Queued`, then :class:`Progress` events, one
+            :class:`GeneratedImage` per image as soon as it is ready, and :class:`Done` last.
+
+        Raises:
+            The errors of :meth:`generate`, while iterating (a bad argument type already on this call).
+        """
+        request = build_generate_request(
+            prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            num_images=num_images,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            format=format,
+            quality=quality,
+            request_id=request_id,
+        )
+        return self._stream(request, self._retry_state(timeout))
+
+    async def _stream(
+        self, request: sdxl_pb2.GenerateRequest, state: RetryState
+    ) -> AsyncIterator[StreamEvent]:
+        stub, _ = self._stubs()
+        while True:
+            attempt_timeout = state.start_attempt()
+            call = stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
+            received_any = False
+            try:
+                async for message in call:
+                    event = stream_event_from_proto(message)
+                    if event is not None:
+                        received_any = True
+                        yield event
+                return
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = None if received_any else self._retry_delay(state, error)
+                if delay is None:
+                    raise error from rpc_error
+            finally:
+                call.cancel()  # no-op when finished; frees the server's slot when the caller stopped early
+            await asyncio.sleep(delay)
+
+    async def server_info(self, *, timeout: float | None = _USE_DEFAULT) -> ServerInfo:
+        """Describes the served model and the bounds a request must respect.
+
+        Args:
+            timeout: Overall deadline in seconds, retries included.
+
+        Returns:
+            The server's description.
+
+        Raises:
+            Unavailable: No server could be reached. Unauthenticated: the token is missing or wrong.
+        """
+        stub, _ = self._stubs()
+        info = await self._with_retries(
+            lambda attempt_timeout: stub.GetServerInfo(
+                sdxl_pb2.GetServerInfoRequest(), timeout=attempt_timeout, metadata=self._metadata
+            ),
+            timeout,
+        )
+        return ServerInfo.from_proto(info)
+
+    async def health(self, *, service: str = "", timeout: float | None = _USE_DEFAULT) -> HealthStatus:
+        """Asks the standard gRPC health service once (no retries).
+
+        Args:
+            service: Service name to ask about; "" is the whole server.
+            timeout: Deadline in seconds.
+
+        Returns:
+            SERVING once the server is warm and not draining, else NOT_SERVING (or SERVICE_UNKNOWN).
+
+        Raises:
+            Unavailable: The server could not be reached.
+        """
+        _, health_stub = self._stubs()
+        try:
+            response = await health_stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._single_timeout(timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from rpc_error
+        return HealthStatus(response.status)
+
+    async def wait_until_serving(self, timeout: float, *, poll_seconds: float = 0.1) -> None:
+        """Polls :meth:`health` until the server reports SERVING.
+
+        Args:
+            timeout: Seconds to wait at most.
+            poll_seconds: Pause between checks.
+
+        Raises:
+            DeadlineExceeded: The server was not SERVING within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        last: HealthStatus | SdxlError | None = None
+        while time.monotonic() < deadline:
+            try:
+                last = await self.health(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+                if last is HealthStatus.SERVING:
+                    return
+            except SdxlError as error:
+                last = error
+            await asyncio.sleep(poll_seconds)
+        raise DeadlineExceeded(f"{self.target} not SERVING after {timeout} s (last: {last})")
+
+    async def close(self) -> None:
+        """Closes the channel; calls in progress are cancelled."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _with_retries(
+        self, invoke: Callable[[float | None], Awaitable[_T]], timeout: float | None
+    ) -> _T:
+        state = self._retry_state(timeout)
+        while True:
+            attempt_timeout = state.start_attempt()
+            try:
+                return await invoke(attempt_timeout)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = self._retry_delay(state, error)
+                if delay is None:
+                    raise error from rpc_error
+            await asyncio.sleep(delay)
