@@ -1,0 +1,196 @@
+"""Composition root: ``sdxl-server serve`` and ``sdxl-server build-tiny-model DIR``.
+
+Start-up order: the gRPC server listens first with health NOT_SERVING (so probes get an answer and
+requests a clean UNAVAILABLE), then the engine loads and compiles everything in a thread, then health
+turns SERVING. Shutdown on SIGTERM/SIGINT, in this order: health NOT_SERVING and new requests UNAVAILABLE;
+accepted requests finish (up to --drain-seconds); the gRPC server stops; only then the engine stops, so
+no accepted request ever loses its producer; exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from sdxl_server.config import ConfigError, ServerConfig, add_serve_arguments, config_from
+from sdxl_server.engine.api import Engine
+from sdxl_server.logs import configure_logging, fields
+from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
+from sdxl_server.service.admission import Admission
+from sdxl_server.service.server import ServerOptions, build_server, new_health_servicer, set_serving
+from sdxl_server.service.servicer import ImageService
+
+log = logging.getLogger("sdxl_server")
+# Seconds between checks that the engine is still healthy (a device fault makes the process exit).
+_HEALTH_POLL_SECONDS = 1.0
+# After the drain, RPCs that already have their result get this long to send it.
+_FINAL_FLUSH_SECONDS = 2.0
+
+
+def _warm_up(engine: Engine, config: ServerConfig) -> None:
+    if config.hold_warmup_until_file:  # test-only hook, see ServerConfig
+        while not os.path.exists(config.hold_warmup_until_file):
+            time.sleep(0.05)
+    engine.start()
+
+
+def _start_in_thread(engine: Engine, config: ServerConfig) -> asyncio.Future[None]:
+    """Runs warm-up on a daemon thread (a SIGTERM during warm-up must not wait for the compiler)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:  # on the event loop
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            _warm_up(engine, config)
+        except BaseException as e:
+            error = e
+        loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="engine-warm-up", daemon=True).start()
+    return done
+
+
+def _call_hint(config: ServerConfig, port: int) -> str:
+    host = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
+    target = f"{host}:{port}"
+    grpcurl_tls = "-insecure" if config.tls_enabled else "-plaintext"
+    auth = " -H 'authorization: Bearer <token>'" if config.auth_token_file else ""
+    return (
+        f'ready. Try: sdxl generate "a cat" -o cat.png --target {target}\n'
+        f'   or: grpcurl {grpcurl_tls}{auth} -d \'{{"prompt": "a cat"}}\' {target} '
+        "sdxl.v1.ImageService/Generate"
+    )
+
+
+async def serve(config: ServerConfig) -> int:
+    from sdxl_server.engine import JaxEngine
+    from sdxl_server.engine.quiet import silence_library_noise
+
+    silence_library_noise()
+    engine: Engine = JaxEngine(config.engine_config())
+    registry = CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+    registry.register(EngineCollector(engine.stats, getattr(engine, "step_histogram", None)))
+    admission = Admission(engine.estimate_seconds)
+    health = await new_health_servicer()
+
+    def count_auth_rejection(method: str) -> None:
+        metrics.observe_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)
+
+    server, port = build_server(
+        ImageService(engine, admission, metrics, config.log_prompts),
+        health,
+        ServerOptions(
+            host=config.host,
+            port=config.port,
+            max_connection_age_seconds=config.max_connection_age_seconds,
+            tls_cert_file=config.tls_cert_file,
+            tls_key_file=config.tls_key_file,
+            auth_token=config.read_auth_token(),
+            on_auth_reject=count_auth_rejection,
+        ),
+    )
+    await server.start()
+    metrics_server = MetricsServer(registry, config.host, config.metrics_port)
+    log.info(
+        "listening; warming up",
+        extra=fields(event="listening", port=port, metrics_port=metrics_server.port, tls=config.tls_enabled),
+    )
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    warm_up = _start_in_thread(engine, config)
+    stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+    first: list[asyncio.Future[Any]] = [warm_up, stopping]
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if warm_up.done() and warm_up.exception() is not None:
+        log.error("engine warm-up failed", exc_info=warm_up.exception(), extra=fields(event="failed"))
+        exit_code = 1
+    elif warm_up.done():
+        admission.mark_serving()
+        await set_serving(health)
+        hint = _call_hint(config, port)
+        log.info(hint, extra=fields(event="ready", port=port, metrics_port=metrics_server.port))
+        if sys.stdout.isatty():
+            print(hint, flush=True)
+        exit_code = await _serve_until_stopped(engine, stopping)
+
+    log.info("draining", extra=fields(event="draining", in_flight=admission.in_flight))
+    admission.begin_drain()
+    await health.enter_graceful_shutdown()
+    if not await admission.wait_idle(config.drain_seconds):
+        log.warning("drain period over; cancelling %d requests", admission.in_flight)
+    await server.stop(_FINAL_FLUSH_SECONDS)
+    await asyncio.to_thread(engine.stop, 0.0)
+    metrics_server.stop()
+    log.info("stopped", extra=fields(event="stopped", exit_code=exit_code))
+    return exit_code
+
+
+async def _serve_until_stopped(engine: Engine, stopping: asyncio.Future[bool]) -> int:
+    """Waits for a signal; returns 1 early if the engine reports itself broken."""
+    while not stopping.done():
+        await asyncio.wait([stopping], timeout=_HEALTH_POLL_SECONDS)
+        if not engine.stats().healthy:
+            log.error("the engine is unhealthy; shutting down", extra=fields(event="unhealthy"))
+            return 1
+    return 0
+
+
+def _build_tiny_model(directory: str) -> int:
+    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.tiny_model import ensure_tiny_model
+
+    silence_library_noise()
+    path = ensure_tiny_model(Path(directory))
+    print(f"tiny SDXL model in {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdxl-server", description="Stable Diffusion XL over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(commands.add_parser("serve", help="serve the model over gRPC"))
+    build = commands.add_parser("build-tiny-model", help="write the tiny random SDXL used by tests")
+    build.add_argument("directory")
+    args = parser.parse_args(argv)
+    if args.command == "build-tiny-model":
+        return _build_tiny_model(args.directory)
+    try:
+        config = config_from(args, os.environ)
+        config.engine_config()  # validates the engine's settings before anything starts
+    except ConfigError as e:
+        parser.exit(2, f"sdxl-server serve: error: {e}\n")
+    configure_logging(config.log_level)
+    exit_code = asyncio.run(serve(config))
+    logging.shutdown()
+    sys.stdout.flush()
+    # A warm-up thread interrupted by SIGTERM may still be inside the compiler, and the engine's threads
+    # are done: exit without waiting for daemon threads during interpreter teardown.
+    os._exit(exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

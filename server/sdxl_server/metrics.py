@@ -1,0 +1,125 @@
+"""Prometheus metrics with exactly the names of docs/ARCHITECTURE.md ("Ports and metrics").
+
+Two sources: the service observes what it sees per RPC (``sdxl_requests_total``,
+``sdxl_request_duration_seconds``, ``sdxl_queue_wait_seconds``); everything about the engine's state is
+read lazily from ``engine.stats()`` at scrape time by a custom collector, so the step loop never touches a
+metrics object and the gauges can never go stale. ``sdxl_load`` is the autoscaling signal.
+Everything lives in one registry per server (not the process-global default), so tests can run several.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from sdxl_server.engine.api import EngineStats
+
+# Seconds. A 64x64 tiny-model request takes tens of ms; a queued 1024x1024 SDXL request can take minutes.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    """What the gRPC service records per request."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "sdxl_requests_total",
+            "Finished RPCs by method and gRPC status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "sdxl_request_duration_seconds",
+            "Server-side latency of a request, from arrival to its status.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "sdxl_queue_wait_seconds",
+            "Time from admission until the request's first image entered a slot.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method=method, code=code).inc()
+        self.request_duration.labels(method=method).observe(seconds)
+
+
+StepHistogram = Callable[[], tuple[list[tuple[float, int]], float] | None]
+
+
+class EngineCollector(Collector):
+    """Reads ``engine.stats()`` at scrape time and reports it under the contract's names.
+
+    ``step_histogram``, when given, returns the engine's step-duration histogram as cumulative
+    ``[(upper_bound, count), ...]`` (ending with +Inf) and the sum of observed seconds.
+    """
+
+    def __init__(self, stats: Callable[[], EngineStats], step_histogram: StepHistogram | None = None) -> None:
+        self._stats = stats
+        self._step_histogram = step_histogram
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        s = self._stats()
+        gauges = (
+            ("sdxl_queue_depth", "Images admitted and waiting for a slot.", s.queue_depth),
+            ("sdxl_slots_busy", "Slots holding an image being denoised.", s.slots_busy),
+            ("sdxl_slots_total", "Slots (images denoised concurrently).", s.slots_total),
+            ("sdxl_load", "(images waiting + images in slots) / slots: the autoscaling signal.", s.load),
+            (
+                "sdxl_device_busy_ratio",
+                "Share of recent wall time the device was computing.",
+                s.device_busy_ratio,
+            ),
+            (
+                "sdxl_compile_seconds",
+                "Time spent compiling (or loading compiled) programs.",
+                s.compile_seconds,
+            ),
+            ("sdxl_startup_seconds", "Process start until ready to serve.", s.startup_seconds),
+            ("sdxl_ready", "1 once warm-up finished and the engine serves.", 1.0 if s.ready else 0.0),
+        )
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=float(value))
+        yield CounterMetricFamily("sdxl_images_total", "Images generated.", value=float(s.images_total))
+        yield CounterMetricFamily(
+            "sdxl_steps_total", "Denoising steps run, per image.", value=float(s.steps_total)
+        )
+        histogram = self._step_histogram() if self._step_histogram else None
+        if histogram is not None:
+            buckets, total = histogram
+            yield HistogramMetricFamily(
+                "sdxl_step_duration_seconds",
+                "Device time of one batched denoising step.",
+                buckets=[(_bound(b), count) for b, count in buckets],
+                sum_value=total,
+            )
+
+
+def _bound(upper: float) -> str:
+    return "+Inf" if upper == float("inf") else repr(float(upper))
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint on its own thread; port 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
