@@ -53,6 +53,8 @@ class SdxlError(Exception):
         code: The gRPC status code of the failure.
         retryable: Whether sending the same request again may succeed.
         message: The server's (or the client's) human-readable explanation.
+        retry_after: Seconds the server asked the caller to wait before retrying (``google.rpc.RetryInfo``,
+            sent with RESOURCE_EXHAUSTED and while a server warms up or drains), or ``None``.
     """
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
@@ -61,6 +63,7 @@ class SdxlError(Exception):
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after: float | None = None
         if code is not None:
             # Only the generic fallback gets a per-instance code; subclasses keep their class's code.
             self.code = code  # type: ignore[misc]
@@ -89,11 +92,7 @@ class InvalidRequest(SdxlError):
 
 
 class Overloaded(SdxlError):
-    """The server's admission queue is full (RESOURCE_EXHAUSTED). Retryable after a delay.
-
-    Attributes:
-        retry_after: Seconds the server asked the caller to wait (``google.rpc.RetryInfo``), or ``None``.
-    """
+    """The server's admission queue is full (RESOURCE_EXHAUSTED). Retryable after ``retry_after``."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retryable = True
@@ -171,6 +170,7 @@ def from_rpc_error(error: grpc.RpcError) -> SdxlError:
     code = _call_attr(error, "code") or grpc.StatusCode.UNKNOWN
     message = _call_attr(error, "details") or code.name
     details = _rich_details(_call_attr(error, "trailing_metadata"))
+    result: SdxlError
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = [
             FieldViolation(v.field, v.description)
@@ -178,18 +178,21 @@ def from_rpc_error(error: grpc.RpcError) -> SdxlError:
             if isinstance(detail, error_details_pb2.BadRequest)
             for v in detail.field_violations
         ]
-        return InvalidRequest(message, violations)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        delays = [
-            d.retry_delay.ToTimedelta().total_seconds()
-            for d in details
-            if isinstance(d, error_details_pb2.RetryInfo)
-        ]
-        return Overloaded(message, delays[0] if delays else None)
-    error_class = _SIMPLE_CLASSES.get(code)
-    if error_class is not None:
-        return error_class(message)
-    return SdxlError(message, code=code)
+        result = InvalidRequest(message, violations)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        result = Overloaded(message)
+    elif code in _SIMPLE_CLASSES:
+        result = _SIMPLE_CLASSES[code](message)
+    else:
+        result = SdxlError(message, code=code)
+    delays = [
+        d.retry_delay.ToTimedelta().total_seconds()
+        for d in details
+        if isinstance(d, error_details_pb2.RetryInfo)
+    ]
+    if delays:
+        result.retry_after = delays[0]
+    return result
 
 
 def _call_attr(error: grpc.RpcError, name: str) -> Any:

@@ -3,10 +3,10 @@
 Only errors whose class says ``retryable`` are retried: UNAVAILABLE (no server reachable, warming up,
 draining) and RESOURCE_EXHAUSTED (queue full). The wait before retry ``n`` is "full jitter" exponential
 backoff, uniform in ``[0, min(max_backoff, initial_backoff * multiplier**(n-1))]``, so that clients
-rejected together do not come back together; when the server sent a RetryInfo delay, that delay is the
-floor. Attempts are bounded by ``max_attempts`` and by the caller's overall deadline: every attempt gets
-the time that is left as its gRPC deadline, and a retry whose wait would end past the deadline is not
-made (the last error is raised instead, at once).
+rejected together do not come back together; when the server sent a RetryInfo delay (queue full, warming
+up, draining), that delay is the floor. Attempts are bounded by ``max_attempts`` and by the caller's
+overall deadline: every attempt gets the time that is left as its gRPC deadline, and a retry whose wait
+would end past the deadline is not made (the last error is raised instead, at once).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdxl_client._errors import DeadlineExceeded, Overloaded, SdxlError
+from sdxl_client._errors import DeadlineExceeded, SdxlError
 
 __all__ = ["RetryPolicy"]
 
@@ -95,7 +95,7 @@ class RetryState:
         if not error.retryable or self.attempts >= self.policy.max_attempts:
             return None
         delay = self._uniform() * self.policy.backoff_cap(self.attempts)
-        if isinstance(error, Overloaded) and error.retry_after is not None:
+        if error.retry_after is not None:
             delay = max(delay, error.retry_after)
         if self._deadline is not None and self._clock() + delay >= self._deadline:
             return None

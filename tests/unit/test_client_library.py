@@ -129,6 +129,13 @@ def test_retry_info_becomes_retry_after():
     assert error.retryable
 
 
+def test_retry_info_on_unavailable_is_kept_too():
+    retry_info = error_details_pb2.RetryInfo()
+    retry_info.retry_delay.FromTimedelta(timedelta(seconds=1))
+    error = from_rpc_error(_FailedCall(grpc.StatusCode.UNAVAILABLE, "draining", retry_info))
+    assert isinstance(error, sdxl_client.Unavailable) and error.retry_after == 1.0
+
+
 def test_overloaded_without_details_has_no_delay():
     error = from_rpc_error(_FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))
     assert isinstance(error, sdxl_client.Overloaded) and error.retry_after is None
