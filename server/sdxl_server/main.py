@@ -143,6 +143,7 @@ async def serve(config: ServerConfig) -> int:
     if not await admission.wait_idle(config.drain_seconds):
         log.warning("drain period over; cancelling %d requests", admission.in_flight)
     await server.stop(_FINAL_FLUSH_SECONDS)
+    log.info("gRPC server stopped; stopping the engine", extra=fields(event="grpc_stopped"))
     await asyncio.to_thread(engine.stop, 0.0)
     metrics_server.stop()
     log.info("stopped", extra=fields(event="stopped", exit_code=exit_code))
