@@ -50,3 +50,8 @@ manifests: helm
 	  $(HELM) template $(MANIFESTS_RELEASE) $(CHART) --namespace $(MANIFESTS_NAMESPACE) --skip-tests; \
 	} > $(MANIFESTS_FILE).tmp
 	mv $(MANIFESTS_FILE).tmp $(MANIFESTS_FILE)
+
+# The values table in helm/sdxl-serve/README.md, from the `# --` comments in values.yaml.
+.PHONY: chart-docs
+chart-docs: install
+	$(PY) tests/chart/values_table.py
