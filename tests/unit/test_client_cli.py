@@ -24,7 +24,7 @@ def test_every_request_field_has_an_option():
     )  # fmt: skip
     assert (args.prompt, args.negative_prompt, args.seed, args.num_images) == ("a cat", "dog", 3, 2)
     assert (args.steps, args.guidance_scale, args.size, args.format) == (5, 6.5, (96, 64), "webp")
-    assert (args.quality, args.request_id, str(args.output)) == (70, "r1", "out")
+    assert (args.quality, args.request_id, args.output) == (70, "r1", "out/")
 
 
 def test_target_and_token_come_from_the_environment(monkeypatch):

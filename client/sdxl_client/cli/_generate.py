@@ -44,8 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "-o",
         "--output",
-        type=pathlib.Path,
-        default=pathlib.Path("."),
+        default=".",
         help="output file, or a directory (existing, or ending in '/') for <request_id>-<index>.<ext> "
         "files; with several images a file name gets -<index> added (default: current directory)",
     )
@@ -94,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr) if show_progress else None
     expected = max(1, args.num_images)
-    raw_output = str(args.output)
-    if raw_output.endswith(("/", "\\")):
-        args.output.mkdir(parents=True, exist_ok=True)
+    raw_output = args.output  # a string: pathlib would drop the trailing "/" that marks a directory
+    output = pathlib.Path(raw_output)
     written: list[dict[str, object]] = []
     done: Done | None = None
     with make_client(args) as client:
@@ -123,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 if bar:
                     bar.show(f"step {event.completed_steps}/{event.total_steps}", event.fraction)
             elif isinstance(event, GeneratedImage):
-                path = output_path(args.output, raw_output, event, request_id, expected)
+                path = output_path(output, raw_output, event, request_id, expected)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 event.save(path)
                 written.append({"path": str(path), "seed": event.seed, "index": event.index})
             elif isinstance(event, Done):

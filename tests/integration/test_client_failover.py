@@ -1,0 +1,101 @@
+"""Fail-over: one client balances over two real servers (``ipv4:`` list, round_robin); one is killed while
+it holds accepted requests; every request still succeeds exactly once, on the survivor.
+
+No timing is assumed: server B is made unable to finish anything (a long request holds its only slot), so
+the requests balanced onto it are provably still waiting when it is killed (its queue depth on /metrics
+says so), and they must be retried on A.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sdxl_client import AsyncClient, Client, GenerateResult, Progress, RetryPolicy, Unavailable
+from service_helpers import metric_samples, sample
+
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+LONG_STEPS = 5000
+WAVE = 8
+
+
+def _metric(server, name: str, **labels: str) -> float:
+    return sample(metric_samples(server.scrape_metrics()), name, **labels)
+
+
+async def _until(condition, what: str, timeout: float = 60.0) -> None:
+    """Polls a (blocking) condition off the event loop until it holds."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_requests_survive_a_server_killed_mid_run(server_factory):
+    a = server_factory(env=ONE_DEVICE)
+    b = server_factory("--max-steps", str(LONG_STEPS), env=ONE_DEVICE)
+    retries: list[tuple[object, ...]] = []
+    policy = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.5)
+
+    # B's only slot is taken by a request that would run for minutes, so whatever B accepts waits.
+    blocker_client = Client(b.target, timeout=600, retry=RetryPolicy(max_attempts=1))
+    blocker = blocker_client.generate_stream("blocker", steps=LONG_STEPS)
+    while not isinstance(next(blocker), Progress):
+        pass
+
+    async def run() -> list[GenerateResult]:
+        target = f"ipv4:{a.target},{b.target}"
+        async with AsyncClient(
+            target, timeout=120, retry=policy, on_retry=lambda *r: retries.append(r)
+        ) as client:
+            # Both connections up: each server has answered a call of this client.
+            async def both_answered() -> bool:
+                await client.server_info()
+                counts = [
+                    await asyncio.to_thread(
+                        _metric, s, "sdxl_requests_total", method="GetServerInfo", code="OK"
+                    )
+                    for s in (a, b)
+                ]
+                return all(counts)
+
+            deadline = time.monotonic() + 60
+            while not await both_answered():
+                assert time.monotonic() < deadline
+
+            def generate(i: int):
+                return asyncio.create_task(
+                    client.generate("fail-over", seed=1000 + i, steps=2, request_id=f"failover-{i}")
+                )
+
+            first_wave = [generate(i) for i in range(WAVE)]
+            await _until(lambda: _metric(b, "sdxl_queue_depth") >= 1, "requests waiting on B")
+            b.kill()
+            second_wave = [generate(i) for i in range(WAVE, 2 * WAVE)]
+            return await asyncio.gather(*first_wave, *second_wave)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        blocker.close()
+        blocker_client.close()
+
+    # Every request answered once, with its own identity: none lost, none duplicated, none mixed up.
+    assert [r.request_id for r in results] == [f"failover-{i}" for i in range(2 * WAVE)]
+    assert [r.images[0].seed for r in results] == [1000 + i for i in range(2 * WAVE)]
+    assert all(len(r.images) == 1 for r in results)
+    # The requests that were waiting on B failed there and were retried (on A, the only one left).
+    assert retries and all(isinstance(error, Unavailable) for error, _, _ in retries)
+    assert _metric(a, "sdxl_requests_total", method="Generate", code="OK") == 2 * WAVE
+
+    # A stopped server is UNAVAILABLE (after the retries, which find nobody either).
+    with Client(b.target, timeout=30, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(Unavailable) as raised:
+            client.server_info()
+        assert raised.value.retryable
+    assert a.terminate() == 0
+    after = Client(a.target, timeout=30, retry=RetryPolicy(max_attempts=1))
+    with after, pytest.raises(Unavailable):
+        after.generate("after shutdown", steps=1)
