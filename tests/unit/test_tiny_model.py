@@ -81,30 +81,24 @@ def test_ensure_is_idempotent(tiny_model_dir: pathlib.Path) -> None:
     assert marker.stat().st_mtime_ns == before
 
 
-def test_concurrent_builds_give_one_complete_deterministic_model(
+def test_concurrent_builds_replace_an_older_recipe_with_one_deterministic_model(
     tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
 ) -> None:
     target = tmp_path / "tiny"
+    target.mkdir()
+    (target / ".tiny-sdxl-v0-complete").write_text("complete\n")
+    (target / "stale.msgpack").write_text("weights of an older recipe")
+
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(ensure_tiny_model, [target, target]))
+
     assert results == [target, target]
     assert [path.name for path in tmp_path.iterdir()] == ["tiny"], "a staging directory was left behind"
     built = sorted(path.relative_to(target) for path in target.rglob("*") if path.is_file())
     shared = sorted(path.relative_to(tiny_model_dir) for path in tiny_model_dir.rglob("*") if path.is_file())
-    assert built == shared
+    assert built == shared  # the marker is the current one and the stale file is gone
     for relative in built:
         assert (target / relative).read_bytes() == (tiny_model_dir / relative).read_bytes(), relative
-
-
-def test_ensure_replaces_a_model_of_an_older_recipe(tmp_path: pathlib.Path) -> None:
-    old = tmp_path / "tiny"
-    old.mkdir()
-    (old / ".tiny-sdxl-v0-complete").write_text("complete\n")
-    (old / "stale.msgpack").write_text("old weights")
-    assert ensure_tiny_model(old) == old
-    assert (old / COMPLETION_MARKER).exists()
-    assert not (old / "stale.msgpack").exists()
-    assert [path.name for path in tmp_path.iterdir()] == ["tiny"]
 
 
 def test_ensure_refuses_a_directory_holding_something_else(tmp_path: pathlib.Path) -> None:
