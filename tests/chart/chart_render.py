@@ -61,6 +61,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "everything-optional": {
         "networkPolicy": {
             "enabled": True,
+            "grpcFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "frontend"}}}],
             "metricsFrom": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gmp-system"}}}
             ],

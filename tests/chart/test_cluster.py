@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pathlib
 import re
 import selectors
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -96,7 +98,10 @@ def _wait_until_ready(kubernetes_api: Any, namespace: str) -> None:
 @contextlib.contextmanager
 def _port_forward(namespace: str) -> Iterator[int]:
     """`kubectl port-forward` to the Service on a free local port (kubectl picks it and prints it)."""
+    # The kubectl that `make helm` installed next to Helm, else the one on PATH.
     kubectl = helm_binary().parent / "kubectl"
+    if not kubectl.exists():
+        kubectl = pathlib.Path(shutil.which("kubectl") or "kubectl")
     process = subprocess.Popen(
         [str(kubectl), "port-forward", "--namespace", namespace, f"service/{RELEASE}", ":50051"],
         stdout=subprocess.PIPE,

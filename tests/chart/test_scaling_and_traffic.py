@@ -131,7 +131,11 @@ def test_network_policy_admits_grpc_and_metrics_only() -> None:
     assert policy["policyTypes"] == ["Ingress"]
     grpc_rule, metrics_rule = policy["ingress"]
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-    assert "from" not in grpc_rule
+    frontend, test_pod_peer = grpc_rule["from"]
+    assert frontend["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "frontend"}
+    # The helm test pod stays admitted when gRPC clients are restricted.
+    test_pod = next(m for m in manifests if is_helm_test(m))
+    assert _selects(test_pod_peer["podSelector"]["matchLabels"], test_pod["metadata"]["labels"])
     namespace = metrics_rule["from"][0]["namespaceSelector"]["matchLabels"]
     assert namespace == {"kubernetes.io/metadata.name": "gmp-system"}
     container_ports = {p["name"] for p in server_container(manifests)["ports"]}

@@ -36,6 +36,13 @@ app.kubernetes.io/part-of: sdxl-serve
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The `helm test` pod: same name and instance, another component, so no server selector matches it. */}}
+{{- define "sdxl-serve.testLabels" -}}
+app.kubernetes.io/name: {{ include "sdxl-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
 {{- define "sdxl-serve.labels" -}}
 {{ include "sdxl-serve.selectorLabels" . }}
 {{ include "sdxl-serve.commonLabels" . }}
