@@ -29,7 +29,7 @@ class ClientBase:
         tls_server_name: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
         retry: RetryPolicy | None = None,
-        keepalive_seconds: float = 60.0,
+        keepalive_seconds: float = 300.0,
         load_balancing: str = "round_robin",
         on_retry: RetryHook | None = None,
     ) -> None:
@@ -45,7 +45,8 @@ class ClientBase:
             timeout: Default overall deadline of a call in seconds, retries included; None for none.
             retry: Retry policy for UNAVAILABLE and RESOURCE_EXHAUSTED; ``RetryPolicy(max_attempts=1)``
                 disables retries. Defaults to ``RetryPolicy()``.
-            keepalive_seconds: Interval of keepalive pings during calls.
+            keepalive_seconds: Interval of keepalive pings during calls (see ChannelSettings: a server
+                must allow pings that often).
             load_balancing: ``round_robin`` (default) or ``pick_first``.
             on_retry: Optional hook called before every retry (for logging or counting).
         """

@@ -36,8 +36,10 @@ class ChannelSettings:
         root_certificates: PEM roots to verify the server with; None uses the system roots.
         tls_server_name: Name to verify the server's certificate against, when it differs from the target.
         token: Bearer token sent as ``authorization: Bearer <token>`` on every call.
-        keepalive_seconds: Interval of HTTP/2 pings while calls are active, to notice dead servers
-            (the server must permit pings this often).
+        keepalive_seconds: Interval of HTTP/2 pings while calls are active, to notice a dead server
+            whose connection never closes. The default, 300 s, is the least a gRPC server accepts
+            unless it lowers ``grpc.http2.min_recv_ping_interval_without_data_ms``; pinging more often
+            than the server allows gets the connection closed (GOAWAY "too_many_pings").
         keepalive_timeout_seconds: How long a ping may go unanswered before the connection is dropped.
         max_message_bytes: Largest response accepted (several large PNGs can exceed gRPC's 4 MiB default).
         load_balancing: gRPC load-balancing policy name: ``round_robin`` or ``pick_first``.
@@ -48,7 +50,7 @@ class ChannelSettings:
     root_certificates: bytes | None = None
     tls_server_name: str | None = None
     token: str | None = None
-    keepalive_seconds: float = 60.0
+    keepalive_seconds: float = 300.0
     keepalive_timeout_seconds: float = 20.0
     max_message_bytes: int = 256 * 1024 * 1024
     load_balancing: str = "round_robin"
