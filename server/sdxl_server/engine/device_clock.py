@@ -1,0 +1,101 @@
+"""Measures the device from the host without ever stalling the step loop.
+
+The step loop dispatches asynchronously and hands each dispatch's small output here; one watcher thread
+waits for them in dispatch order. A dispatch's device time runs from when the device could start it (its
+dispatch, or the previous one's completion, whichever is later) to its completion. From these the clock
+keeps the step time, the decode time, the share of recent wall time the device was busy, and the number
+of dispatches in flight, which the step loop bounds so that it never runs far ahead of the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_EWMA_WEIGHT = 0.2  # weight of the newest measurement
+
+
+class DeviceClock:
+    def __init__(self, window_seconds: float, on_error: Callable[[BaseException], None]) -> None:
+        self._window = window_seconds
+        self._on_error = on_error
+        self._pending: queue.Queue[tuple[Any, str, int, float] | None] = queue.Queue()
+        self._in_flight = 0
+        self._changed = threading.Condition()
+        self._last_done = 0.0
+        self._busy: collections.deque[tuple[float, float]] = collections.deque()
+        self._first_start: float | None = None
+        self.busy_seconds_total = 0.0
+        self.step_seconds_ewma = 0.0
+        self.decode_seconds_ewma = 0.0
+        self._thread = threading.Thread(target=self._watch, name="sdxl-device-clock", daemon=True)
+        self._thread.start()
+
+    def track(self, done: Any, kind: str, steps: int = 1) -> None:
+        """Registers a dispatch; `done` is any output array of it. kind: 'step' (of `steps` steps),
+        'decode', or anything else."""
+        with self._changed:
+            self._in_flight += 1
+        self._pending.put((done, kind, steps, time.monotonic()))
+
+    def wait_in_flight(self, at_most: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._in_flight <= at_most)
+
+    def idle(self) -> bool:
+        return self._in_flight == 0
+
+    def busy_ratio(self) -> float:
+        now = time.monotonic()
+        horizon = now - self._window
+        busy = sum(max(0.0, min(end, now) - max(start, horizon)) for start, end in list(self._busy))
+        if self._first_start is None:
+            return 0.0
+        span = min(self._window, now - self._first_start)
+        return min(1.0, busy / span) if span > 0 else 0.0
+
+    def stop(self) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        while (entry := self._pending.get()) is not None:
+            done, kind, steps, dispatched_at = entry
+            try:
+                jax.block_until_ready(done)
+            except Exception as error:  # the device failed: nothing after this can be trusted
+                self._on_error(error)
+            finished_at = time.monotonic()
+            started_at = max(dispatched_at, self._last_done)
+            self._last_done = finished_at
+            self._record(started_at, finished_at, kind, steps)
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+
+    def _record(self, started_at: float, finished_at: float, kind: str, steps: int) -> None:
+        seconds = finished_at - started_at
+        if self._first_start is None:
+            self._first_start = started_at
+        self.busy_seconds_total += seconds
+        self._busy.append((started_at, finished_at))
+        while self._busy and self._busy[0][1] < finished_at - self._window:
+            self._busy.popleft()
+        if kind == "step":
+            per_step = seconds / steps
+            old = self.step_seconds_ewma
+            self.step_seconds_ewma = per_step if old == 0 else old + _EWMA_WEIGHT * (per_step - old)
+        elif kind == "decode":
+            old = self.decode_seconds_ewma
+            self.decode_seconds_ewma = seconds if old == 0 else old + _EWMA_WEIGHT * (seconds - old)
+
+    def seed_estimates(self, step_seconds: float, decode_seconds: float) -> None:
+        """Initial estimates from the warm-up runs, before any traffic."""
+        self.step_seconds_ewma = step_seconds
+        self.decode_seconds_ewma = decode_seconds

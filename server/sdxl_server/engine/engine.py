@@ -1,0 +1,343 @@
+"""`JaxEngine`: the `api.Engine` the service uses, over the step loop (see step_loop.py).
+
+Threads: the caller's (submit, cancel, stats: never wait on the device), the step loop, the device
+clock's watcher, and the image workers. Requests are validated and tokenized in the caller's thread, so
+that bad input fails at once and the loop only computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from sdxl_server.engine import compile_cache
+from sdxl_server.engine.admission import AdmissionQueue
+from sdxl_server.engine.api import (
+    CancelledError,
+    DeadlineUnreachableError,
+    EngineError,
+    EngineFatalError,
+    EngineInfo,
+    EngineStats,
+    Failed,
+    GenerationRequest,
+    Limits,
+    Listener,
+    NotReadyError,
+    Queued,
+    Ticket,
+)
+from sdxl_server.engine.config import EngineConfig
+from sdxl_server.engine.device_clock import DeviceClock
+from sdxl_server.engine.encoding import ImageWorkers
+from sdxl_server.engine.mesh import make_mesh
+from sdxl_server.engine.model import LoadedModel, load_model, resolve_dtype
+from sdxl_server.engine.model_source import resolve_model
+from sdxl_server.engine.programs import ProgramSet, build_programs
+from sdxl_server.engine.schedule import ScheduleBook
+from sdxl_server.engine.slots import SlotTable
+from sdxl_server.engine.stats import StatsBoard
+from sdxl_server.engine.step_loop import StepLoop
+from sdxl_server.engine.trace import Trace, TraceEvent
+from sdxl_server.engine.tracking import TrackedRequest
+from sdxl_server.engine.validation import validate_request
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("jax", "jaxlib", "flax", "diffusers", "transformers")
+
+
+class JaxEngine:
+    def __init__(self, config: EngineConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` gives the time deadlines are measured in (time.monotonic; tests pass their own)."""
+        self.config = config
+        self._clock = clock
+        self._phase = "new"  # new | starting | ready | draining | stopped | failed
+        self._failure: BaseException | None = None
+        self._queue = AdmissionQueue(config.max_queue)
+        self._trace = Trace(config.trace_capacity)
+        self._stats = StatsBoard(slots_total=0)
+        self._live: set[TrackedRequest] = set()
+        self._live_lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._programs: ProgramSet | None = None
+        self._slots: SlotTable | None = None
+        self._device: DeviceClock | None = None
+        self._workers: ImageWorkers | None = None
+        self._loop: StepLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.compilation_cache_hits = 0  # programs the warm-up loaded from the persistent cache
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        if self._phase != "new":
+            raise RuntimeError(f"engine already {self._phase}")
+        self._phase = "starting"
+        started = time.monotonic()
+        cfg = self.config
+        if cfg.compilation_cache_dir:
+            compile_cache.enable(cfg.compilation_cache_dir)
+        hits_before = compile_cache.hits()
+        model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype)
+        mesh = make_mesh(cfg.max_devices)
+        slots = cfg.slots_per_device * mesh.size
+        ks = tuple(sorted({1, cfg.steps_per_dispatch}))
+        programs = build_programs(model, mesh, cfg.resolutions, slots, cfg.max_steps, ks)
+        self.compilation_cache_hits = compile_cache.hits() - hits_before
+        self._model, self._programs = model, programs
+        self._slots = SlotTable(cfg.resolutions, slots)
+        self._stats.set_slots_total(slots)
+        self._device = DeviceClock(cfg.busy_window_seconds, on_error=self._fail)
+        self._device.seed_estimates(*self._warm_up(programs))
+        self._workers = ImageWorkers(cfg.encode_workers, on_error=self._fail)
+        self._loop = StepLoop(
+            config=cfg,
+            programs=programs,
+            schedules=ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps),
+            slots=self._slots,
+            queue=self._queue,
+            device=self._device,
+            workers=self._workers,
+            trace=self._trace,
+            stats=self._stats,
+            clock=self._clock,
+            on_fatal=self._fail,
+        )
+        self._thread = threading.Thread(target=self._loop.run, name="sdxl-step-loop", daemon=True)
+        self._thread.start()
+        counters = self._stats.counters
+        counters.compile_seconds = programs.compile_seconds
+        counters.startup_seconds = time.monotonic() - started
+        counters.ready = True
+        self._phase = "ready"
+        self._publish()
+        log.info(
+            "engine ready: %d slots on %d devices, compile %.1fs, startup %.1fs, %d cache hits",
+            slots,
+            mesh.size,
+            counters.compile_seconds,
+            counters.startup_seconds,
+            self.compilation_cache_hits,
+        )
+
+    def _warm_up(self, programs: ProgramSet) -> tuple[float, float]:
+        """Runs each program once (the first run of a compiled program has one-time costs) and returns
+        the measured step and decode seconds, the first estimates before any traffic."""
+        params = programs.params
+        text = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
+        assert self._model is not None
+        ids = np.zeros((2, 2, self._model.max_tokens), np.int32)
+        jax.block_until_ready(programs.encode(text, ids))
+        step_seconds, decode_seconds = 0.0, 0.0
+        for res_programs in programs.by_resolution.values():
+            state = res_programs.empty_state
+            for k, step in sorted(res_programs.steps.items()):
+                for _ in range(2):  # the second run is the steady-state one we time
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(step(params["unet"], state))
+                    elapsed = (time.perf_counter() - t0) / k
+                step_seconds = max(step_seconds, elapsed)
+            t0 = time.perf_counter()
+            jax.block_until_ready(res_programs.decode(params["vae"], state.latents))
+            decode_seconds = max(decode_seconds, time.perf_counter() - t0)
+        return step_seconds, decode_seconds
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        if self._phase in ("new", "starting"):
+            self._phase = "stopped"
+            return
+        if self._phase == "ready":
+            self._phase = "draining"
+            self._publish(ready=False)
+        if self._loop is not None and self._thread is not None:
+            self._loop.finish_and_exit()
+            self._thread.join(timeout=max(drain_seconds, 0.0))
+            if self._thread.is_alive():
+                self._loop.abort()
+                self._thread.join(timeout=60)
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)  # images already decoding still reach their callers
+        self._fail_live(NotReadyError("the engine stopped before the request finished"))
+        if self._device is not None:
+            self._device.stop()
+        if self._phase != "failed":
+            self._phase = "stopped"
+        self._publish(ready=False)
+
+    # ---- the interface
+
+    def info(self) -> EngineInfo:
+        cfg = self.config
+        devices = self._slots.total // cfg.slots_per_device if self._slots else len(jax.local_devices())
+        if cfg.max_devices is not None:
+            devices = min(devices, cfg.max_devices)
+        platform_name = jax.default_backend()
+        return EngineInfo(
+            model=cfg.model,
+            limits=self.limits(),
+            slots=cfg.slots_per_device * devices,
+            devices=devices,
+            device_kind=jax.local_devices()[0].device_kind,
+            policy=cfg.policy,
+            dtype=self._model.dtype_name
+            if self._model
+            else str(np.dtype(resolve_dtype(cfg.dtype, platform_name))),
+            versions=_versions(),
+        )
+
+    def limits(self) -> Limits:
+        cfg = self.config
+        return Limits(
+            resolutions=cfg.resolutions,
+            min_steps=cfg.min_steps,
+            max_steps=cfg.max_steps,
+            default_steps=cfg.default_steps,
+            min_guidance_scale=cfg.min_guidance_scale,
+            max_guidance_scale=cfg.max_guidance_scale,
+            default_guidance_scale=cfg.default_guidance_scale,
+            max_images_per_request=cfg.max_images_per_request,
+            max_prompt_tokens=self._model.max_tokens if self._model else 77,
+            max_queue=cfg.max_queue,
+        )
+
+    def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
+        if self._phase != "ready" or self._model is None:
+            raise NotReadyError(self._not_ready_reason())
+        validate_request(request, self.config)
+        now = self._clock()
+        if request.deadline is not None:
+            if request.deadline <= now:
+                raise DeadlineUnreachableError("the deadline has already passed")
+            needed = self.estimate_seconds(request.num_images, request.steps)
+            if needed is not None and now + needed > request.deadline:
+                raise DeadlineUnreachableError(
+                    f"needs about {needed:.1f}s but the deadline is in {request.deadline - now:.1f}s"
+                )
+        prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
+        negative_ids, _ = self._model.tokenize(request.negative_prompt)
+        tracked = TrackedRequest(
+            request,
+            listener,
+            token_ids=np.stack([negative_ids, prompt_ids]),
+            zero_negative=request.negative_prompt == "",
+            submitted_at=now,
+            on_terminal=self._forget,
+        )
+        with self._live_lock:
+            self._live.add(tracked)
+
+        def queued(ahead: int) -> None:
+            boundary = self._loop.boundary if self._loop else 0
+            self._trace.add(TraceEvent("submit", boundary, request.request_id))
+            tracked.deliver(Queued(position=ahead, prompt_truncated=prompt_truncated))
+
+        try:
+            self._queue.put(tracked, self._retry_after, queued)
+        except Exception:
+            self._forget(tracked)
+            raise
+        self._publish()
+        return tracked
+
+    def cancel(self, ticket: Ticket) -> None:
+        if not isinstance(ticket, TrackedRequest) or ticket.terminal:
+            return
+        ticket.cancel_requested = True
+        if self._phase in ("ready", "draining"):
+            self._queue.wake()  # the step loop frees its slots at the next boundary and reports Failed
+        else:
+            ticket.deliver(Failed(CancelledError("cancelled by the caller")))
+
+    def stats(self) -> EngineStats:
+        return self._stats.snapshot()
+
+    def estimate_seconds(self, num_images: int, steps: int) -> float | None:
+        device, slots = self._device, self._slots
+        if device is None or slots is None or device.step_seconds_ewma <= 0:
+            return None
+        step = device.step_seconds_ewma
+        ahead = sum(o.remaining for o in slots.occupants()) + self._queue.pending_steps()
+        # The batch works off `total` image-steps per step; no wait when free slots can take it now.
+        idle_room = len(self._queue) == 0 and slots.free >= num_images
+        wait = 0.0 if idle_room else step * ahead / slots.total
+        rounds = math.ceil(num_images / slots.total)
+        return wait + step * steps * rounds + device.decode_seconds_ewma
+
+    def trace(self) -> list[TraceEvent]:
+        """What the step loop did, in order (admissions, step boundaries, finishes, cancellations)."""
+        return self._trace.events()
+
+    def device_busy_seconds(self) -> float:
+        """Total device time measured since start (for benchmarks: busy ratio over any interval)."""
+        return self._device.busy_seconds_total if self._device else 0.0
+
+    # ---- internals
+
+    def _retry_after(self) -> float:
+        device, slots = self._device, self._slots
+        if device is None or slots is None or device.step_seconds_ewma <= 0:
+            return 1.0
+        # Time for the batch to work off the queue's current content; bounded to stay useful.
+        seconds = device.step_seconds_ewma * self._queue.pending_steps() / slots.total
+        return float(min(max(seconds, 0.1), 60.0))
+
+    def _not_ready_reason(self) -> str:
+        if self._phase == "failed":
+            return f"the engine failed and will not recover: {self._failure}"
+        return {"new": "the engine is not started", "starting": "the engine is warming up"}.get(
+            self._phase, f"the engine is {self._phase}"
+        )
+
+    def _forget(self, request: TrackedRequest) -> None:
+        with self._live_lock:
+            self._live.discard(request)
+
+    def _fail_live(self, error: EngineError) -> None:
+        self._queue.drain()
+        with self._live_lock:
+            live = list(self._live)
+        for request in live:
+            request.deliver(Failed(error))
+
+    def _fail(self, error: BaseException) -> None:
+        """A fatal error (device or step loop): unhealthy from now on, every waiting caller is told."""
+        if self._phase == "failed":
+            return
+        log.error("engine failed: %s", error, exc_info=error)
+        self._failure = error
+        self._phase = "failed"
+        self._stats.counters.healthy = False
+        if self._loop is not None:
+            self._loop.abort()
+        self._fail_live(EngineFatalError(f"device or step loop failure: {type(error).__name__}"))
+        self._publish(ready=False)
+
+    def _publish(self, ready: bool | None = None) -> None:
+        if ready is not None:
+            self._stats.counters.ready = ready
+        device, slots = self._device, self._slots
+        self._stats.publish(
+            len(self._queue),
+            slots.busy if slots else 0,
+            device.step_seconds_ewma if device else 0.0,
+            device.busy_ratio() if device else 0.0,
+        )
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

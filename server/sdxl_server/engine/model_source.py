@@ -1,0 +1,26 @@
+"""Where the engine loads its model from: a directory, a hub id, or the tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = "tiny"
+# Used when the caller gives no tiny-model directory (main.py passes $SDXL_TINY_MODEL_DIR).
+DEFAULT_TINY_MODEL_DIR = "~/.cache/sdxl-serve/tiny-sdxl"
+
+
+def resolve_model(spec: str, tiny_model_dir: str | None = None) -> str:
+    """Returns what `from_pretrained` should load for `spec`.
+
+    "tiny" builds the tiny random SDXL on first use into `tiny_model_dir` and returns that directory; an
+    existing directory is returned as an absolute path; anything else is taken as a hub id.
+    """
+    if spec == TINY:
+        from sdxl_server.engine.tiny_model import ensure_tiny_model
+
+        directory = Path(tiny_model_dir or DEFAULT_TINY_MODEL_DIR).expanduser()
+        return str(ensure_tiny_model(directory))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return spec
