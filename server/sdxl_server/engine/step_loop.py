@@ -243,6 +243,7 @@ class StepLoop:
             )
             with self._images_lock:
                 self._stats.counters.images_total += 1
+            self._publish()  # before Finished: a caller that reads stats after it sees its images counted
             if request.image_finished():
                 now = self._clock()
                 first = request.first_step_at if request.first_step_at is not None else now

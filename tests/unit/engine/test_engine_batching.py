@@ -1,0 +1,114 @@
+"""Continuous batching on the shared engine: independence of batch-mates, joining mid-way, event order.
+
+Order is asserted on the engine's own trace (step boundaries), never on wall-clock time. Requests that
+must overlap are submitted from inside another request's Progress delivery, which runs on the step loop
+between two boundaries, so the overlap is certain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SQUARE, WIDE
+from engine_helpers import Recorder, max_level_difference, request, run
+from sdxl_server.engine.api import Finished, ImageFormat, Queued
+
+
+def events_of(engine, request_id: str, kind: str):
+    return [e for e in engine.trace() if e.request_id == request_id and e.kind == kind]
+
+
+def test_an_image_does_not_depend_on_its_batch_mates_or_its_slot(engine):
+    probe = dict(prompt="a lighthouse at night", seed=11, steps=4, resolution=SQUARE)
+    alone = run(engine, request("probe-alone", **probe)).images()[0]
+
+    # A full batch: two other requests with other prompts, seeds and step counts take slots 0 and 1.
+    mates = [
+        Recorder(),
+        Recorder(),
+    ]
+    engine.submit(request("mate-1", prompt="a forest", seed=1, steps=6), mates[0])
+    engine.submit(request("mate-2", prompt="a desert", negative_prompt="sand", seed=2, steps=5), mates[1])
+    full = run(engine, request("probe-full", **probe)).images()[0]
+    for mate in mates:
+        assert isinstance(mate.wait(), Finished)
+
+    # Another slot: one batch-mate ahead of it, at the other resolution bank too.
+    other = Recorder()
+    engine.submit(request("mate-3", prompt="a city", seed=3, steps=6, resolution=WIDE), other)
+    engine.submit(request("mate-4", prompt="a river", seed=4, steps=6), Recorder())
+    moved = run(engine, request("probe-moved", **probe)).images()[0]
+    other.wait()
+
+    slots = [events_of(engine, rid, "admit")[-1].slot for rid in ("probe-alone", "probe-full", "probe-moved")]
+    assert len(set(slots)) >= 2, f"the probe ran in the same slot every time: {slots}"
+    steps_with_mates = [e for e in engine.trace() if e.kind == "step" and "slots=3" in e.detail]
+    assert steps_with_mates, "the batch was never full"
+    assert max_level_difference(alone, full) <= 1
+    assert max_level_difference(alone, moved) <= 1
+
+
+def test_a_request_joins_at_the_next_boundary_and_can_finish_first(engine):
+    joined = Recorder()
+
+    def join_once(progress) -> None:
+        if progress.completed_steps >= 4 and not joined.events:
+            engine.submit(request("short", seed=2, steps=2), joined)
+
+    long_running = Recorder(on_progress=join_once)
+    engine.submit(request("long", seed=1, steps=12), long_running)
+    assert isinstance(long_running.wait(), Finished)
+    assert isinstance(joined.wait(), Finished)
+
+    (submitted,) = events_of(engine, "short", "submit")
+    (admitted,) = events_of(engine, "short", "admit")
+    (short_done,) = events_of(engine, "short", "finish")
+    (long_done,) = events_of(engine, "long", "finish")
+    assert admitted.boundary == submitted.boundary, "did not start at the next step boundary"
+    assert admitted.boundary < long_done.boundary, "did not join while the long request was mid-way"
+    assert short_done.boundary < long_done.boundary, "the shorter request did not finish first"
+
+
+def test_events_arrive_in_contract_order(engine):
+    recorder = run(engine, request("order", seed=9, num_images=2, steps=3, resolution=WIDE))
+    kinds = [type(e).__name__ for e in recorder.events]
+    assert kinds[0] == "Queued" and kinds[-1] == "Finished"
+    assert kinds.count("ImageReady") == 2 and kinds.count("Finished") == 1
+    progress = [e for e in recorder.events if type(e).__name__ == "Progress"]
+    completed = [p.completed_steps for p in progress]
+    assert completed == sorted(completed) and completed[-1] == 6 and progress[-1].total_steps == 6
+    seeds = sorted(e.seed for e in recorder.events if type(e).__name__ == "ImageReady")
+    assert seeds == [9, 10]
+
+
+@pytest.mark.parametrize(
+    ("image_format", "magic"), [(ImageFormat.JPEG, b"\xff\xd8\xff"), (ImageFormat.WEBP, b"RIFF")]
+)
+def test_lossy_formats(engine, image_format, magic):
+    recorder = run(engine, request(f"format-{image_format.value}", steps=1, image_format=image_format))
+    (image,) = [e for e in recorder.events if type(e).__name__ == "ImageReady"]
+    assert image.image_format is image_format and image.data.startswith(magic)
+    assert recorder.images()[0].shape == (64, 64, 3)
+
+
+def test_long_prompts_are_truncated_and_reported(engine):
+    long_prompt = " ".join(["a very detailed painting of a castle"] * 30)
+    recorder = run(engine, request("long-prompt", prompt=long_prompt, steps=1))
+    short = run(engine, request("short-prompt", prompt="a castle", steps=1))
+    assert recorder.events[0] == Queued(position=0, prompt_truncated=True)
+    assert isinstance(short.events[0], Queued) and not short.events[0].prompt_truncated
+
+
+def test_stats_count_the_work(engine):
+    before = engine.stats()
+    run(engine, request("stats", num_images=2, steps=3))
+    after = engine.stats()
+    assert after.images_total - before.images_total == 2
+    assert after.steps_total - before.steps_total == 6
+    assert after.slots_total == 3 and after.ready and after.healthy
+    assert after.step_seconds_ewma > 0 and after.compile_seconds > 0 and after.startup_seconds > 0
+    estimate = engine.estimate_seconds(1, 4)
+    assert estimate is not None and estimate > 0
+    info = engine.info()
+    assert info.slots == 3 and info.devices == 1 and info.limits.max_prompt_tokens == 77
+    assert np.isclose(after.load, (after.queue_depth + after.slots_busy) / after.slots_total)
