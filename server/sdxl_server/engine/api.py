@@ -202,7 +202,8 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def estimate_seconds(self, num_images: int, steps: int) -> float | None:
-        """Expected time for a new request to finish given the queue and measured step time; None if unknown."""
+        """Expected time for a new request to finish given the queue and measured step time;
+        None if unknown."""
 
     def stop(self, drain_seconds: float = 0.0) -> None:
         """Stops admitting, lets accepted work finish for up to drain_seconds, then stops the loop."""

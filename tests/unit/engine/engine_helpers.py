@@ -19,6 +19,7 @@ from sdxl_server.engine.api import (
     Resolution,
 )
 
+SQUARE = Resolution(64, 64)
 WAIT_SECONDS = 180.0  # generous: a stuck engine fails the test instead of hanging it
 
 
@@ -72,7 +73,7 @@ def request(
     num_images: int = 1,
     steps: int = 4,
     guidance_scale: float = 7.5,
-    resolution: Resolution = Resolution(64, 64),
+    resolution: Resolution = SQUARE,
     image_format: ImageFormat = ImageFormat.PNG,
     deadline: float | None = None,
 ) -> GenerationRequest:

@@ -1,0 +1,57 @@
+"""Behaviour that needs a process of its own: 4 simulated devices, and a fresh compilation cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+
+
+def run_engine_process(command: str, model_dir, cache_dir, devices: int = 1) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    completed = subprocess.run(
+        [sys.executable, str(HERE / "engine_subprocess.py"), command, str(model_dir), str(cache_dir)],
+        env=env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def pixels(encoded: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(encoded), np.uint8).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_one_device_and_four_devices_give_the_same_images(tiny_model_dir, compilation_cache_dir):
+    result = run_engine_process("devices", tiny_model_dir, compilation_cache_dir, devices=4)
+    assert result["device_count"] == 4
+    one, four = result["one"], result["all"]
+    assert (one["devices"], one["slots"]) == (1, 4)
+    assert (four["devices"], four["slots"]) == (4, 4)
+    for a, b in zip(one["images"], four["images"], strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # Each device works on its own slots: the compiled step moves no data between devices.
+    assert four["collectives"] == []
+
+
+@pytest.mark.slow
+def test_a_second_start_loads_its_programs_from_the_compilation_cache(tiny_model_dir, tmp_path):
+    cache = tmp_path / "compilation-cache"
+    cold = run_engine_process("start", tiny_model_dir, cache)
+    entries = list(cache.iterdir())
+    assert entries, "the first start wrote nothing to the compilation cache"
+    warm = run_engine_process("start", tiny_model_dir, cache)
+    assert warm["cache_hits"] >= 4  # encode, insert, step and decode at least
+    assert warm["cache_hits"] > cold["cache_hits"]
