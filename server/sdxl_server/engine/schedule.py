@@ -10,6 +10,7 @@ device only indexes a table: any number of steps up to the maximum runs without 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -27,16 +28,28 @@ class StepSchedule:
 
 
 class ScheduleBook:
-    """Every schedule from 1 to `max_steps` steps, built once at load time."""
+    """The schedule of each step count, built on first use and kept.
+
+    Built lazily because each build costs ~0.5 s on a CPU (`set_timesteps` compiles its jnp ops anew for
+    every length): building all of 1..max_steps up front made start-up grow by minutes with max_steps.
+    """
 
     def __init__(self, scheduler: Any, scheduler_state: Any, max_steps: int) -> None:
         self.max_steps = max_steps
-        self._schedules = {
-            n: _build(scheduler, scheduler_state, n, max_steps) for n in range(1, max_steps + 1)
-        }
+        self._scheduler = scheduler
+        self._scheduler_state = scheduler_state
+        self._schedules: dict[int, StepSchedule] = {}
+        self._lock = threading.Lock()
 
     def get(self, num_steps: int) -> StepSchedule:
-        return self._schedules[num_steps]
+        if not 1 <= num_steps <= self.max_steps:
+            raise KeyError(num_steps)
+        with self._lock:
+            schedule = self._schedules.get(num_steps)
+            if schedule is None:
+                schedule = _build(self._scheduler, self._scheduler_state, num_steps, self.max_steps)
+                self._schedules[num_steps] = schedule
+            return schedule
 
 
 def _build(scheduler: Any, scheduler_state: Any, num_steps: int, max_steps: int) -> StepSchedule:
