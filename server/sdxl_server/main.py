@@ -91,7 +91,7 @@ async def serve(config: ServerConfig) -> int:
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
     registry.register(EngineCollector(engine.stats, getattr(engine, "step_histogram", None)))
-    admission = Admission(engine.estimate_seconds)
+    admission = Admission(engine, config.max_queue)
     health = await new_health_servicer()
 
     def count_auth_rejection(method: str) -> None:

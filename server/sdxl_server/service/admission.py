@@ -4,10 +4,12 @@ The gate counts the generation RPCs it let in, so that a drain can wait for exac
 The admission queue itself is the engine's (bounded, in images): ``engine.submit`` raises QueueFullError
 at once when it is full, atomically with respect to other submitters.
 
-Deadline-aware admission: before a request is submitted, the engine's estimate of how long it would take
-(queue ahead of it + its own steps at the measured step time) is compared with the caller's deadline. A
-request that cannot make it is rejected with DEADLINE_EXCEEDED before it costs any device time. The
-engine re-checks deadlines while requests wait, for the ones that expire in the queue.
+Before a request is submitted, two checks, in this order: a full queue rejects it with RESOURCE_EXHAUSTED
+(the most useful answer: another replica, or this one a little later, can take it); then the engine's
+estimate of how long it would take (queue ahead of it + its own steps at the measured step time) is
+compared with the caller's deadline, and a request that cannot make it is rejected with DEADLINE_EXCEEDED
+before it costs any device time. The queue check here reads a snapshot; ``engine.submit`` makes the
+authoritative one. The engine re-checks deadlines while requests wait, for the ones that expire queued.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 
-from sdxl_server.engine.api import GenerationRequest
-from sdxl_server.service.errors import ServiceError, unavailable
+from sdxl_server.engine.api import Engine, GenerationRequest
+from sdxl_server.service.errors import ServiceError, retry_info, unavailable
 
 # Clients should retry elsewhere (or here, after this long) while the server warms up or drains.
 _RETRY_AFTER_SECONDS = 1.0
@@ -32,14 +34,16 @@ class ServingState(enum.Enum):
     DRAINING = "draining"
 
 
-Estimator = Callable[[int, int], float | None]
+# Bounds of the retry delay suggested with RESOURCE_EXHAUSTED.
+_MIN_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.1, 60.0
 
 
 class Admission:
     """Used from the event loop's thread only."""
 
-    def __init__(self, estimate_seconds: Estimator) -> None:
-        self._estimate_seconds = estimate_seconds
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self._engine = engine
+        self._max_queue = max_queue
         self._state = ServingState.STARTING
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -88,13 +92,28 @@ class Admission:
             if self._in_flight == 0:
                 self._idle.set()
 
+    def check_capacity(self, request: GenerationRequest) -> None:
+        """Raises RESOURCE_EXHAUSTED (with a retry delay) when the queue has no room for the request."""
+        waiting = self._engine.stats().queue_depth
+        if waiting + request.num_images <= self._max_queue:
+            return
+        # About when a queued image would start now: a fair moment to try again.
+        estimate = self._engine.estimate_seconds(1, 1) or 1.0
+        retry_seconds = min(max(estimate, _MIN_RETRY_SECONDS), _MAX_RETRY_SECONDS)
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"admission queue full ({waiting} of {self._max_queue} images waiting); retry in "
+            f"{retry_seconds:.1f}s or on another replica",
+            [retry_info(retry_seconds)],
+        )
+
     def check_deadline(self, request: GenerationRequest, time_remaining: float | None) -> None:
         """Raises DEADLINE_EXCEEDED when the request cannot finish within ``time_remaining`` seconds."""
         if time_remaining is None:
             return
         if time_remaining <= 0:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline had passed on arrival")
-        estimate = self._estimate_seconds(request.num_images, request.steps)
+        estimate = self._engine.estimate_seconds(request.num_images, request.steps)
         if estimate is not None and estimate > time_remaining:
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
