@@ -111,14 +111,23 @@ def test_cancelling_a_request_frees_its_slot_for_waiting_work(server, stub) -> N
     assert cancelled == 1
 
 
-def test_a_request_that_cannot_meet_its_deadline_is_rejected_before_reaching_the_device(server, stub) -> None:
+@pytest.mark.parametrize(
+    ("steps", "reason"),
+    [
+        (LONG_STEPS, "even on an idle server"),  # its own steps alone take longer than the deadline
+        (1, "queue"),  # quick, but the long request ahead of it would make it late
+    ],
+)
+def test_a_request_that_cannot_meet_its_deadline_is_rejected_before_reaching_the_device(
+    server, stub, steps, reason
+) -> None:
     with _running_long_request(stub):
         before = metric_samples(server.scrape_metrics())
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Generate(sdxl_pb2.GenerateRequest(prompt="in a hurry", steps=LONG_STEPS), timeout=5)
+            stub.Generate(sdxl_pb2.GenerateRequest(prompt="in a hurry", steps=steps), timeout=3)
         after = metric_samples(server.scrape_metrics())
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "not started" in caught.value.details()  # rejected by admission, not expired in flight
+    assert "not started" in caught.value.details() and reason in caught.value.details()
     assert sample(after, "sdxl_queue_depth") == 0  # it never took a queue place
     moved = sample(after, "sdxl_requests_total", method="Generate", code="DEADLINE_EXCEEDED") - sample(
         before, "sdxl_requests_total", method="Generate", code="DEADLINE_EXCEEDED"

@@ -4,12 +4,12 @@ The gate counts the generation RPCs it let in, so that a drain can wait for exac
 The admission queue itself is the engine's (bounded, in images): ``engine.submit`` raises QueueFullError
 at once when it is full, atomically with respect to other submitters.
 
-Before a request is submitted, two checks, in this order: a full queue rejects it with RESOURCE_EXHAUSTED
-(the most useful answer: another replica, or this one a little later, can take it); then the engine's
-estimate of how long it would take (queue ahead of it + its own steps at the measured step time) is
-compared with the caller's deadline, and a request that cannot make it is rejected with DEADLINE_EXCEEDED
-before it costs any device time. The queue check here reads a snapshot; ``engine.submit`` makes the
-authoritative one. The engine re-checks deadlines while requests wait, for the ones that expire queued.
+Before a request is submitted, in this order: a deadline shorter than the request's own steps would take
+on an idle server is DEADLINE_EXCEEDED (final: retrying cannot help); a full queue is RESOURCE_EXHAUSTED
+with a retry delay (another replica, or this one a little later, can take it); a deadline that the queue
+ahead makes unreachable (the engine's estimate: queue + own steps at the measured step time) is
+DEADLINE_EXCEEDED. Either way the request costs no device time. The queue check reads a snapshot;
+``engine.submit`` makes the authoritative one, and the engine re-checks deadlines of queued requests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -92,32 +93,43 @@ class Admission:
             if self._in_flight == 0:
                 self._idle.set()
 
-    def check_capacity(self, request: GenerationRequest) -> None:
-        """Raises RESOURCE_EXHAUSTED (with a retry delay) when the queue has no room for the request."""
-        waiting = self._engine.stats().queue_depth
-        if waiting + request.num_images <= self._max_queue:
-            return
+    def check(self, request: GenerationRequest, time_remaining: float | None) -> None:
+        """Raises DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED when the request should not be submitted.
+
+        ``time_remaining``: seconds until the caller's deadline (None: no deadline).
+        """
+        if time_remaining is not None and time_remaining <= 0:
+            raise _deadline_error("the deadline had passed on arrival")
+        stats = self._engine.stats()
+        # A deadline too short even for an idle server is final: retrying (the overload answer) cannot help.
+        rounds = math.ceil(request.num_images / max(stats.slots_total, 1))
+        own_seconds = stats.step_seconds_ewma * request.steps * rounds
+        if time_remaining is not None and own_seconds > time_remaining:
+            raise _deadline_error(
+                f"{request.num_images} x {request.steps} steps take about {own_seconds:.2f}s even on an "
+                f"idle server, but the deadline is in {time_remaining:.2f}s; it was not started"
+            )
+        if stats.queue_depth + request.num_images > self._max_queue:
+            raise self._queue_full(stats.queue_depth)
+        estimate = self._engine.estimate_seconds(request.num_images, request.steps)
+        if time_remaining is not None and estimate is not None and estimate > time_remaining:
+            raise _deadline_error(
+                f"the request would need about {estimate:.2f}s (queue and {request.num_images} x "
+                f"{request.steps} steps at the measured step time) but its deadline is in "
+                f"{time_remaining:.2f}s; it was not started"
+            )
+
+    def _queue_full(self, waiting: int) -> ServiceError:
         # About when a queued image would start now: a fair moment to try again.
         estimate = self._engine.estimate_seconds(1, 1) or 1.0
         retry_seconds = min(max(estimate, _MIN_RETRY_SECONDS), _MAX_RETRY_SECONDS)
-        raise ServiceError(
+        return ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"admission queue full ({waiting} of {self._max_queue} images waiting); retry in "
             f"{retry_seconds:.1f}s or on another replica",
             [retry_info(retry_seconds)],
         )
 
-    def check_deadline(self, request: GenerationRequest, time_remaining: float | None) -> None:
-        """Raises DEADLINE_EXCEEDED when the request cannot finish within ``time_remaining`` seconds."""
-        if time_remaining is None:
-            return
-        if time_remaining <= 0:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline had passed on arrival")
-        estimate = self._engine.estimate_seconds(request.num_images, request.steps)
-        if estimate is not None and estimate > time_remaining:
-            raise ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the request would need about {estimate:.2f}s (queue and {request.num_images} x "
-                f"{request.steps} steps at the measured step time) but its deadline is in "
-                f"{time_remaining:.2f}s; it was not started",
-            )
+
+def _deadline_error(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)

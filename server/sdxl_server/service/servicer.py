@@ -150,8 +150,7 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                 request = to_generation_request(message, self._engine.info().limits, time_remaining)
             except ValidationError as e:
                 raise errors.from_validation(e) from None
-            self._admission.check_capacity(request)
-            self._admission.check_deadline(request, time_remaining)
+            self._admission.check(request, time_remaining)
             call = EngineCall(self._engine, asyncio.get_running_loop())
             try:
                 call.submit(request)
