@@ -24,6 +24,10 @@ def _metric(server, name: str, **labels: str) -> float:
     return sample(metric_samples(server.scrape_metrics()), name, **labels)
 
 
+def _served_generate(server) -> float:
+    return _metric(server, "sdxl_requests_total", method="Generate", code="OK")
+
+
 async def _until(condition, what: str, timeout: float = 60.0) -> None:
     """Polls a (blocking) condition off the event loop until it holds."""
     deadline = time.monotonic() + timeout
@@ -40,15 +44,17 @@ def test_requests_survive_a_server_killed_mid_run(server_factory):
     policy = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.5)
 
     # B's only slot is taken by a request that would run for minutes, so whatever B accepts waits.
-    blocker_client = Client(b.target, timeout=600, retry=RetryPolicy(max_attempts=1))
+    blocker_client = Client(b.target, timeout=None, retry=RetryPolicy(max_attempts=1))  # cancelled below
     blocker = blocker_client.generate_stream("blocker", steps=LONG_STEPS)
     while not isinstance(next(blocker), Progress):
         pass
 
     async def run() -> list[GenerateResult]:
         target = f"ipv4:{a.target},{b.target}"
+        # No deadline: B's admission would reject (DEADLINE_EXCEEDED) any request that cannot finish in
+        # time behind the blocker, and these requests must wait there until B is killed.
         async with AsyncClient(
-            target, timeout=120, retry=policy, on_retry=lambda *r: retries.append(r)
+            target, timeout=None, retry=policy, on_retry=lambda *r: retries.append(r)
         ) as client:
             # Both connections up: each server has answered a call of this client.
             async def both_answered() -> bool:
@@ -88,7 +94,9 @@ def test_requests_survive_a_server_killed_mid_run(server_factory):
     assert all(len(r.images) == 1 for r in results)
     # The requests that were waiting on B failed there and were retried (on A, the only one left).
     assert retries and all(isinstance(error, Unavailable) for error, _, _ in retries)
-    assert _metric(a, "sdxl_requests_total", method="Generate", code="OK") == 2 * WAVE
+    # A served them all (counted just after each answer was sent, hence the wait for the count to settle).
+    asyncio.run(_until(lambda: _served_generate(a) >= 2 * WAVE, "A's count of successes"))
+    assert _served_generate(a) == 2 * WAVE
 
     # A stopped server is UNAVAILABLE (after the retries, which find nobody either).
     with Client(b.target, timeout=30, retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)) as client:

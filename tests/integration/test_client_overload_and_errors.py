@@ -103,20 +103,38 @@ def _count(server, method: str, code: str) -> float:
     return sample(metric_samples(server.scrape_metrics()), "sdxl_requests_total", method=method, code=code)
 
 
+def _settled_count(server, method: str, code: str, at_least: float, timeout: float = 30.0) -> float:
+    """The counter once it reached ``at_least``: the server counts an RPC just after sending its status,
+    so a scrape right after the client saw the status may not include it yet."""
+    deadline = time.monotonic() + timeout
+    while (count := _count(server, method, code)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count
+
+
 @contextlib.contextmanager
-def _full_server(client: Client) -> Iterator[None]:
-    """The only slot busy (a long request) and the queue full (a waiting one) until the block exits."""
-    running = client.generate_stream("long", steps=LONG_STEPS, timeout=600)
-    waiting = client.generate_stream("waiting", steps=1, timeout=600)
+def _busy_server(client: Client) -> Iterator[None]:
+    """The only slot taken by a request that would run for minutes, until the block exits."""
+    running = client.generate_stream("long", steps=LONG_STEPS, timeout=None)  # cancelled below
     try:
         assert isinstance(next(running), Queued)
         assert isinstance(next(running), Progress)  # it holds the only slot now
-        first = next(waiting)
-        assert isinstance(first, Queued) and first.position == 0
         yield
     finally:
-        running.close()  # cancels on the server
-        waiting.close()
+        running.close()  # cancels it on the server
+
+
+@contextlib.contextmanager
+def _full_server(client: Client) -> Iterator[None]:
+    """The only slot busy and the one-image queue full (a waiting request), until the block exits."""
+    with _busy_server(client):
+        waiting = client.generate_stream("waiting", steps=1, timeout=600)
+        try:
+            first = next(waiting)
+            assert isinstance(first, Queued) and first.position == 0
+            yield
+        finally:
+            waiting.close()
 
 
 def test_tls_and_token_work_for_every_method(server, files, client):
@@ -144,7 +162,7 @@ def test_wrong_or_missing_token_is_unauthenticated_and_not_retried(server, files
     with client, pytest.raises(Unauthenticated) as raised:
         client.generate("who am i", steps=1)
     assert not raised.value.retryable and retries == []
-    assert _count(server, "Generate", "UNAUTHENTICATED") - before == 1
+    assert _settled_count(server, "Generate", "UNAUTHENTICATED", before + 1) - before == 1
 
     async def async_call():
         async with _async_client(server, files, token=token) as async_client:
@@ -204,9 +222,9 @@ def test_overloaded_requests_are_retried_until_they_succeed(client, server, file
     [result] = outcome
     assert isinstance(result, GenerateResult), result
     assert result.request_id == "patient-1" and result.images[0].seed == 42
-    rejected = _count(server, "Generate", "RESOURCE_EXHAUSTED") - before_rejected
-    assert rejected >= 1 and rejected == len(retries)  # every retry was a real attempt on the server
-    assert _count(server, "Generate", "OK") - before_ok == 1
+    assert _settled_count(server, "Generate", "OK", before_ok + 1) - before_ok == 1
+    rejected = _settled_count(server, "Generate", "RESOURCE_EXHAUSTED", before_rejected + len(retries))
+    assert len(retries) >= 1 and rejected - before_rejected == len(retries)  # each retry: a real attempt
     assert all(isinstance(error, Overloaded) for error, _, _ in retries)
 
 
@@ -221,7 +239,7 @@ def test_non_retryable_error_is_raised_at_once_without_retries(server, files):
     ):
         c.generate("too many steps", steps=LONG_STEPS + 1)
     assert raised.value.field == "steps"
-    assert retries == [] and _count(server, "Generate", "INVALID_ARGUMENT") - before == 1
+    assert retries == [] and _settled_count(server, "Generate", "INVALID_ARGUMENT", before + 1) - before == 1
 
 
 def test_retries_stop_at_the_callers_deadline(client, server, files):
@@ -236,7 +254,8 @@ def test_retries_stop_at_the_callers_deadline(client, server, files):
 
 
 def test_deadline_too_short_is_deadline_exceeded(client, server, files):
-    with _full_server(client):
+    """A request that cannot finish in time is rejected by the server before it takes any device time."""
+    with _busy_server(client):
         with pytest.raises(DeadlineExceeded) as raised:
             client.generate("in a hurry", steps=LONG_STEPS, timeout=5)
         assert not raised.value.retryable
