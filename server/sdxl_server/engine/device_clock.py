@@ -60,6 +60,10 @@ class DeviceClock:
         span = min(self._window, now - self._first_start)
         return min(1.0, busy / span) if span > 0 else 0.0
 
+    def busy_seconds_since(self, since: float) -> float:
+        """Device time after `since` (time.monotonic), within the window kept (busy_window_seconds)."""
+        return sum(max(0.0, end - max(start, since)) for start, end in list(self._busy))
+
     def stop(self) -> None:
         self._pending.put(None)
         self._thread.join(timeout=30)

@@ -1,0 +1,93 @@
+"""The bench-size model: the tiny SDXL with a wider, deeper UNet, so that device time dominates.
+
+With the tiny model a step takes a few milliseconds and the host's per-dispatch overhead is a visible
+share of it; with real SDXL a step is ~100 ms on a TPU and that overhead vanishes. This model sits in
+between on a 2-core CPU: its text encoders, tokenizers, VAE and scheduler are the tiny model's (copied),
+its UNet has 3 levels of widths 64/128/256 with 2 layers per level (about 40x the tiny UNet's compute).
+Random weights, built once into a cache directory and loaded through `from_pretrained` like any model.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sdxl_server.engine.tiny_model import ensure_tiny_model
+
+COMPLETION_MARKER = ".bench-sdxl-v1-complete"
+COPIED = (
+    "scheduler",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "vae",
+    "model_index.json",
+)
+
+
+def unet_config() -> dict[str, Any]:
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        attention_head_dim=(2, 4, 8),  # diffusers reads this as the number of heads
+        transformer_layers_per_block=(1, 1, 1),
+        cross_attention_dim=64,  # the tiny text encoders: 32 + 32
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+
+
+def ensure_bench_model(directory: Path, tiny_model_dir: Path) -> Path:
+    directory = Path(directory)
+    if (directory / COMPLETION_MARKER).exists():
+        return directory
+    tiny = ensure_tiny_model(Path(tiny_model_dir))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
+    try:
+        for name in COPIED:
+            source = tiny / name
+            if source.is_dir():
+                shutil.copytree(source, staging / name)
+            else:
+                shutil.copy2(source, staging / name)
+        _write_unet(staging / "unet")
+        (staging / COMPLETION_MARKER).write_text("complete\n")
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _write_unet(directory: Path) -> None:
+    import jax
+    from diffusers import FlaxUNet2DConditionModel
+    from flax.core.frozen_dict import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    unet = FlaxUNet2DConditionModel(**unet_config())
+    shapes = flatten_dict(unfreeze(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))))
+    rng = np.random.default_rng(0)
+    params = {}
+    for path, leaf in shapes.items():
+        if path[-1] == "scale":
+            params[path] = np.ones(leaf.shape, leaf.dtype)
+        elif path[-1] == "bias":
+            params[path] = np.zeros(leaf.shape, leaf.dtype)
+        else:  # kernels and embeddings: unit-scale activations
+            fan_in = math.prod(leaf.shape[:-1]) or 1
+            params[path] = (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
+    unet.save_pretrained(directory, params=unflatten_dict(params))
