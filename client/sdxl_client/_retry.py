@@ -3,10 +3,13 @@
 Only errors whose class says ``retryable`` are retried: UNAVAILABLE (no server reachable, warming up,
 draining) and RESOURCE_EXHAUSTED (queue full). The wait before retry ``n`` is "full jitter" exponential
 backoff, uniform in ``[0, min(max_backoff, initial_backoff * multiplier**(n-1))]``, so that clients
-rejected together do not come back together; when the server sent a RetryInfo delay (queue full, warming
-up, draining), that delay is the floor. Attempts are bounded by ``max_attempts`` and by the caller's
-overall deadline: every attempt gets the time that is left as its gRPC deadline, and a retry whose wait
-would end past the deadline is not made (the last error is raised instead, at once).
+rejected together do not come back together. When the server sent a RetryInfo delay (queue full, warming
+up, draining), that delay is the floor of the wait, itself capped at ``max_backoff``: behind a balanced
+target the retry usually reaches another replica, which need not wait for this one's queue.
+
+Attempts are bounded by ``max_attempts`` and by the caller's overall deadline: every attempt gets the
+time that is left as its gRPC deadline, and a retry whose wait would end past the deadline is not made
+(the last error is raised instead, at once).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class RetryPolicy:
     Attributes:
         max_attempts: Attempts in all, the first included; 1 disables retries.
         initial_backoff: Cap of the first wait, in seconds.
-        max_backoff: Largest cap of any wait, in seconds.
+        max_backoff: Largest wait, in seconds, also for a longer delay the server asks for.
         multiplier: Growth of the cap from one retry to the next.
     """
 
@@ -96,7 +99,7 @@ class RetryState:
             return None
         delay = self._uniform() * self.policy.backoff_cap(self.attempts)
         if error.retry_after is not None:
-            delay = max(delay, error.retry_after)
+            delay = max(delay, min(error.retry_after, self.policy.max_backoff))
         if self._deadline is not None and self._clock() + delay >= self._deadline:
             return None
         return delay

@@ -128,7 +128,7 @@ def _busy_server(client: Client) -> Iterator[None]:
 def _full_server(client: Client) -> Iterator[None]:
     """The only slot busy and the one-image queue full (a waiting request), until the block exits."""
     with _busy_server(client):
-        waiting = client.generate_stream("waiting", steps=1, timeout=600)
+        waiting = client.generate_stream("waiting", steps=1, timeout=None)  # no deadline to miss behind it
         try:
             first = next(waiting)
             assert isinstance(first, Queued) and first.position == 0
@@ -226,6 +226,8 @@ def test_overloaded_requests_are_retried_until_they_succeed(client, server, file
     rejected = _settled_count(server, "Generate", "RESOURCE_EXHAUSTED", before_rejected + len(retries))
     assert len(retries) >= 1 and rejected - before_rejected == len(retries)  # each retry: a real attempt
     assert all(isinstance(error, Overloaded) for error, _, _ in retries)
+    # Each wait honoured the server's RetryInfo delay (up to the policy's max_backoff of 0.2 s).
+    assert all(wait >= min(error.retry_after, 0.2) for error, _, wait in retries)
 
 
 def test_non_retryable_error_is_raised_at_once_without_retries(server, files):

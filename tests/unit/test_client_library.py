@@ -205,6 +205,12 @@ def test_retry_info_is_a_floor_for_the_wait():
     assert state.delay_before_retry(sdxl_client.Overloaded("full", retry_after=2.0)) == 2.0
 
 
+def test_retry_info_longer_than_max_backoff_is_capped():
+    state, _ = _state(RetryPolicy(initial_backoff=0.1, max_backoff=3.0), uniform=lambda: 0.5)
+    state.start_attempt()
+    assert state.delay_before_retry(sdxl_client.Overloaded("full", retry_after=49.0)) == 3.0
+
+
 def test_attempts_are_bounded():
     state, _ = _state(RetryPolicy(max_attempts=3))
     delays = []
