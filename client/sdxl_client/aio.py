@@ -144,7 +144,9 @@ class AsyncClient(ClientBase):
 
         Takes the same arguments as :meth:`generate`. A failure before the first event is retried like
         :meth:`generate`; after it, the error is raised (the work already shown would be repeated).
-        Leaving the loop early cancels the request on the server.
+        Closing the iterator early cancels the request on the server: leave the loop inside
+        ``async with contextlib.aclosing(client.generate_stream(...)) as events:`` to do it at once
+        (a plain ``break`` leaves that to the garbage collector).
 
         Returns:
             An iterator of events: :class:`Queued`, then :class:`Progress` events, one

@@ -40,7 +40,7 @@ def write_plot(samples: list[Sample], path: pathlib.Path, title: str) -> None:
         latency_axes.scatter(
             [s.end for s in failed], [s.latency for s in failed], s=8, c="red", label="error"
         )
-    latency_axes.set_ylabel("latency (s)")
+    latency_axes.set_ylabel("latency (s), at completion")
     latency_axes.legend(loc="upper left")
     latency_axes.set_title(title)
     throughput_axes.step(bin_starts, [c / bin_seconds for c in ok_counts], where="post", label="ok")
