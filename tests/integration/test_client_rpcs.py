@@ -17,6 +17,7 @@ from sdxl_client import (
     Progress,
     Queued,
     RetryPolicy,
+    Unauthenticated,
 )
 
 
@@ -168,3 +169,22 @@ def test_invalid_request_on_the_stream(client):
     with pytest.raises(InvalidRequest) as raised:
         list(client.generate_stream("bad", steps=21))
     assert raised.value.field == "steps"
+
+
+def test_token_on_a_plaintext_channel_is_sent_as_metadata(server_factory, tmp_path):
+    """Inside a cluster the channel may be plaintext and still need the token (the TLS case is elsewhere)."""
+    token_file = tmp_path / "token"
+    token_file.write_text("plain-token\n")
+    server = server_factory(
+        "--auth-token-file", str(token_file), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    )
+    with Client(server.target, token="plain-token", timeout=120) as client:
+        assert client.generate("with token", steps=1).images[0].to_pil().size == (64, 64)
+    with Client(server.target, timeout=30) as client, pytest.raises(Unauthenticated):
+        client.server_info()
+
+    async def async_info():
+        async with AsyncClient(server.target, token="plain-token") as async_client:
+            return await async_client.server_info()
+
+    assert _run(async_info()).model == "tiny"
