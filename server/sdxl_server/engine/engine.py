@@ -75,7 +75,8 @@ class JaxEngine:
         self._workers: ImageWorkers | None = None
         self._loop: StepLoop | None = None
         self._thread: threading.Thread | None = None
-        self.compilation_cache_hits = 0  # programs the warm-up loaded from the persistent cache
+        # Programs start() loaded from the compilation cache directory instead of compiling them.
+        self.compilation_cache_hits = 0
         self.startup_phases: dict[str, float] = {}  # seconds spent in each part of start()
 
     # ---- lifecycle
@@ -158,6 +159,8 @@ class JaxEngine:
         return step_seconds, decode_seconds
 
     def stop(self, drain_seconds: float = 0.0) -> None:
+        if self._phase == "stopped":
+            return
         if self._phase in ("new", "starting"):
             self._phase = "stopped"
             return

@@ -112,3 +112,14 @@ def test_stats_count_the_work(engine):
     info = engine.info()
     assert info.slots == 3 and info.devices == 1 and info.limits.max_prompt_tokens == 77
     assert np.isclose(after.load, (after.queue_depth + after.slots_busy) / after.slots_total)
+
+
+def test_a_request_alone_runs_several_steps_per_dispatch(engine):
+    """Nobody waits to join, so the engine runs K=2 steps per dispatch (same images: see the oracle)."""
+    run(engine, request("alone-k", seed=21, steps=6))
+    (admitted,) = events_of(engine, "alone-k", "admit")
+    (finished,) = events_of(engine, "alone-k", "finish")
+    steps = [
+        e for e in engine.trace() if e.kind == "step" and admitted.boundary < e.boundary <= finished.boundary
+    ]
+    assert [e.detail.split()[0] for e in steps] == ["k=2"] * 3
