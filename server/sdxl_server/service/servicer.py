@@ -67,6 +67,14 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         self._admission = admission
         self._metrics = metrics
         self._log_prompts = log_prompts
+        self._limits: api.Limits | None = None
+
+    def _request_limits(self) -> api.Limits:
+        # Fixed by the configuration; engine.info() is not cheap (it reads package versions), so it is
+        # read once instead of on every request, which matters when rejecting an overload quickly.
+        if self._limits is None:
+            self._limits = self._engine.info().limits
+        return self._limits
 
     async def Generate(
         self, request: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -147,7 +155,7 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         with self._admission.admitted():
             time_remaining = context.time_remaining()
             try:
-                request = to_generation_request(message, self._engine.info().limits, time_remaining)
+                request = to_generation_request(message, self._request_limits(), time_remaining)
             except ValidationError as e:
                 raise errors.from_validation(e) from None
             self._admission.check(request, time_remaining)
