@@ -292,6 +292,11 @@ class JaxEngine:
             return 0.0
         return self._device.busy_seconds_total if since is None else self._device.busy_seconds_since(since)
 
+    def step_histogram(self) -> tuple[list[tuple[float, int]], float] | None:
+        """Device seconds per batched step (cumulative buckets ending with +inf, and their sum), for the
+        metric sdxl_step_duration_seconds; None before start."""
+        return self._device.step_histogram() if self._device else None
+
     # ---- internals
 
     def _retry_after(self) -> float:
