@@ -87,10 +87,10 @@ async def serve(config: ServerConfig) -> int:
     from sdxl_server.engine.quiet import silence_library_noise
 
     silence_library_noise()
-    engine: Engine = JaxEngine(config.engine_config())
+    engine = JaxEngine(config.engine_config())
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    registry.register(EngineCollector(engine.stats, getattr(engine, "step_histogram", None)))
+    registry.register(EngineCollector(engine.stats, engine.step_histogram))
     admission = Admission(engine, config.max_queue)
     health = await new_health_servicer()
 

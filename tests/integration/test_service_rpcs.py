@@ -150,6 +150,10 @@ def test_metrics_count_requests_and_work(shared_server, stub) -> None:
     assert moved("sdxl_images_total") == 2
     assert moved("sdxl_steps_total") >= 6
     assert moved("sdxl_queue_wait_seconds_count") == 1
+    assert moved("sdxl_step_duration_seconds_count") >= 3  # batched steps (2 images may share a step)
+    assert sample(after, "sdxl_step_duration_seconds_bucket", le="+Inf") == sample(
+        after, "sdxl_step_duration_seconds_count"
+    )
     assert sample(after, "sdxl_ready") == 1
     assert sample(after, "sdxl_slots_total") >= 1
     for gauge in ("sdxl_queue_depth", "sdxl_slots_busy", "sdxl_load", "sdxl_device_busy_ratio"):
