@@ -42,6 +42,7 @@ from sdxl_server.engine.encoding import ImageWorkers
 from sdxl_server.engine.mesh import make_mesh
 from sdxl_server.engine.model import LoadedModel, load_model, resolve_dtype
 from sdxl_server.engine.model_source import resolve_model
+from sdxl_server.engine.program_cache import ProgramCache, architecture
 from sdxl_server.engine.programs import ProgramSet, build_programs
 from sdxl_server.engine.schedule import ScheduleBook
 from sdxl_server.engine.slots import SlotTable
@@ -96,9 +97,12 @@ class JaxEngine:
         mesh = make_mesh(cfg.max_devices)
         slots = cfg.slots_per_device * mesh.size
         ks = tuple(sorted({1, cfg.steps_per_dispatch}))
+        saved = ProgramCache(
+            cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name, list(mesh.devices.flat))
+        )
         with _timed(phases, "trace_and_compile"):
-            programs = build_programs(model, mesh, cfg.resolutions, slots, cfg.max_steps, ks)
-        self.compilation_cache_hits = compile_cache.hits() - hits_before
+            programs = build_programs(model, mesh, cfg.resolutions, slots, cfg.max_steps, ks, saved)
+        self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
         with _timed(phases, "schedules"):
             schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
         self._model, self._programs = model, programs

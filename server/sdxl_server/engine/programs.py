@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.mesh import replicated, slot_sharded
 from sdxl_server.engine.model import LoadedModel
+from sdxl_server.engine.program_cache import ProgramCache
 
 # Two rows per encode call: the negative prompt (the unconditional row) and the prompt.
 ENCODE_ROWS = 2
@@ -193,23 +194,28 @@ def build_programs(
     slots: int,
     max_steps: int,
     steps_per_dispatch: tuple[int, ...],
+    cache: ProgramCache | None = None,
 ) -> ProgramSet:
-    """Places the parameters and compiles every program for every resolution (ahead of time)."""
+    """Places the parameters and compiles (or loads from `cache`) every program for every resolution."""
     rep, sharded = replicated(mesh), slot_sharded(mesh)
     params = jax.device_put(model.params, rep)
     text_params = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
     compile_seconds = 0.0
 
-    def compile_(fn: Any, in_shardings: Any, out_shardings: Any, *args: Any) -> Any:
+    def compile_(name: str, fn: Any, in_shardings: Any, out_shardings: Any, *args: Any) -> Any:
         nonlocal compile_seconds
         started = time.perf_counter()
-        jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
-        compiled = jitted.lower(*args).compile()
+
+        def compile_program() -> Any:
+            jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+            return jitted.lower(*args).compile()
+
+        compiled = cache.get_or_compile(name, args, compile_program) if cache else compile_program()
         compile_seconds += time.perf_counter() - started
         return compiled
 
     token_spec = jax.ShapeDtypeStruct((ENCODE_ROWS, 2, model.max_tokens), jnp.int32, sharding=rep)
-    encode = compile_(functools.partial(_encode, model), (rep, rep), rep, text_params, token_spec)
+    encode = compile_("encode", functools.partial(_encode, model), (rep, rep), rep, text_params, token_spec)
     embeds_spec, pooled_spec = jax.eval_shape(functools.partial(_encode, model), text_params, token_spec)
 
     by_resolution = {}
@@ -231,6 +237,7 @@ def build_programs(
         )
         update_shardings = SlotUpdate(*([rep] * len(SlotUpdate._fields)))
         insert = compile_(
+            f"insert-{resolution}",
             functools.partial(_insert, model, resolution),
             (state_shardings, update_shardings),
             state_shardings,
@@ -239,6 +246,7 @@ def build_programs(
         )
         steps = {
             k: compile_(
+                f"step{k}-{resolution}",
                 functools.partial(_steps, model, resolution, k),
                 (rep, state_shardings),
                 (sharded, sharded),
@@ -248,7 +256,12 @@ def build_programs(
             for k in steps_per_dispatch
         }
         decode = compile_(
-            functools.partial(_decode, model), (rep, sharded), sharded, params["vae"], state.latents
+            f"decode-{resolution}",
+            functools.partial(_decode, model),
+            (rep, sharded),
+            sharded,
+            params["vae"],
+            state.latents,
         )
         by_resolution[resolution] = ResolutionPrograms(resolution, insert, steps, decode, state)
     return ProgramSet(params, encode, by_resolution, compile_seconds)

@@ -4,7 +4,7 @@ Used where a process-wide setting must differ from the test process: the simulat
 (XLA_FLAGS, read when JAX starts) and a fresh persistent compilation cache directory.
 
     python engine_subprocess.py devices MODEL_DIR CACHE_DIR   # 1 vs all devices: images and step HLO
-    python engine_subprocess.py start MODEL_DIR CACHE_DIR     # one start: cache hits and entries
+    python engine_subprocess.py start MODEL_DIR CACHE_DIR     # one start: cache hits, images
 """
 
 from __future__ import annotations
@@ -65,11 +65,16 @@ def devices(model_dir: str, cache_dir: str) -> dict:
 
 
 def start(model_dir: str, cache_dir: str) -> dict:
-    engine = JaxEngine(config(model_dir, cache_dir, max_devices=1, slots_per_device=1))
+    engine = JaxEngine(config(model_dir, cache_dir, max_devices=1, slots_per_device=2))
     engine.start()
     stats = engine.stats()
+    images = images_from(engine)
     engine.stop()
-    return {"cache_hits": engine.compilation_cache_hits, "compile_seconds": stats.compile_seconds}
+    return {
+        "cache_hits": engine.compilation_cache_hits,
+        "compile_seconds": stats.compile_seconds,
+        "images": images,
+    }
 
 
 if __name__ == "__main__":

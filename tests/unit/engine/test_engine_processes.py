@@ -52,6 +52,11 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(tiny_model
     cold = run_engine_process("start", tiny_model_dir, cache)
     entries = list(cache.iterdir())
     assert entries, "the first start wrote nothing to the compilation cache"
+    saved_programs = list((cache / "sdxl-programs").iterdir())
+    assert len(saved_programs) == 4, saved_programs  # encode, insert, step, decode: traced no more
     warm = run_engine_process("start", tiny_model_dir, cache)
     assert warm["cache_hits"] >= 4  # encode, insert, step and decode at least
     assert warm["cache_hits"] > cold["cache_hits"]
+    # Programs loaded from the cache compute what freshly compiled ones do.
+    for a, b in zip(cold["images"], warm["images"], strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() == 0
