@@ -63,13 +63,14 @@ class RunningServer:
             bufsize=1,
         )
         self._lines: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._listening = threading.Event()
         self.port = 0
         self.metrics_port = 0
-        threading.Thread(
-            target=self._read_output, name=f"server-{self.process.pid}-output", daemon=True
-        ).start()
+        self._reader = threading.Thread(
+            target=self._read_output, name=f"server-{self.process.pid}", daemon=True
+        )
+        self._reader.start()
         if not self._listening.wait(LISTEN_TIMEOUT_SECONDS) or not self.port:
             self.kill()
             raise ServerExited(f"server did not report listening:\n{self.output()}")
@@ -79,6 +80,7 @@ class RunningServer:
         for line in self.process.stdout:
             with self._lock:
                 self._lines.append(line.rstrip("\n"))
+                self._lock.notify_all()
             if not self._listening.is_set() and '"listening"' in line:
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
@@ -102,8 +104,27 @@ class RunningServer:
 
     def log_entries(self) -> list[dict[str, object]]:
         """The JSON log lines printed so far (other lines are skipped)."""
+        with self._lock:
+            return self._entries_locked()
+
+    def wait_for_log_entry(
+        self, matches: Callable[[dict[str, object]], bool], timeout: float = 60.0
+    ) -> dict[str, object]:
+        """The first JSON log entry for which ``matches`` is true, waiting for it to be printed."""
+        with self._lock:
+            found: list[dict[str, object]] = []
+
+            def seen() -> bool:
+                found[:] = [entry for entry in self._entries_locked() if matches(entry)][:1]
+                return bool(found)
+
+            if not self._lock.wait_for(seen, timeout):
+                raise AssertionError(f"no matching log entry within {timeout}s:\n{chr(10).join(self._lines)}")
+            return found[0]
+
+    def _entries_locked(self) -> list[dict[str, object]]:
         entries = []
-        for line in self.output().splitlines():
+        for line in self._lines:
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 if isinstance(entry, dict):
@@ -142,7 +163,9 @@ class RunningServer:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
+            self._reader.join(30)  # every line the process printed is in output() once this returns
+            return code
         except subprocess.TimeoutExpired:
             self.kill()
             raise ServerExited(

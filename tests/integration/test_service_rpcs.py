@@ -160,3 +160,11 @@ def test_metrics_count_requests_and_work(shared_server, stub) -> None:
         assert (gauge, frozenset()) in after, gauge
     for gauge in ("sdxl_compile_seconds", "sdxl_startup_seconds"):
         assert sample(after, gauge) > 0, gauge
+
+
+def test_logs_are_json_and_leave_prompts_out_by_default(shared_server, stub) -> None:
+    request = sdxl_pb2.GenerateRequest(prompt="a private prompt 7f3a9", steps=1, request_id="log-test-1")
+    stub.Generate(request, timeout=120)
+    admitted = shared_server.wait_for_log_entry(lambda entry: entry.get("request_id") == "log-test-1")
+    assert admitted["event"] == "admitted" and admitted["steps"] == 1
+    assert "7f3a9" not in shared_server.output()
