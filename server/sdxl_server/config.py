@@ -30,6 +30,20 @@ def parse_resolutions(text: str) -> tuple[Resolution, ...]:
     return tuple(Resolution.parse(part) for part in text.split(",") if part.strip())
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -158,21 +172,21 @@ _OPTIONS = (
         f"served WIDTHxHEIGHT list, the first is the default [{DEFAULT_RESOLUTIONS}; "
         f"{DEFAULT_TINY_RESOLUTIONS} for the tiny model]",
     ),
-    _Option("slots-per-device", int, "images denoised concurrently per device [1]"),
-    _Option("max-queue", int, "images that may wait for a slot before RESOURCE_EXHAUSTED [64]"),
+    _Option("slots-per-device", _integer, "images denoised concurrently per device [1]"),
+    _Option("max-queue", _integer, "images that may wait for a slot before RESOURCE_EXHAUSTED [64]"),
     _Option("policy", str, "admission policy: continuous or static [continuous]"),
     _Option("host", str, "address to bind [0.0.0.0]"),
-    _Option("port", int, "gRPC port; 0 picks a free one [50051]"),
-    _Option("metrics-port", int, "Prometheus /metrics HTTP port; 0 picks a free one [8000]"),
+    _Option("port", _integer, "gRPC port; 0 picks a free one [50051]"),
+    _Option("metrics-port", _integer, "Prometheus /metrics HTTP port; 0 picks a free one [8000]"),
     _Option("compilation-cache-dir", str, "persistent XLA compilation cache (path or gs://)"),
     _Option("tiny-model-dir", str, "where --model tiny is built [~/.cache/sdxl-serve/tiny-sdxl]"),
     _Option("dtype", str, "parameter dtype: float32, bfloat16 or auto [auto]"),
-    _Option("max-steps", int, "most denoising steps a request may ask for [50]"),
-    _Option("default-steps", int, "steps when a request leaves them at 0 [30]"),
-    _Option("max-images-per-request", int, "most images per request [4]"),
-    _Option("steps-per-dispatch", int, "denoising steps per device call when nobody waits [1]"),
-    _Option("drain-seconds", float, "after SIGTERM, how long accepted work may finish [60]"),
-    _Option("max-connection-age-seconds", float, "connection age limit, so clients re-resolve [300]"),
+    _Option("max-steps", _integer, "most denoising steps a request may ask for [50]"),
+    _Option("default-steps", _integer, "steps when a request leaves them at 0 [30]"),
+    _Option("max-images-per-request", _integer, "most images per request [4]"),
+    _Option("steps-per-dispatch", _integer, "denoising steps per device call when nobody waits [1]"),
+    _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
+    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [300]"),
     _Option("tls-cert-file", str, "PEM certificate chain; enables TLS with --tls-key-file"),
     _Option("tls-key-file", str, "PEM private key"),
     _Option("auth-token-file", str, "file holding the bearer token clients must send"),

@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from(args, os.environ)
         config.engine_config()  # validates the engine's settings before anything starts
+        config.read_auth_token()  # an empty token file is a configuration error, not a crash later
     except ConfigError as e:
         parser.exit(2, f"sdxl-server serve: error: {e}\n")
     configure_logging(config.log_level)
