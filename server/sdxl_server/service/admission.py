@@ -4,12 +4,14 @@ The gate counts the generation RPCs it let in, so that a drain can wait for exac
 The admission queue itself is the engine's (bounded, in images): ``engine.submit`` raises QueueFullError
 at once when it is full, atomically with respect to other submitters.
 
-Before a request is submitted, in this order: a deadline shorter than the request's own steps would take
-on an idle server is DEADLINE_EXCEEDED (final: retrying cannot help); a full queue is RESOURCE_EXHAUSTED
-with a retry delay (another replica, or this one a little later, can take it); a deadline that the queue
-ahead makes unreachable (the engine's estimate: queue + own steps at the measured step time) is
-DEADLINE_EXCEEDED. Either way the request costs no device time. The queue check reads a snapshot;
-``engine.submit`` makes the authoritative one, and the engine re-checks deadlines of queued requests.
+Before a request is submitted: a deadline shorter than the request's own steps would take on an idle
+server is DEADLINE_EXCEEDED (final: retrying cannot help). A deadline that the work queued ahead makes
+unreachable (the engine's estimate: queue + own steps at the measured step time) is DEADLINE_EXCEEDED too,
+unless the queue is also full, where RESOURCE_EXHAUSTED with a retry delay is the more useful answer
+(another replica, or this one a little later, can take it). Either way the request costs no device time.
+Queue fullness itself is decided by ``engine.submit`` (QueueFullError, atomic); the stats snapshot read
+here only chooses between two rejections, so it can never turn away a request the engine would take.
+The engine re-checks the deadlines of queued requests.
 """
 
 from __future__ import annotations
@@ -98,21 +100,23 @@ class Admission:
 
         ``time_remaining``: seconds until the caller's deadline (None: no deadline).
         """
-        if time_remaining is not None and time_remaining <= 0:
+        if time_remaining is None:
+            return  # no deadline: only the engine's queue bound applies, at submit
+        if time_remaining <= 0:
             raise _deadline_error("the deadline had passed on arrival")
         stats = self._engine.stats()
         # A deadline too short even for an idle server is final: retrying (the overload answer) cannot help.
         rounds = math.ceil(request.num_images / max(stats.slots_total, 1))
         own_seconds = stats.step_seconds_ewma * request.steps * rounds
-        if time_remaining is not None and own_seconds > time_remaining:
+        if own_seconds > time_remaining:
             raise _deadline_error(
                 f"{request.num_images} x {request.steps} steps take about {own_seconds:.2f}s even on an "
                 f"idle server, but the deadline is in {time_remaining:.2f}s; it was not started"
             )
-        if stats.queue_depth + request.num_images > self._max_queue:
-            raise self._queue_full(stats.queue_depth)
         estimate = self._engine.estimate_seconds(request.num_images, request.steps)
-        if time_remaining is not None and estimate is not None and estimate > time_remaining:
+        if estimate is not None and estimate > time_remaining:
+            if stats.queue_depth + request.num_images > self._max_queue:
+                raise self._queue_full(stats.queue_depth)  # the more useful of two true answers
             raise _deadline_error(
                 f"the request would need about {estimate:.2f}s (queue and {request.num_images} x "
                 f"{request.steps} steps at the measured step time) but its deadline is in "
