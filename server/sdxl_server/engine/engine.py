@@ -98,7 +98,7 @@ class JaxEngine:
         slots = cfg.slots_per_device * mesh.size
         ks = tuple(sorted({1, cfg.steps_per_dispatch}))
         saved = ProgramCache(
-            cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name, list(mesh.devices.flat))
+            cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name), list(mesh.devices.flat)
         )
         with _timed(phases, "trace_and_compile"):
             programs = build_programs(model, mesh, cfg.resolutions, slots, cfg.max_steps, ks, saved)
@@ -258,6 +258,8 @@ class JaxEngine:
         except Exception:
             self._forget(tracked)
             raise
+        if self._phase in ("failed", "stopped"):  # it failed or stopped while this request was admitted
+            tracked.deliver(Failed(NotReadyError(self._not_ready_reason())))
         self._publish()
         return tracked
 

@@ -7,7 +7,8 @@ on (the program, its argument shapes and shardings, the model's modules and dtyp
 versions and the source of the modules that build programs); a later start deserializes it without
 tracing. Only programs that XLA really compiled in this process are saved: re-serializing an executable
 that was itself loaded from XLA's cache loses kernels on the CPU backend. Any failure to read or write
-falls back to the normal path, so this cache can only save time, never change a result.
+falls back to the normal path, so this cache can only save time, never change a result. Like XLA's own
+cache, loading runs what the directory holds: it must be writable only by the server.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ _SOURCES = ("programs.py", "model.py", "program_cache.py")
 
 
 class ProgramCache:
-    def __init__(self, directory: str | None, context: str) -> None:
+    def __init__(self, directory: str | None, context: str, devices: list[Any]) -> None:
         """`directory`: the compilation cache directory (local paths only; None disables this cache).
-        `context`: what every program depends on besides its arguments (model modules, dtype, devices)."""
+        `context`: what every program depends on besides its arguments (model modules, dtype).
+        `devices`: the mesh's devices, in mesh order: programs are loaded onto exactly these."""
         local = directory is not None and "://" not in directory
         self._directory = Path(directory) / "sdxl-programs" if local and directory else None
-        self._context = context + _environment()
+        self._devices = devices
+        device_list = repr([(d.id, d.device_kind) for d in devices])
+        self._context = f"{context}|{device_list}{_environment()}"
         self.hits = 0
 
     def get_or_compile(self, name: str, signature: Any, compile_program: Callable[[], Any]) -> Any:
@@ -49,7 +53,8 @@ class ProgramCache:
                 from jax.experimental.serialize_executable import deserialize_and_load
 
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                program = deserialize_and_load(payload, in_tree, out_tree)
+                # Without execution_devices it would load onto every local device, whatever the mesh.
+                program = deserialize_and_load(payload, in_tree, out_tree, execution_devices=self._devices)
                 self.hits += 1
                 return program
             except Exception as error:  # stale or unreadable: compile instead
@@ -83,16 +88,15 @@ class ProgramCache:
             log.warning("could not save the compiled program %s: %s", path.name, error)
 
 
-def architecture(pipeline: Any, dtype_name: str, devices: list[Any]) -> str:
+def architecture(pipeline: Any, dtype_name: str) -> str:
     """The context of a model's programs: its modules (Flax reprs list every setting, dtype and
-    split_head_dim included), the text encoders' configs, the parameter dtype and the devices."""
+    split_head_dim included), the text encoders' configs and the parameter dtype."""
     parts = [
         repr(pipeline.unet),
         repr(pipeline.vae),
         pipeline.text_encoder.config.to_json_string(),
         pipeline.text_encoder_2.config.to_json_string(),
         dtype_name,
-        repr([(d.id, d.device_kind) for d in devices]),
     ]
     return "|".join(parts)
 
