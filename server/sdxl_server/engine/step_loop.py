@@ -115,10 +115,12 @@ class StepLoop:
         now = self._clock()
         self._retire(now)
         self._admit(now)
+        # Published before this boundary's events: a caller that saw its Progress never reads stats that
+        # still count its images as queued (the service's overload check reads this snapshot).
+        self._publish()
         if self._slots.busy == 0:
             if self._stopping and len(self._queue) == 0:
                 return False
-            self._publish()
             self._queue.wait_for_work(_IDLE_POLL_SECONDS)
             return True
         self._dispatch()
