@@ -91,7 +91,7 @@ async def serve(config: ServerConfig) -> int:
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
     registry.register(EngineCollector(engine.stats, engine.step_histogram))
-    admission = Admission(engine, config.max_queue)
+    admission = Admission(engine, config.max_queue, config.default_steps)
     health = await new_health_servicer()
 
     def count_auth_rejection(method: str) -> None:
