@@ -44,6 +44,9 @@ lint: install
 	$(PY) -m mypy
 
 run: install
+	@echo "Serving the tiny random SDXL on 127.0.0.1:50051 (Ctrl-C stops it). Once it logs \"ready\", try:"
+	@echo "  $(VENV)/bin/sdxl generate 'a watercolor fox' -o fox.png --steps 4 --target 127.0.0.1:50051"
+	@echo "  $(VENV)/bin/sdxl info --target 127.0.0.1:50051"
 	$(VENV)/bin/sdxl-server serve --model tiny --host 127.0.0.1 --port 50051
 
 bench: install
