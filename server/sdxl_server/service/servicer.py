@@ -8,6 +8,7 @@ Each RPC ends in exactly one status, which is counted in ``sdxl_requests_total{m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -76,12 +77,27 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
             self._limits = self._engine.info().limits
         return self._limits
 
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Ends the RPC's body with exactly one status, counted in sdxl_requests_total{method,code}."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as e:
+            error, code = self._classify(e, context)
+            # Counted before the status goes out (abort sends it at once): a caller that has seen the
+            # error and then reads /metrics finds it counted.
+            self._metrics.observe_request(method, code.name, time.monotonic() - started)
+            if error is not None:
+                await errors.abort(context, error)
+            raise
+        else:
+            self._metrics.observe_request(method, grpc.StatusCode.OK.name, time.monotonic() - started)
+
     async def Generate(
         self, request: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> sdxl_pb2.GenerateResponse:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._rpc("Generate", context):
             images: list[sdxl_pb2.Image] = []
             done = sdxl_pb2.Done()
             async for outcome, event in self._generate(request, context):
@@ -98,20 +114,12 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                 steps=done.steps,
                 guidance_scale=done.guidance_scale,
             )
-        except BaseException as e:
-            error, code = self._classify(e, context)
-            if error is not None:
-                await errors.abort(context, error)
-            raise
-        finally:
-            self._metrics.observe_request("Generate", code.name, time.monotonic() - started)
+        raise AssertionError("unreachable: _rpc re-raises every failure")
 
     async def GenerateStream(
         self, request: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[sdxl_pb2.GenerateEvent]:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._rpc("GenerateStream", context):
             async for outcome, event in self._generate(request, context):
                 if isinstance(event, api.Queued):
                     queued = sdxl_pb2.Queued(position=event.position, request_id=outcome.request.request_id)
@@ -125,28 +133,13 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                     yield sdxl_pb2.GenerateEvent(image=_image(event))
                 elif isinstance(event, api.Finished):
                     yield sdxl_pb2.GenerateEvent(done=outcome.done())
-        except BaseException as e:
-            error, code = self._classify(e, context)
-            if error is not None:
-                await errors.abort(context, error)
-            raise
-        finally:
-            self._metrics.observe_request("GenerateStream", code.name, time.monotonic() - started)
 
     async def GetServerInfo(
         self, request: sdxl_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> sdxl_pb2.ServerInfo:
-        started = time.monotonic()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._rpc("GetServerInfo", context):
             return server_info(self._engine.info())
-        except BaseException as e:
-            error, code = self._classify(e, context)
-            if error is not None:
-                await errors.abort(context, error)
-            raise
-        finally:
-            self._metrics.observe_request("GetServerInfo", code.name, time.monotonic() - started)
+        raise AssertionError("unreachable: _rpc re-raises every failure")
 
     async def _generate(
         self, message: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
