@@ -317,9 +317,11 @@ class JaxEngine:
         device, slots = self._device, self._slots
         if device is None or slots is None or device.step_seconds_ewma <= 0:
             return 1.0
-        # Time for the batch to work off the queue's current content; bounded to stay useful.
-        seconds = device.step_seconds_ewma * self._queue.pending_steps() / slots.total
-        return float(min(max(seconds, 0.1), 60.0))
+        # A place in the queue opens when the first queued image enters a slot, that is when the
+        # occupant closest to done finishes: a retry sooner than that would be rejected again, and the
+        # whole queue's work (what the deadline estimate uses) would overstate the wait. Bounded.
+        soonest = min((occupant.remaining for occupant in slots.occupants()), default=0)
+        return float(min(max(device.step_seconds_ewma * soonest, 0.1), 60.0))
 
     def _not_ready_reason(self) -> str:
         if self._phase == "failed":
