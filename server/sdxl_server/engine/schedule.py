@@ -28,16 +28,25 @@ class StepSchedule:
 
 
 class ScheduleBook:
-    """The schedule of each step count, built on first use and kept.
+    """The schedule of each step count, computed on first use with numpy and kept.
 
-    Built lazily because each build costs ~0.5 s on a CPU (`set_timesteps` compiles its jnp ops anew for
-    every length): building all of 1..max_steps up front made start-up grow by minutes with max_steps.
+    `set_timesteps` compiles its jnp ops anew for every length (~0.5 s on a CPU), which would stall the
+    step loop whenever a request brings a new step count. For "leading" spacing (SDXL's) its arithmetic is
+    replayed in numpy instead, in microseconds: the timesteps are whole numbers, so the replay gives the
+    same bits (test_engine_schedule.py checks a spread of 1..100 steps; near 1000 steps a sigma can
+    differ in its last float32 bit, far below what an image shows).
+    "linspace" timesteps are fractions whose last bit depends on XLA's float32 division, so that spacing
+    still asks the scheduler.
     """
 
     def __init__(self, scheduler: Any, scheduler_state: Any, max_steps: int) -> None:
         self.max_steps = max_steps
         self._scheduler = scheduler
         self._scheduler_state = scheduler_state
+        self._spacing = scheduler.config.timestep_spacing
+        self._train_steps = int(scheduler.config.num_train_timesteps)
+        alphas_cumprod = np.asarray(scheduler_state.common.alphas_cumprod, np.float32)
+        self._train_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
         self._schedules: dict[int, StepSchedule] = {}
         self._lock = threading.Lock()
 
@@ -47,29 +56,46 @@ class ScheduleBook:
         with self._lock:
             schedule = self._schedules.get(num_steps)
             if schedule is None:
-                schedule = _build(self._scheduler, self._scheduler_state, num_steps, self.max_steps)
+                schedule = self._build(num_steps)
                 self._schedules[num_steps] = schedule
             return schedule
 
+    def _scheduler_tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(timesteps, sigmas with a final 0, init noise sigma) as `set_timesteps` makes them."""
+        if self._spacing != "leading":
+            state = self._scheduler.set_timesteps(
+                self._scheduler_state, num_inference_steps=num_steps, shape=()
+            )
+            return (
+                np.asarray(state.timesteps, np.float32),
+                np.asarray(state.sigmas, np.float32),
+                float(np.float32(state.init_noise_sigma)),
+            )
+        # The scheduler's own +1 (it has no steps_offset argument).
+        step_ratio = self._train_steps // num_steps
+        timesteps = (np.arange(0, num_steps) * step_ratio).round()[::-1].astype(np.float32) + 1
+        train_indices = np.arange(0, len(self._train_sigmas), dtype=np.float32)
+        sigmas = np.interp(timesteps, train_indices, self._train_sigmas).astype(np.float32)
+        sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        init_noise_sigma = np.float32((np.float32(sigmas.max()) ** 2 + 1) ** 0.5)
+        return timesteps, sigmas, float(init_noise_sigma)
 
-def _build(scheduler: Any, scheduler_state: Any, num_steps: int, max_steps: int) -> StepSchedule:
-    state = scheduler.set_timesteps(scheduler_state, num_inference_steps=num_steps, shape=())
-    table_timesteps = np.asarray(state.timesteps, dtype=np.float32)
-    table_sigmas = np.asarray(state.sigmas, dtype=np.float32)
-    timesteps = np.zeros(max_steps, np.int32)
-    sigmas = np.zeros(max_steps, np.float32)
-    next_sigmas = np.zeros(max_steps, np.float32)
-    for i in range(num_steps):
-        t = np.int32(table_timesteps[i])  # the pipeline's jnp.array(timesteps, dtype=int32)[i]
-        matches = np.nonzero(table_timesteps == np.float32(t))[0]
-        index = int(matches[0]) if matches.size else 0
-        timesteps[i] = t
-        sigmas[i] = table_sigmas[index]
-        next_sigmas[i] = table_sigmas[index + 1]
-    return StepSchedule(
-        num_steps=num_steps,
-        timesteps=timesteps,
-        sigmas=sigmas,
-        next_sigmas=next_sigmas,
-        init_noise_sigma=float(np.float32(state.init_noise_sigma)),
-    )
+    def _build(self, num_steps: int) -> StepSchedule:
+        table_timesteps, table_sigmas, init_noise_sigma = self._scheduler_tables(num_steps)
+        timesteps = np.zeros(self.max_steps, np.int32)
+        sigmas = np.zeros(self.max_steps, np.float32)
+        next_sigmas = np.zeros(self.max_steps, np.float32)
+        for i in range(num_steps):
+            t = np.int32(table_timesteps[i])  # the pipeline's jnp.array(timesteps, dtype=int32)[i]
+            matches = np.nonzero(table_timesteps == np.float32(t))[0]
+            index = int(matches[0]) if matches.size else 0
+            timesteps[i] = t
+            sigmas[i] = table_sigmas[index]
+            next_sigmas[i] = table_sigmas[index + 1]
+        return StepSchedule(
+            num_steps=num_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            next_sigmas=next_sigmas,
+            init_noise_sigma=init_noise_sigma,
+        )
