@@ -6,28 +6,8 @@ The session compilation cache (tests/conftest.py) makes every start after the fi
 from __future__ import annotations
 
 import pytest
-from engine_helpers import ManualClock
-from sdxl_server.engine import EngineConfig, JaxEngine
-from sdxl_server.engine.api import Resolution
-
-SQUARE = Resolution(64, 64)
-WIDE = Resolution(96, 64)  # not square: catches width/height mix-ups
-
-
-def make_config(tiny_model_dir, compilation_cache_dir, **overrides) -> EngineConfig:
-    settings = {
-        "model": "tiny",
-        "tiny_model_dir": str(tiny_model_dir),
-        "compilation_cache_dir": str(compilation_cache_dir),
-        "resolutions": (SQUARE, WIDE),
-        "slots_per_device": 3,
-        "max_steps": 50,
-        "default_steps": 4,
-        "max_queue": 16,
-        "steps_per_dispatch": 2,
-    }
-    settings.update(overrides)
-    return EngineConfig(**settings)
+from engine_helpers import SQUARE, ManualClock, make_config
+from sdxl_server.engine import JaxEngine
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 from PIL import Image
+from sdxl_server.engine import EngineConfig
 from sdxl_server.engine.api import (
     EngineEvent,
     Failed,
@@ -20,6 +21,7 @@ from sdxl_server.engine.api import (
 )
 
 SQUARE = Resolution(64, 64)
+WIDE = Resolution(96, 64)  # not square: catches width/height mix-ups
 WAIT_SECONDS = 180.0  # generous: a stuck engine fails the test instead of hanging it
 
 
@@ -102,3 +104,23 @@ def run(engine, req: GenerationRequest) -> Recorder:
 def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+
+
+# Shared here rather than in conftest.py: test modules import them, and `from conftest import` can
+# pick up another directory's conftest when several test directories run together.
+
+
+def make_config(tiny_model_dir, compilation_cache_dir, **overrides) -> EngineConfig:
+    settings = {
+        "model": "tiny",
+        "tiny_model_dir": str(tiny_model_dir),
+        "compilation_cache_dir": str(compilation_cache_dir),
+        "resolutions": (SQUARE, WIDE),
+        "slots_per_device": 3,
+        "max_steps": 50,
+        "default_steps": 4,
+        "max_queue": 16,
+        "steps_per_dispatch": 2,
+    }
+    settings.update(overrides)
+    return EngineConfig(**settings)

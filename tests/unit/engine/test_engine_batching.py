@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SQUARE, WIDE
-from engine_helpers import Recorder, max_level_difference, request, run
+from engine_helpers import SQUARE, WIDE, Recorder, max_level_difference, request, run
 from sdxl_server.engine.api import Finished, ImageFormat, Queued
 
 

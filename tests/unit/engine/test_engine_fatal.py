@@ -9,8 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import SQUARE, make_config
-from engine_helpers import WAIT_SECONDS, Recorder, request
+from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, make_config, request
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.api import EngineFatalError, Failed, NotReadyError
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SQUARE, WIDE
-from engine_helpers import max_level_difference, request, run
+from engine_helpers import SQUARE, WIDE, max_level_difference, request, run
 
 
 @pytest.fixture(scope="module")

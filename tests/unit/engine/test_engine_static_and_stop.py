@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SQUARE, make_config
-from engine_helpers import Recorder, request
+from engine_helpers import SQUARE, Recorder, make_config, request
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.api import Finished, NotReadyError
 
