@@ -10,13 +10,87 @@ connection instead; the server ages connections so that clients re-resolve.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
 import grpc.aio
 
-DEFAULT_TARGET = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
+
+# gRPC's own schemes (``dns:``, ``ipv4:``, ``ipv6:``, ``unix:``, ...): the target is passed on as written,
+# apart from a missing port in ``dns:`` targets, which gRPC would otherwise take as 443.
+_GRPC_SCHEME = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds|google-c2p):", re.IGNORECASE)
+_URL_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$", re.IGNORECASE)
+
+
+class TargetError(ValueError):
+    """A target the clients cannot use; the message says what to write instead."""
+
+
+def parse_target(target: str) -> tuple[str, bool]:
+    """Turns what a person writes into a gRPC target, and says whether it asks for TLS.
+
+    ``host`` and ``[v6]`` get port 50051 (gRPC alone would use 443); ``http://host:port`` is
+    ``host:port`` and ``https://host:port`` the same with TLS; gRPC's own ``dns:``/``ipv4:``/...
+    targets pass through (a ``dns:`` name without a port gets 50051 too).
+
+    Raises:
+        TargetError: The target is empty, has a path, or uses a URL scheme other than http/https.
+    """
+    text = target.strip()
+    if not text:
+        raise TargetError("the target is empty; use host:port, e.g. localhost:50051")
+    if _GRPC_SCHEME.match(text):
+        if text.lower().startswith("dns:"):
+            return _dns_with_port(text), False
+        return text, False
+    tls = False
+    url = _URL_SCHEME.match(text)
+    if url:
+        scheme = url.group("scheme").lower()
+        if scheme not in ("http", "https", "grpc", "grpcs"):
+            raise TargetError(
+                f"target {target!r}: unknown scheme {scheme}://; use host:port, e.g. localhost:50051"
+            )
+        tls = scheme in ("https", "grpcs")
+        text = url.group("rest")
+        if "/" in text.rstrip("/"):
+            raise TargetError(f"target {target!r}: a gRPC target has no path; use host:port")
+        text = text.rstrip("/")
+    return _with_port(text, target), tls
+
+
+def _with_port(host_port: str, original: str) -> str:
+    if host_port.startswith("["):  # [v6] or [v6]:port
+        closing = host_port.find("]")
+        if closing < 0:
+            raise TargetError(f"target {original!r}: unclosed '[' in an IPv6 address")
+        return host_port if host_port[closing + 1 :].startswith(":") else f"{host_port}:{DEFAULT_PORT}"
+    if host_port.count(":") > 1:  # a bare IPv6 address: gRPC needs it bracketed to add a port
+        return f"[{host_port}]:{DEFAULT_PORT}"
+    host, sep, port = host_port.partition(":")
+    if not host:
+        raise TargetError(f"target {original!r} has no host; use host:port, e.g. localhost:50051")
+    if not sep:
+        return f"{host}:{DEFAULT_PORT}"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetError(f"target {original!r}: port {port!r} is not a number in 1..65535")
+    return host_port
+
+
+def _dns_with_port(target: str) -> str:
+    # dns:[//authority/]host[:port]
+    prefix, _, name = target.rpartition("/") if "//" in target else ("dns", ":", target[4:])
+    if prefix == "dns":
+        prefix = "dns:"
+    else:
+        prefix += "/"
+    if name.startswith("[") or ":" in name:
+        return target
+    return f"{prefix}{name}:{DEFAULT_PORT}"
 
 
 def _client_version() -> str:
@@ -31,7 +105,8 @@ class ChannelSettings:
     """How to reach the server.
 
     Attributes:
-        target: A gRPC target: ``host:port``, ``dns:///host:port`` or ``ipv4:a:p,b:p``.
+        target: A gRPC target: ``host:port``, ``dns:///host:port`` or ``ipv4:a:p,b:p``; ``host`` alone
+            means port 50051 and ``http://``/``https://`` prefixes are accepted (see :func:`parse_target`).
         tls: Use TLS (server authentication).
         root_certificates: PEM roots to verify the server with; None uses the system roots.
         tls_server_name: Name to verify the server's certificate against, when it differs from the target.
@@ -54,6 +129,12 @@ class ChannelSettings:
     keepalive_timeout_seconds: float = 20.0
     max_message_bytes: int = 256 * 1024 * 1024
     load_balancing: str = "round_robin"
+
+    def __post_init__(self) -> None:
+        target, tls = parse_target(self.target)
+        object.__setattr__(self, "target", target)  # frozen: settle the written form once
+        if tls:
+            object.__setattr__(self, "tls", True)
 
     def options(self) -> list[tuple[str, str | int]]:
         """The gRPC channel arguments these settings stand for."""
