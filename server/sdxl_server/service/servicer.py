@@ -1,52 +1,27 @@
 """The ``sdxl.v1.ImageService`` RPCs on top of an engine.
 
-Every generation goes the same way: serving gate -> validation (defaults applied) -> deadline check ->
-``engine.submit`` (bounded queue) -> engine events bridged into the event loop -> response or stream.
-Each RPC ends in exactly one status, which is counted in ``sdxl_requests_total{method,code}``.
+Every generation takes the path shared with the HTTP front door (``generation.Generations``: serving
+gate, validation, deadline and queue checks, engine events); this module turns its events into a response
+or a stream. Each RPC ends in exactly one status, which is counted in ``sdxl_requests_total{method,code}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import grpc.aio
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 
 from sdxl_server.engine import api
-from sdxl_server.logs import fields
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import errors
 from sdxl_server.service.admission import Admission
-from sdxl_server.service.bridge import EngineCall
-from sdxl_server.service.validation import FORMAT_TO_PROTO, ValidationError, to_generation_request
-
-log = logging.getLogger(__name__)
-
-
-class _Outcome:
-    """What one generation produced, filled in as its events arrive."""
-
-    def __init__(self, request: api.GenerationRequest) -> None:
-        self.request = request
-        self.prompt_truncated = False
-        self.timings = sdxl_pb2.Timings()
-
-    def done(self) -> sdxl_pb2.Done:
-        r = self.request
-        return sdxl_pb2.Done(
-            request_id=r.request_id,
-            timings=self.timings,
-            prompt_truncated=self.prompt_truncated,
-            seed=r.seed,
-            steps=r.steps,
-            guidance_scale=r.guidance_scale,
-            num_images=r.num_images,
-        )
+from sdxl_server.service.generation import Generations, Outcome, as_service_error
+from sdxl_server.service.validation import FORMAT_TO_PROTO
 
 
 def _image(event: api.ImageReady) -> sdxl_pb2.Image:
@@ -65,17 +40,8 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         self, engine: api.Engine, admission: Admission, metrics: ServiceMetrics, log_prompts: bool = False
     ) -> None:
         self._engine = engine
-        self._admission = admission
         self._metrics = metrics
-        self._log_prompts = log_prompts
-        self._limits: api.Limits | None = None
-
-    def _request_limits(self) -> api.Limits:
-        # Fixed by the configuration; engine.info() is not cheap (it reads package versions), so it is
-        # read once instead of on every request, which matters when rejecting an overload quickly.
-        if self._limits is None:
-            self._limits = self._engine.info().limits
-        return self._limits
+        self._generations = Generations(engine, admission, metrics, log_prompts)
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -141,56 +107,15 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
             return server_info(self._engine.info())
         raise AssertionError("unreachable: _rpc re-raises every failure")
 
-    async def _generate(
+    def _generate(
         self, message: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[_Outcome, api.EngineEvent]]:
-        """Admits the request and yields its engine events up to Finished; raises ServiceError on failure."""
-        with self._admission.admitted():
-            time_remaining = context.time_remaining()
-            try:
-                request = to_generation_request(message, self._request_limits(), time_remaining)
-            except ValidationError as e:
-                raise errors.from_validation(e) from None
-            self._admission.check(request, time_remaining)
-            call = EngineCall(self._engine, asyncio.get_running_loop())
-            try:
-                call.submit(request)
-            except api.EngineError as e:
-                raise errors.from_engine_error(e) from None
-            self._log_admitted(request)
-            context.add_done_callback(lambda _: call.cancel())
-            outcome = _Outcome(request)
-            try:
-                async for event in call.events():
-                    if isinstance(event, api.Failed):
-                        if isinstance(event.error, api.EngineFatalError):
-                            log.error("request %s failed in the engine: %r", request.request_id, event.error)
-                        raise errors.from_engine_error(event.error)
-                    if isinstance(event, api.Queued):
-                        outcome.prompt_truncated = event.prompt_truncated
-                    elif isinstance(event, api.Finished):
-                        outcome.timings = sdxl_pb2.Timings(
-                            queue_seconds=event.queue_seconds,
-                            denoise_seconds=event.denoise_seconds,
-                            total_seconds=event.total_seconds,
-                        )
-                        self._metrics.queue_wait.observe(event.queue_seconds)
-                    yield outcome, event
-            finally:
-                call.cancel()  # no-op unless the RPC ended before the engine finished
+    ) -> AsyncIterator[tuple[Outcome, api.EngineEvent]]:
+        """The shared generation path, with the RPC's deadline and its end wired to cancellation."""
 
-    def _log_admitted(self, request: api.GenerationRequest) -> None:
-        extra = {
-            "event": "admitted",
-            "request_id": request.request_id,
-            "num_images": request.num_images,
-            "steps": request.steps,
-            "resolution": str(request.resolution),
-            "seed": request.seed,
-        }
-        if self._log_prompts:
-            extra.update(prompt=request.prompt, negative_prompt=request.negative_prompt)
-        log.info("request admitted", extra=fields(**extra))
+        def on_caller_gone(cancel: Callable[[], None]) -> None:
+            context.add_done_callback(lambda _: cancel())
+
+        return self._generations.run(message, context.time_remaining(), on_caller_gone)
 
     def _classify(
         self, error: BaseException, context: grpc.aio.ServicerContext
@@ -203,10 +128,8 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
             return None, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         if isinstance(error, grpc.aio.AbortError):  # already aborted with a status
             return None, context.code() or grpc.StatusCode.UNKNOWN
-        if isinstance(error, errors.ServiceError):
-            return error, error.code
-        log.error("unexpected error in a request", exc_info=error)
-        return errors.from_engine_error(error), grpc.StatusCode.INTERNAL
+        service_error = as_service_error(error)
+        return service_error, service_error.code
 
 
 def server_info(info: api.EngineInfo) -> sdxl_pb2.ServerInfo:
