@@ -34,7 +34,8 @@ def test_generate_writes_images_and_draws_progress_from_the_stream(shared_server
     for path in paths:
         with Image.open(path) as image:
             assert (image.format, image.size) == ("JPEG", (96, 64))
-    assert "100.0%" in done.stderr and "step 6/6" in done.stderr  # the bar reached the end
+    assert "2 images x 3 steps [########################] 6/6" in done.stderr  # the bar reached the end
+    assert "elapsed" in done.stderr and "seeds 21..22, 3 steps" in done.stderr
 
 
 def test_generate_to_a_file_with_json_summary(shared_server, tmp_path, capsys):

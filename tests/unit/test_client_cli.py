@@ -51,11 +51,10 @@ def test_bad_size_is_a_usage_error(capsys):
     assert "size must look like" in capsys.readouterr().err
 
 
-def test_invalid_request_is_one_line_naming_the_field(capsys):
-    # Caught by the client before any connection is made, so no server is needed.
-    assert main(["generate", "x", "--steps", "-3", "--target", "127.0.0.1:9"]) == 1
+def test_negative_number_is_a_usage_error_naming_the_flag_even_without_a_server(capsys):
+    assert main(["generate", "x", "--steps", "-3", "--target", "127.0.0.1:9", "--retries", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: INVALID_ARGUMENT") and "steps" in err and "Traceback" not in err
+    assert err.startswith("sdxl generate: error: --steps: -3 is negative") and "Traceback" not in err
 
 
 def test_output_paths(tmp_path):

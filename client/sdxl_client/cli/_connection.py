@@ -11,9 +11,13 @@ import os
 import pathlib
 from typing import TypedDict
 
-from sdxl_client._channel import DEFAULT_TARGET
+from sdxl_client._base import RetryHook
+from sdxl_client._channel import DEFAULT_TARGET, TargetError, parse_target
+from sdxl_client._errors import SdxlError
 from sdxl_client._retry import RetryPolicy
 from sdxl_client.aio import AsyncClient
+from sdxl_client.cli._messages import retry_note
+from sdxl_client.cli._terminal import StatusLine
 from sdxl_client.client import Client
 
 
@@ -23,8 +27,9 @@ def add_connection_options(parser: argparse.ArgumentParser, *, default_retries: 
     group.add_argument(
         "--target",
         default=os.environ.get("SDXL_TARGET", DEFAULT_TARGET),
-        help="server address: host:port, dns:///host:port (balances over all addresses) or "
-        "ipv4:h1:p1,h2:p2 (env SDXL_TARGET, default %(default)s)",
+        help="server address: host[:port] (port 50051 when left out), http(s)://host:port, "
+        "dns:///host:port (balances over all addresses) or ipv4:h1:p1,h2:p2 "
+        "(env SDXL_TARGET, default %(default)s)",
     )
     group.add_argument("--token", default=os.environ.get("SDXL_TOKEN"), help="bearer token (env SDXL_TOKEN)")
     group.add_argument(
@@ -85,11 +90,26 @@ def _client_kwargs(args: argparse.Namespace) -> _ClientOptions:
     )
 
 
-def make_client(args: argparse.Namespace) -> Client:
-    """A sync client configured from the parsed connection options."""
-    return Client(args.target, **_client_kwargs(args))
+def _retry_printer(args: argparse.Namespace, line: StatusLine | None) -> RetryHook:
+    """Says on stderr that a call is retried, and why, instead of waiting silently."""
+    notes = line if line is not None else StatusLine(enabled=False)
+    try:
+        target = parse_target(args.target)[0]
+    except TargetError:
+        target = args.target  # the client refuses it on construction, with the reason
+    max_attempts = 1 + max(0, args.retries)
+
+    def on_retry(error: SdxlError, failed_attempt: int, delay: float) -> None:
+        notes.note(retry_note(error, failed_attempt, max_attempts, delay, target))
+
+    return on_retry
 
 
-def make_async_client(args: argparse.Namespace) -> AsyncClient:
-    """An asyncio client configured from the parsed connection options."""
-    return AsyncClient(args.target, **_client_kwargs(args))
+def make_client(args: argparse.Namespace, line: StatusLine | None = None) -> Client:
+    """A sync client configured from the parsed connection options; retries are noted on ``line``."""
+    return Client(args.target, on_retry=_retry_printer(args, line), **_client_kwargs(args))
+
+
+def make_async_client(args: argparse.Namespace, line: StatusLine | None = None) -> AsyncClient:
+    """An asyncio client configured from the parsed connection options; retries are noted on ``line``."""
+    return AsyncClient(args.target, on_retry=_retry_printer(args, line), **_client_kwargs(args))

@@ -1,4 +1,9 @@
-"""`sdxl generate PROMPT`: one request, images written to files, progress drawn from the stream."""
+"""`sdxl generate PROMPT`: one request, images written to files (or stdout), progress drawn from the stream.
+
+The output's extension chooses the image format (``-o cat.jpg`` asks the server for JPEG); ``--format``
+is for directories and stdout, and contradicting the extension is an error rather than a JPEG named
+.png. Each file carries its generation parameters (see :mod:`sdxl_client.cli._image_metadata`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,18 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import TextIO
+from dataclasses import dataclass, replace
 
-from sdxl_client._types import Done, GeneratedImage, ImageFormat, Progress, Queued
+from sdxl_client._errors import SdxlError
+from sdxl_client._types import Done, GeneratedImage, ImageFormat, Progress, Queued, ServerInfo
 from sdxl_client.cli._connection import make_client
+from sdxl_client.cli._image_metadata import Parameters, embed
+from sdxl_client.cli._messages import UsageError
+from sdxl_client.cli._terminal import StatusLine, StepProgress
+
+STDOUT = "-"
+_EXTENSIONS = {".png": ImageFormat.PNG, ".jpg": ImageFormat.JPEG, ".jpeg": ImageFormat.JPEG}
+_EXTENSIONS[".webp"] = ImageFormat.WEBP
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -25,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "generate",
         help="generate images from a prompt",
-        description="Generate images and write them to files. Zero means the server's default.",
+        description="Generate images and write them to files. Zero means the server's default "
+        "(`sdxl info` shows the defaults and bounds).",
     )
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
@@ -37,7 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--width", type=int, default=0, help="image width (or use --size)")
     parser.add_argument("--height", type=int, default=0, help="image height (or use --size)")
     parser.add_argument(
-        "--format", choices=["png", "jpeg", "webp"], default=None, help="image encoding (default: png)"
+        "--format",
+        choices=["png", "jpeg", "webp"],
+        default=None,
+        help="image encoding for a directory or stdout (default png); a file's extension chooses it",
     )
     parser.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1..100")
     parser.add_argument("--request-id", default=None, help="identifier written to the server's logs")
@@ -45,8 +62,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "-o",
         "--output",
         default=".",
-        help="output file, or a directory (existing, or ending in '/') for <request_id>-<index>.<ext> "
-        "files; with several images a file name gets -<index> added (default: current directory)",
+        help="output file (.png, .jpg, .webp), '-' for stdout, or a directory (existing, or ending in "
+        "'/') for <request_id>-<index>.<ext> files; with several images a file name gets -<index> added "
+        "(default: current directory)",
+    )
+    parser.add_argument(
+        "--metadata",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write prompt, seed and settings into each image (PNG text / EXIF, AUTOMATIC1111 style)",
     )
     parser.add_argument(
         "--progress",
@@ -57,6 +81,47 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of file names")
     parser.set_defaults(run=run)
     return parser
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where images go and in which format, decided from ``-o`` and ``--format`` before any call."""
+
+    raw: str
+    to_stdout: bool
+    to_directory: bool
+    image_format: ImageFormat
+
+
+def plan_output(raw_output: str, requested_format: str | None, count: int) -> OutputPlan:
+    """Checks ``-o`` against ``--format`` and the image count.
+
+    Raises:
+        UsageError: The extension contradicts ``--format``, names no image format, or ``-o -`` would
+            get several images.
+    """
+    requested = ImageFormat.parse(requested_format) if requested_format else None
+    if raw_output == STDOUT:
+        if count > 1:
+            raise UsageError(f"-o - writes one image to stdout; for -n {count} give a directory or file name")
+        return OutputPlan(raw_output, True, False, requested or ImageFormat.PNG)
+    path = pathlib.Path(raw_output)
+    if path.is_dir() or raw_output.endswith(("/", "\\")):
+        return OutputPlan(raw_output, False, True, requested or ImageFormat.PNG)
+    suffix = path.suffix.lower()
+    if not suffix:
+        return OutputPlan(raw_output, False, False, requested or ImageFormat.PNG)
+    if suffix not in _EXTENSIONS:
+        raise UsageError(
+            f"-o {raw_output}: {suffix} is not an image format this server writes; use .png, .jpg or .webp"
+        )
+    chosen = _EXTENSIONS[suffix]
+    if requested is not None and requested is not chosen:
+        raise UsageError(
+            f"--format {requested_format} contradicts -o {raw_output}: the file's extension chooses the "
+            f"format (drop --format, or name the file .{requested.extension})"
+        )
+    return OutputPlan(raw_output, False, False, chosen)
 
 
 def output_path(
@@ -70,34 +135,76 @@ def output_path(
     return output
 
 
-class ProgressBar:
-    """A one-line text bar redrawn in place on a terminal stream."""
+def _check_signs(args: argparse.Namespace, width: int, height: int, info: ServerInfo | None) -> None:
+    """Negative numbers cannot be sent at all (the fields are unsigned): say the server's real range.
 
-    def __init__(self, stream: TextIO, width: int = 30) -> None:
-        self._stream = stream
-        self._width = width
-
-    def show(self, label: str, fraction: float) -> None:
-        filled = round(self._width * min(1.0, max(0.0, fraction)))
-        bar = "#" * filled + "." * (self._width - filled)
-        self._stream.write(f"\r[{bar}] {fraction * 100:5.1f}% {label:<24}")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        self._stream.write("\n")
-        self._stream.flush()
+    Without ``info`` (no server answered) the message says only that the value is negative.
+    """
+    values = {
+        "--steps": args.steps,
+        "--num-images": args.num_images,
+        "--guidance-scale": args.guidance_scale,
+        "--quality": args.quality,
+        "--width": width,
+        "--height": height,
+    }
+    negative = [(flag, value) for flag, value in values.items() if value < 0]
+    if not negative:
+        return
+    if info is None:
+        flag, value = negative[0]
+        raise UsageError(
+            f"{flag}: {value:g} is negative (0 means the server's default; `sdxl info` shows the range)"
+        )
+    served = ", ".join(map(str, info.resolutions))
+    ranges = {
+        "--steps": (args.steps, f"{info.min_steps}..{info.max_steps} (0: the default, {info.default_steps})"),
+        "--num-images": (args.num_images, f"1..{info.max_images_per_request}"),
+        "--guidance-scale": (
+            args.guidance_scale,
+            f"{info.min_guidance_scale:g}..{info.max_guidance_scale:g} "
+            f"(0: the default, {info.default_guidance_scale:g})",
+        ),
+        "--quality": (args.quality, "1..100"),
+        "--width": (width, f"a served size: {served}"),
+        "--height": (height, f"a served size: {served}"),
+    }
+    for flag, (value, allowed) in ranges.items():
+        if value < 0:
+            raise UsageError(f"{flag}: {value:g} is outside {allowed}")
 
 
 def run(args: argparse.Namespace) -> int:
     width, height = args.size if args.size else (args.width, args.height)
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
-    bar = ProgressBar(sys.stderr) if show_progress else None
-    expected = max(1, args.num_images)
-    raw_output = args.output  # a string: pathlib would drop the trailing "/" that marks a directory
-    output = pathlib.Path(raw_output)
+    count = max(1, args.num_images)
+    plan = plan_output(args.output, args.format, count)
+    if plan.to_stdout and args.json:
+        raise UsageError("--json prints to stdout, where -o - writes the image; choose one")
+    if plan.to_stdout and sys.stdout.isatty():
+        raise UsageError("-o - writes the image to stdout, which is a terminal: redirect it (> cat.png)")
+    line = StatusLine(sys.stderr, enabled=sys.stderr.isatty() if args.progress is None else args.progress)
+    progress = StepProgress(line)
+    output = pathlib.Path(plan.raw)
     written: list[dict[str, object]] = []
     done: Done | None = None
-    with make_client(args) as client:
+    with make_client(args, line) as client:
+        try:
+            info = client.server_info()
+        except SdxlError:
+            _check_signs(args, width, height, None)  # a usage error outranks an unreachable server
+            raise
+        _check_signs(args, width, height, info)
+        parameters = Parameters(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps or info.default_steps,
+            guidance_scale=args.guidance_scale or info.default_guidance_scale,
+            seed=0,
+            width=0,
+            height=0,
+            model=info.model,
+            version=f"sdxl-server {info.versions.get('sdxl-server', '')}".strip(),
+        )
         events = client.generate_stream(
             args.prompt,
             negative_prompt=args.negative_prompt,
@@ -107,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
             width=width,
             height=height,
-            format=ImageFormat.parse(args.format),
+            format=plan.image_format,
             quality=args.quality,
             request_id=args.request_id,
         )
@@ -115,20 +222,26 @@ def run(args: argparse.Namespace) -> int:
         for event in events:
             if isinstance(event, Queued):
                 request_id = event.request_id
-                if bar:
-                    bar.show(f"queued, {event.position} ahead", 0.0)
+                progress.queued(event.position)
             elif isinstance(event, Progress):
-                if bar:
-                    bar.show(f"step {event.completed_steps}/{event.total_steps}", event.fraction)
+                progress.steps(event.completed_steps, event.total_steps, count)
             elif isinstance(event, GeneratedImage):
-                path = output_path(output, raw_output, event, request_id, expected)
+                data = event.data
+                if args.metadata:
+                    exact = replace(parameters, seed=event.seed, width=event.width, height=event.height)
+                    data = embed(data, event.format, exact.a1111_text())
+                if plan.to_stdout:
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                    written.append({"path": STDOUT, "seed": event.seed, "index": event.index})
+                    continue
+                path = output_path(output, plan.raw, event, request_id, count)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                event.save(path)
+                path.write_bytes(data)
                 written.append({"path": str(path), "seed": event.seed, "index": event.index})
             elif isinstance(event, Done):
                 done = event
-    if bar:
-        bar.finish()
+    line.clear()
     if args.json:
         summary = {
             "request_id": done.request_id if done else request_id,
@@ -140,11 +253,23 @@ def run(args: argparse.Namespace) -> int:
             "images": written,
         }
         print(json.dumps(summary, indent=2))
-    else:
+        return 0
+    if not plan.to_stdout:
         for item in written:
             print(item["path"])
-        if done and done.prompt_truncated:
+    if done is not None:
+        print(_done_line(done, written), file=sys.stderr)
+        if done.prompt_truncated:
             print(
                 "note: the prompt was longer than the text encoders read and was truncated", file=sys.stderr
             )
     return 0
+
+
+def _done_line(done: Done, written: list[dict[str, object]]) -> str:
+    seeds = sorted(int(str(item["seed"])) for item in written) or [done.seed]
+    seed = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    return (
+        f"{seed}, {done.steps} steps, guidance {done.guidance_scale:g}, "
+        f"{done.timings.total_seconds:.1f} s (request {done.request_id})"
+    )

@@ -6,6 +6,10 @@ as the previous one is answered, so the offered load adapts to the server (measu
 independent users arrive (measures latency under a given load, and shows overload: queues grow and the
 server rejects with RESOURCE_EXHAUSTED). Each request draws its size and steps from ``--mix``.
 Retries are off by default so that every rejection is counted.
+
+The mix is checked against the server's GetServerInfo before anything is sent (a size it does not serve
+would only measure how fast it says INVALID_ARGUMENT). The exit status is 1 when the share of failed
+requests exceeds ``--max-error-rate`` (default 0: any error fails), so that CI can gate on a run.
 """
 
 from __future__ import annotations
@@ -21,9 +25,16 @@ from dataclasses import dataclass
 
 from sdxl_client._errors import SdxlError
 from sdxl_client._requests import new_request_id
+from sdxl_client._types import Resolution, ServerInfo
 from sdxl_client.aio import AsyncClient
 from sdxl_client.cli._connection import make_async_client
 from sdxl_client.cli._loadstats import Sample, format_summary, samples_as_dicts, summarize
+from sdxl_client.cli._messages import UsageError
+from sdxl_client.cli._terminal import StatusLine, format_duration
+
+# Seconds between progress lines when stderr is not a terminal (a CI log), and between redraws when it is.
+_LOG_PROGRESS_SECONDS = 10.0
+_TERMINAL_PROGRESS_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,44 @@ def parse_mix(text: str) -> list[MixEntry]:
     return entries
 
 
+def mix_problems(mix: list[MixEntry], num_images: int, info: ServerInfo) -> list[str]:
+    """Why entries of the mix would be refused by the server ``info`` describes (empty: none)."""
+    problems = []
+    served = ", ".join(map(str, info.resolutions))
+    for entry in mix:
+        size = Resolution(entry.width, entry.height)
+        if (entry.width or entry.height) and size not in info.resolutions:
+            problems.append(f"{entry}: {size} is not served (served: {served})")
+        if entry.steps and not info.min_steps <= entry.steps <= info.max_steps:
+            problems.append(f"{entry}: {entry.steps} steps is outside {info.min_steps}..{info.max_steps}")
+    if not 1 <= num_images <= info.max_images_per_request:
+        problems.append(f"--num-images {num_images} is outside 1..{info.max_images_per_request}")
+    return problems
+
+
+def _error_rate(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction like 0.05 or 5%, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0..1 (or 0%..100%), got {text!r}")
+    return value
+
+
+@dataclass
+class LoadCounters:
+    """What a running load test has done so far, for its progress line."""
+
+    sent: int = 0
+    answered: int = 0
+    errors: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.answered
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "loadtest",
@@ -92,6 +141,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--plot", type=pathlib.Path, default=None, help="write a PNG plot here (needs matplotlib)"
     )
+    parser.add_argument(
+        "--max-error-rate",
+        type=_error_rate,
+        default=0.0,
+        metavar="RATE",
+        help="exit 1 when more than this share of requests fail, e.g. 0.05 or 5%% (default 0: any error)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr while running (default: a redrawn line on a terminal, "
+        f"a line every {_LOG_PROGRESS_SECONDS:g} s otherwise)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -107,6 +170,7 @@ async def run_load(
     prompt: str,
     seed: int,
     clock: Callable[[], float] = time.monotonic,
+    counters: LoadCounters | None = None,
 ) -> list[Sample]:
     """Sends requests for ``duration`` seconds (closed loop, or open loop when ``rate`` is given) and
     waits for every answer.
@@ -116,6 +180,7 @@ async def run_load(
     """
     rng = random.Random(seed)
     samples: list[Sample] = []
+    counts = counters if counters is not None else LoadCounters()
     started = clock()
     stop_at = started + duration
 
@@ -123,6 +188,7 @@ async def run_load(
         kind = rng.choices(mix, weights=[e.weight for e in mix])[0]
         request_id = new_request_id()
         sent = clock()
+        counts.sent += 1
         try:
             await client.generate(
                 prompt,
@@ -136,6 +202,8 @@ async def run_load(
             code = "OK"
         except SdxlError as error:
             code = error.code.name
+            counts.errors += 1
+        counts.answered += 1
         samples.append(
             Sample(
                 sent - started,
@@ -169,25 +237,60 @@ async def run_load(
     return samples
 
 
+async def _show_progress(
+    line: StatusLine, counters: LoadCounters, duration: float, clock: Callable[[], float] = time.monotonic
+) -> None:
+    """Redraws (terminal) or prints (log) the progress of a running load test until cancelled."""
+    started = clock()
+    interval = _TERMINAL_PROGRESS_SECONDS if line.enabled else _LOG_PROGRESS_SECONDS
+    while True:
+        await asyncio.sleep(interval)
+        elapsed = clock() - started
+        text = (
+            f"{format_duration(min(elapsed, duration))} of {format_duration(duration)}: "
+            f"sent {counters.sent}, ok {counters.answered - counters.errors}, errors {counters.errors}, "
+            f"in flight {counters.in_flight}"
+        )
+        if line.enabled:
+            line.show(text)
+        else:
+            line.note(text)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.concurrency < 1:
-        raise SystemExit("error: --concurrency must be >= 1")
+        raise UsageError("--concurrency must be >= 1")
     if args.rate is not None and args.rate <= 0:
-        raise SystemExit("error: --rate must be > 0")
+        raise UsageError("--rate must be > 0")
     mode = "open" if args.rate is not None else "closed"
+    line = StatusLine(enabled=None if args.progress is None else args.progress)
+    periodic = args.progress is not False
 
     async def measure() -> list[Sample]:
-        async with make_async_client(args) as client:
-            return await run_load(
-                client,
-                mix=args.mix,
-                duration=args.duration,
-                concurrency=args.concurrency,
-                rate=args.rate,
-                num_images=args.num_images,
-                prompt=args.prompt,
-                seed=args.seed,
+        async with make_async_client(args, line) as client:
+            problems = mix_problems(args.mix, args.num_images, await client.server_info())
+            if problems:
+                raise UsageError(f"--mix does not fit the server at {client.target}: " + "; ".join(problems))
+            counters = LoadCounters()
+            progress = (
+                asyncio.create_task(_show_progress(line, counters, args.duration)) if periodic else None
             )
+            try:
+                return await run_load(
+                    client,
+                    mix=args.mix,
+                    duration=args.duration,
+                    concurrency=args.concurrency,
+                    rate=args.rate,
+                    num_images=args.num_images,
+                    prompt=args.prompt,
+                    seed=args.seed,
+                    counters=counters,
+                )
+            finally:
+                if progress is not None:
+                    progress.cancel()
+                line.clear()
 
     samples = asyncio.run(measure())
     summary = summarize(samples)
@@ -218,4 +321,16 @@ def run(args: argparse.Namespace) -> int:
 
         write_plot(samples, args.plot, f"sdxl loadtest: {mode} loop, {load}")
         print(f"plot         {args.plot}")
-    return 0
+    return _verdict(summary, args.max_error_rate)
+
+
+def _verdict(summary: dict[str, object], max_error_rate: float) -> int:
+    """Prints the error rate against the limit; 1 when it is exceeded or nothing was answered."""
+    requests, ok = int(str(summary["requests"])), int(str(summary["ok"]))
+    if requests == 0:
+        print("FAILED       no request was answered")
+        return 1
+    rate = (requests - ok) / requests
+    verdict = "FAILED" if rate > max_error_rate else "passed"
+    print(f"{verdict:<13}error rate {rate:.1%} (--max-error-rate {max_error_rate:.1%})")
+    return 1 if rate > max_error_rate else 0
