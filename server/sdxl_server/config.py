@@ -63,6 +63,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8000
+    # The OpenAI Images API over HTTP; None: not served (the chart turns it on, on 8080).
+    http_port: int | None = None
     compilation_cache_dir: str | None = None
     tiny_model_dir: str | None = None
     dtype: str = "auto"
@@ -94,6 +96,11 @@ class ServerConfig:
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         require(0 <= self.port <= 65535, "port", "must be within 0..65535 (0 picks a free port)")
         require(0 <= self.metrics_port <= 65535, "metrics-port", "must be within 0..65535")
+        require(
+            self.http_port is None or 0 <= self.http_port <= 65535,
+            "http-port",
+            "must be within 0..65535 (0 picks a free port)",
+        )
         require(self.max_steps >= 1, "max-steps", "must be at least 1")
         require(1 <= self.default_steps <= self.max_steps, "default-steps", "must be within 1..--max-steps")
         require(self.max_images_per_request >= 1, "max-images-per-request", "must be at least 1")
@@ -178,6 +185,7 @@ _OPTIONS = (
     _Option("host", str, "address to bind [0.0.0.0]"),
     _Option("port", _integer, "gRPC port; 0 picks a free one [50051]"),
     _Option("metrics-port", _integer, "Prometheus /metrics HTTP port; 0 picks a free one [8000]"),
+    _Option("http-port", _integer, "OpenAI Images API HTTP port; 0 picks a free one [off]"),
     _Option("compilation-cache-dir", str, "persistent XLA compilation cache (path or gs://)"),
     _Option("tiny-model-dir", str, "where --model tiny is built [~/.cache/sdxl-serve/tiny-sdxl]"),
     _Option("dtype", str, "parameter dtype: float32, bfloat16 or auto [auto]"),
