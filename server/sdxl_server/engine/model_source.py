@@ -1,10 +1,11 @@
-"""Where the engine loads its model from: a directory, a hub id, or the tiny random model."""
+"""Where the engine loads its model from: a directory, a hub id, the tiny random model or the demo model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 TINY = "tiny"
+DEMO = "demo"  # the trained demo SDXL shipped inside the package (sdxl_server/models/demo)
 # Used when the caller gives no tiny-model directory (main.py passes $SDXL_TINY_MODEL_DIR).
 DEFAULT_TINY_MODEL_DIR = "~/.cache/sdxl-serve/tiny-sdxl"
 
@@ -14,7 +15,12 @@ def resolve_model(spec: str, tiny_model_dir: str | None = None) -> str:
 
     "tiny" builds the tiny random SDXL on first use into `tiny_model_dir` and returns that directory; an
     existing directory is returned as an absolute path; anything else is taken as a hub id.
+    "demo" is the directory of the shipped demo model.
     """
+    if spec == DEMO:
+        from sdxl_server.models import DEMO_MODEL_DIR
+
+        return str(DEMO_MODEL_DIR)
     if spec == TINY:
         from sdxl_server.engine.tiny_model import ensure_tiny_model
 
