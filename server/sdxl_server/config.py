@@ -15,6 +15,7 @@ from typing import Any
 
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.config import DTYPES, POLICIES, EngineConfig
+from sdxl_server.logs import LOG_FORMATS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Real SDXL is trained at 1024x1024; the tiny model is meant for quick local runs, so it serves small sizes.
@@ -79,6 +80,8 @@ class ServerConfig:
     auth_token_file: str | None = None
     log_prompts: bool = False
     log_level: str = "info"
+    # None: text when stderr is a terminal, JSON otherwise.
+    log_format: str | None = None
     # Test-only (hidden flag): warm-up waits until this file exists, so that a test can observe the
     # NOT_SERVING window before warm-up ends deterministically instead of racing a fast warm-up.
     hold_warmup_until_file: str | None = None
@@ -119,6 +122,11 @@ class ServerConfig:
         ):
             require(path is None or os.path.isfile(path), flag, f"{path} is not a readable file")
         require(self.log_level in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        require(
+            self.log_format is None or self.log_format in LOG_FORMATS,
+            "log-format",
+            f"must be one of {', '.join(LOG_FORMATS)}",
+        )
 
     @property
     def tls_enabled(self) -> bool:
@@ -200,6 +208,7 @@ _OPTIONS = (
     _Option("auth-token-file", str, "file holding the bearer token clients must send"),
     _Option("log-prompts", _parse_bool, "write prompts to the logs (off by default)"),
     _Option("log-level", str, "debug, info, warning or error [info]"),
+    _Option("log-format", str, "text or json [text when stderr is a terminal, else json]"),
     _Option("hold-warmup-until-file", str, "test only", hidden=True),
 )
 
