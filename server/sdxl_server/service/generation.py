@@ -62,6 +62,7 @@ class Generations:
         self._admission = admission
         self._log_prompts = log_prompts
         self._limits: api.Limits | None = None
+        self._model_name: str | None = None
 
     def limits(self) -> api.Limits:
         # Fixed by the configuration; engine.info() is not cheap (it reads package versions), so it is
@@ -69,6 +70,11 @@ class Generations:
         if self._limits is None:
             self._limits = self.engine.info().limits
         return self._limits
+
+    def model_name(self) -> str:
+        if self._model_name is None:  # fixed by the configuration, as the limits are
+            self._model_name = self.engine.info().model
+        return self._model_name
 
     async def run(
         self,
