@@ -61,7 +61,7 @@ class TextFormatter(logging.Formatter):
 
 def _text_value(value: Any) -> str:
     text = f"{value:.3g}" if isinstance(value, float) else str(value)
-    return json.dumps(text) if not text or any(c.isspace() or c in "\"=" for c in text) else text
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
 class _QuietBackendProbes(logging.Filter):
