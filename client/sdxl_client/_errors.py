@@ -21,6 +21,7 @@ __all__ = [
     "FieldViolation",
     "Internal",
     "InvalidRequest",
+    "MessageTooLarge",
     "Overloaded",
     "PermissionDenied",
     "SdxlError",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _DETAILS_KEY = "grpc-status-details-bin"
+_TOO_LARGE = "message larger than max"  # "Received ..." / "Sent message larger than max (N vs. M)"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class SdxlError(Exception):
     """
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
-    retryable: ClassVar[bool] = False
+    retryable: bool = False  # a class's default; an instance may know better (see Overloaded)
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -92,14 +94,30 @@ class InvalidRequest(SdxlError):
 
 
 class Overloaded(SdxlError):
-    """The server's admission queue is full (RESOURCE_EXHAUSTED). Retryable after ``retry_after``."""
+    """The server's admission queue is full (RESOURCE_EXHAUSTED). Retryable after ``retry_after``.
+
+    Only with a ``retry_after``: the server always sends a RetryInfo delay with its "queue full". A
+    RESOURCE_EXHAUSTED without one comes from elsewhere (a proxy's quota, a limit in grpc itself) and
+    is not retried, since nothing says that the same request would fare better later.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    retryable = True
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.retryable = retry_after is not None
+
+
+class MessageTooLarge(SdxlError):
+    """A message was larger than a gRPC size limit (RESOURCE_EXHAUSTED without RetryInfo). Never retried.
+
+    The request was larger than the server accepts (1 MiB; no valid request comes close), or larger
+    than this client sends, or the response larger than this client accepts. The message says which
+    and gives both sizes, e.g. ``SERVER: Received message larger than max (5242885 vs. 1048576)``.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Unavailable(SdxlError):
@@ -170,6 +188,12 @@ def from_rpc_error(error: grpc.RpcError) -> SdxlError:
     code = _call_attr(error, "code") or grpc.StatusCode.UNKNOWN
     message = _call_attr(error, "details") or code.name
     details = _rich_details(_call_attr(error, "trailing_metadata"))
+    delays = [
+        d.retry_delay.ToTimedelta().total_seconds()
+        for d in details
+        if isinstance(d, error_details_pb2.RetryInfo)
+    ]
+    retry_after = delays[0] if delays else None
     result: SdxlError
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = [
@@ -180,18 +204,15 @@ def from_rpc_error(error: grpc.RpcError) -> SdxlError:
         ]
         result = InvalidRequest(message, violations)
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        result = Overloaded(message)
+        # grpc's own wording, on either side, for a message over the limit; never sent with RetryInfo.
+        too_large = retry_after is None and _TOO_LARGE in message
+        result = MessageTooLarge(message) if too_large else Overloaded(message, retry_after)
     elif code in _SIMPLE_CLASSES:
         result = _SIMPLE_CLASSES[code](message)
     else:
         result = SdxlError(message, code=code)
-    delays = [
-        d.retry_delay.ToTimedelta().total_seconds()
-        for d in details
-        if isinstance(d, error_details_pb2.RetryInfo)
-    ]
-    if delays:
-        result.retry_after = delays[0]
+    if retry_after is not None:
+        result.retry_after = retry_after
     return result
 
 

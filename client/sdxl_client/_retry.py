@@ -1,7 +1,9 @@
 """Retry decisions shared by the sync and asyncio clients (the loops that sleep live in each client).
 
-Only errors whose class says ``retryable`` are retried: UNAVAILABLE (no server reachable, warming up,
-draining) and RESOURCE_EXHAUSTED (queue full). The wait before retry ``n`` is "full jitter" exponential
+Only errors that say ``retryable`` are retried: UNAVAILABLE (no server reachable, warming up,
+draining) and RESOURCE_EXHAUSTED that carries the server's RetryInfo (queue full). A RESOURCE_EXHAUSTED
+without RetryInfo is not the server's overload answer: "message larger than max" (MessageTooLarge) would
+fail the same way each time, so it is raised at once. The wait before retry ``n`` is "full jitter" exponential
 backoff, uniform in ``[0, min(max_backoff, initial_backoff * multiplier**(n-1))]``, so that clients
 rejected together do not come back together. When the server sent a RetryInfo delay (queue full, warming
 up, draining), that delay is the floor of the wait, itself capped at ``max_backoff``: behind a balanced

@@ -4,7 +4,9 @@ Start-up order: the gRPC server listens first with health NOT_SERVING (so probes
 requests a clean UNAVAILABLE), then the engine loads and compiles everything in a thread, then health
 turns SERVING. Shutdown on SIGTERM/SIGINT, in this order: health NOT_SERVING and new requests UNAVAILABLE;
 accepted requests finish (up to --drain-seconds); the gRPC server stops; only then the engine stops, so
-no accepted request ever loses its producer; exit 0.
+no accepted request ever loses its producer; exit 0. Every step after the drain has its own time bound
+(``_AFTER_DRAIN_SECONDS`` in all), so the whole shutdown stays inside --drain-seconds plus that: a pod's
+grace period must exceed it (the chart checks).
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from sdxl_server.config import ConfigError, ServerConfig, add_serve_arguments, config_from
 from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, fields
 from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
-from sdxl_server.service.admission import Admission
+from sdxl_server.startup_checks import check_before_start
+from sdxl_server.version import server_version
+from sdxl_server.service.admission import Admission, ServingState
+from sdxl_server.service.auth import TokenFile
+from sdxl_server.service.generation import Generations
+from sdxl_server.service.http.images_api import ImagesApi
+from sdxl_server.service.http.server import HttpServer
 from sdxl_server.service.server import ServerOptions, build_server, new_health_servicer, set_serving
 from sdxl_server.service.servicer import ImageService
 
@@ -36,6 +45,10 @@ log = logging.getLogger("sdxl_server")
 _HEALTH_POLL_SECONDS = 1.0
 # After the drain, RPCs that already have their result get this long to send it.
 _FINAL_FLUSH_SECONDS = 2.0
+# Bounds of the other steps after the drain: a hung step must not hold the pod past its grace period.
+_GRPC_STOP_SECONDS = _FINAL_FLUSH_SECONDS + 3.0
+_ENGINE_STOP_SECONDS = 5.0
+_AFTER_DRAIN_SECONDS = _GRPC_STOP_SECONDS + _ENGINE_STOP_SECONDS + 1.0  # + the metrics server
 
 
 def _warm_up(engine: Engine, config: ServerConfig) -> None:
@@ -70,16 +83,24 @@ def _start_in_thread(engine: Engine, config: ServerConfig) -> asyncio.Future[Non
     return done
 
 
-def _call_hint(config: ServerConfig, port: int) -> str:
+def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) -> str:
     host = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
     target = f"{host}:{port}"
     grpcurl_tls = "-insecure" if config.tls_enabled else "-plaintext"
     auth = " -H 'authorization: Bearer <token>'" if config.auth_token_file else ""
-    return (
+    hint = (
         f'ready. Try: sdxl generate "a cat" -o cat.png --target {target}\n'
         f'   or: grpcurl {grpcurl_tls}{auth} -d \'{{"prompt": "a cat"}}\' {target} '
         "sdxl.v1.ImageService/Generate"
     )
+    if http_port is not None:
+        scheme = "https" if config.tls_enabled else "http"
+        curl_auth = " -H 'Authorization: Bearer <token>'" if config.auth_token_file else ""
+        hint += (
+            f"\n   or: curl{curl_auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"a cat\"}}' "
+            f"{scheme}://{host}:{http_port}/v1/images/generations"
+        )
+    return hint
 
 
 async def serve(config: ServerConfig) -> int:
@@ -90,12 +111,18 @@ async def serve(config: ServerConfig) -> int:
     engine = JaxEngine(config.engine_config())
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    registry.register(EngineCollector(engine.stats, engine.step_histogram))
     admission = Admission(engine, config.max_queue, config.default_steps)
+    registry.register(
+        EngineCollector(
+            engine.stats, engine.step_histogram, serving=lambda: admission.state is ServingState.SERVING
+        )
+    )
     health = await new_health_servicer()
 
-    def count_auth_rejection(method: str) -> None:
-        metrics.observe_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)
+    tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
+
+    def count_rejection(method: str, code: grpc.StatusCode) -> None:
+        metrics.observe_request(method.rsplit("/", 1)[-1], code.name, 0.0)
 
     server, port = build_server(
         ImageService(engine, admission, metrics, config.log_prompts),
@@ -106,15 +133,25 @@ async def serve(config: ServerConfig) -> int:
             max_connection_age_seconds=config.max_connection_age_seconds,
             tls_cert_file=config.tls_cert_file,
             tls_key_file=config.tls_key_file,
-            auth_token=config.read_auth_token(),
-            on_auth_reject=count_auth_rejection,
+            auth_tokens=tokens,
+            on_reject=count_rejection,
         ),
     )
     await server.start()
-    metrics_server = MetricsServer(registry, config.host, config.metrics_port)
+    metrics_server = await MetricsServer.start(registry, config.host, config.metrics_port)
+    http_server = await _start_http(
+        config, Generations(engine, admission, metrics, config.log_prompts), tokens
+    )
+    http_port = http_server.port if http_server else None
     log.info(
         "listening; warming up",
-        extra=fields(event="listening", port=port, metrics_port=metrics_server.port, tls=config.tls_enabled),
+        extra=fields(
+            event="listening",
+            port=port,
+            metrics_port=metrics_server.port,
+            http_port=http_port,
+            tls=config.tls_enabled,
+        ),
     )
 
     stop = asyncio.Event()
@@ -131,7 +168,7 @@ async def serve(config: ServerConfig) -> int:
     elif warm_up.done():
         admission.mark_serving()
         await set_serving(health)
-        hint = _call_hint(config, port)
+        hint = _call_hint(config, port, http_port)
         log.info(hint, extra=fields(event="ready", port=port, metrics_port=metrics_server.port))
         if sys.stdout.isatty():
             print(hint, flush=True)
@@ -142,12 +179,41 @@ async def serve(config: ServerConfig) -> int:
     await health.enter_graceful_shutdown()
     if not await admission.wait_idle(config.drain_seconds):
         log.warning("drain period over; cancelling %d requests", admission.in_flight)
-    await server.stop(_FINAL_FLUSH_SECONDS)
+    if not await _bounded(server.stop(_FINAL_FLUSH_SECONDS), _GRPC_STOP_SECONDS):
+        log.warning("the gRPC server did not stop within %.0fs; going on", _GRPC_STOP_SECONDS)
+    if http_server is not None and not await _bounded(http_server.stop(), _GRPC_STOP_SECONDS):
+        log.warning("the HTTP server did not stop within %.0fs; going on", _GRPC_STOP_SECONDS)
     log.info("gRPC server stopped; stopping the engine", extra=fields(event="grpc_stopped"))
-    await asyncio.to_thread(engine.stop, 0.0)
-    metrics_server.stop()
+    if not await _bounded(asyncio.to_thread(engine.stop, 0.0), _ENGINE_STOP_SECONDS):
+        log.warning("the engine did not stop within %.0fs; exiting anyway", _ENGINE_STOP_SECONDS)
+    await metrics_server.stop()
     log.info("stopped", extra=fields(event="stopped", exit_code=exit_code))
     return exit_code
+
+
+async def _start_http(
+    config: ServerConfig, generations: Generations, tokens: TokenFile | None
+) -> HttpServer | None:
+    """The OpenAI Images API on --http-port, through the same generation path as gRPC (None: off)."""
+    if config.http_port is None:
+        return None
+    return await HttpServer.start(
+        ImagesApi(generations, tokens.accepts if tokens else None),
+        config.host,
+        config.http_port,
+        config.tls_cert_file,
+        config.tls_key_file,
+        grace_seconds=_FINAL_FLUSH_SECONDS,
+    )
+
+
+async def _bounded(step: Any, seconds: float) -> bool:
+    """Awaits ``step`` for at most ``seconds``; False if it took longer (it is then left behind)."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _serve_until_stopped(engine: Engine, stopping: asyncio.Future[bool]) -> int:
@@ -172,6 +238,7 @@ def _build_tiny_model(directory: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdxl-server", description="Stable Diffusion XL over gRPC.")
+    parser.add_argument("--version", action="version", version=f"sdxl-server {server_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(commands.add_parser("serve", help="serve the model over gRPC"))
     build = commands.add_parser("build-tiny-model", help="write the tiny random SDXL used by tests")
@@ -183,9 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from(args, os.environ)
         config.engine_config()  # validates the engine's settings before anything starts
         config.read_auth_token()  # an empty token file is a configuration error, not a crash later
+        check_before_start(config)  # a taken port or a missing model path: one line, before slow work
     except ConfigError as e:
         parser.exit(2, f"sdxl-server serve: error: {e}\n")
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     exit_code = asyncio.run(serve(config))
     logging.shutdown()
     sys.stdout.flush()

@@ -9,12 +9,13 @@ Everything lives in one registry per server (not the process-global default), so
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from sdxl_server.engine.api import EngineStats
@@ -63,12 +64,20 @@ class EngineCollector(Collector):
     ``[(upper_bound, count), ...]`` (ending with +Inf) and the sum of observed seconds.
     """
 
-    def __init__(self, stats: Callable[[], EngineStats], step_histogram: StepHistogram | None = None) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        step_histogram: StepHistogram | None = None,
+        serving: Callable[[], bool] | None = None,
+    ) -> None:
+        """``serving``, when given, says whether the service takes new requests (False while draining)."""
         self._stats = stats
         self._step_histogram = step_histogram
+        self._serving = serving
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self._stats()
+        ready = s.ready and (self._serving is None or self._serving())
         gauges = (
             ("sdxl_queue_depth", "Images admitted and waiting for a slot.", s.queue_depth),
             ("sdxl_slots_busy", "Slots holding an image being denoised.", s.slots_busy),
@@ -85,7 +94,11 @@ class EngineCollector(Collector):
                 s.compile_seconds,
             ),
             ("sdxl_startup_seconds", "Process start until ready to serve.", s.startup_seconds),
-            ("sdxl_ready", "1 once warm-up finished and the engine serves.", 1.0 if s.ready else 0.0),
+            (
+                "sdxl_ready",
+                "1 once warm-up finished and the server takes requests; 0 again while it drains.",
+                1.0 if ready else 0.0,
+            ),
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=float(value))
@@ -109,17 +122,97 @@ def _bound(upper: float) -> str:
 
 
 class MetricsServer:
-    """The /metrics HTTP endpoint on its own thread; port 0 picks a free port."""
+    """``GET /metrics`` over HTTP/1.x, served from the asyncio event loop; port 0 picks a free port.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
+    Bounded by construction: a connection is a coroutine, not a thread; at most ``MAX_CONNECTIONS`` are
+    open at once (more are closed at once, unanswered); each has ``REQUEST_TIMEOUT_SECONDS`` to send
+    its request head (``MAX_HEAD_BYTES`` at most) and take the page, then it is closed, so half-open or
+    slow connections cannot pile up. One request per connection (``Connection: close``): a scraper
+    reconnects every few seconds at most. The page is built on the loop: the collectors read
+    lock-free snapshots, which takes well under a millisecond.
+    """
+
+    MAX_CONNECTIONS = 32
+    REQUEST_TIMEOUT_SECONDS = 10.0  # Prometheus' default scrape timeout
+    MAX_HEAD_BYTES = 16 * 1024
+
+    def __init__(self, registry: CollectorRegistry, server: asyncio.Server) -> None:
+        self._registry = registry
+        self._server = server
+        self._open = 0
+
+    @classmethod
+    async def start(cls, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+        """Listens on ``host:port``."""
+        holder: list[MetricsServer] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await holder[0]._serve(reader, writer)
+
+        server = await asyncio.start_server(handle, host, port, limit=cls.MAX_HEAD_BYTES)
+        metrics_server = cls(registry, server)
+        holder.append(metrics_server)
+        return metrics_server
 
     @property
     def port(self) -> int:
-        return int(self._server.server_port)
+        return int(self._server.sockets[0].getsockname()[1])
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def stop(self) -> None:
+        self._server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self._open += 1
+        try:
+            async with asyncio.timeout(self.REQUEST_TIMEOUT_SECONDS):
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(self._response(head))
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a client that went away, stalled or sent an oversized head gets nothing more
+        finally:
+            self._open -= 1
+            # close() would wait for a peer that stopped reading to take the rest of the page.
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    def _response(self, head: bytes) -> bytes:
+        request_line, _, header_block = head.decode("latin-1").partition("\r\n")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _http(400, "text/plain; charset=utf-8", b"bad request\n")
+        method, target = parts[0], parts[1]
+        if target.split("?", 1)[0] != "/metrics":
+            return _http(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
+        if method not in ("GET", "HEAD"):
+            return _http(405, "text/plain; charset=utf-8", b"only GET\n", extra="Allow: GET, HEAD\r\n")
+        accept = ""
+        for line in header_block.split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "accept":
+                accept = value.strip()
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self._registry)
+        return _http(200, content_type, body, head_only=method == "HEAD")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+def _http(status: int, content_type: str, body: bytes, *, extra: str = "", head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
+    )
+    return head.encode("latin-1") + (b"" if head_only else body)
