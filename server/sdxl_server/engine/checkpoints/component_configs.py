@@ -1,0 +1,78 @@
+"""The configs a checkpoint's weights belong to: from a diffusers folder, or a published architecture.
+
+A diffusers folder brings its own; a single file brings none, so it is read with the configs of a folder
+(`--model-configs DIR`: the tiny model's in tests, a fine-tune's own diffusers release) or of an
+architecture by name (`sdxl-base`, whose tokenizer vocabularies come from the hub or its local cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from sdxl_server.engine.checkpoints.errors import CheckpointError
+from sdxl_server.engine.checkpoints.folder import FolderFiles, folder_files
+
+DEFAULT_ARCHITECTURE = "sdxl-base"
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfigs:
+    configs: dict[str, dict[str, Any]]  # MODEL_COMPONENTS -> config.json contents
+    tokenizer_dirs: dict[str, Path] | None  # tokenizer, tokenizer_2 -> directory; None: the hub's
+    tokenizer_repo: str | None = None  # hub repository with tokenizer/ and tokenizer_2/ subfolders
+    origin: str = ""  # for messages
+
+    def load_tokenizers(self) -> tuple[Any, Any]:
+        from transformers import CLIPTokenizer
+
+        if self.tokenizer_dirs is not None:
+            dirs = self.tokenizer_dirs
+            return (
+                CLIPTokenizer.from_pretrained(str(dirs["tokenizer"])),
+                CLIPTokenizer.from_pretrained(str(dirs["tokenizer_2"])),
+            )
+        repo = str(self.tokenizer_repo)
+        try:
+            return (
+                CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+                CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer_2"),
+            )
+        except OSError as error:
+            raise CheckpointError(
+                f"a single-file checkpoint carries no tokenizer, and {self.origin}'s tokenizers "
+                f"({repo}, tokenizer/ and tokenizer_2/) are neither cached nor reachable: "
+                f"{error}. Pass --model-configs DIR, a diffusers folder with the configs and tokenizers"
+            ) from None
+
+
+def configs_of_folder(files: FolderFiles) -> ModelConfigs:
+    configs = {}
+    for component in MODEL_COMPONENTS:
+        path = files.configs[component]
+        try:
+            configs[component] = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a readable JSON config: {error}") from None
+    return ModelConfigs(configs=configs, tokenizer_dirs=dict(files.tokenizers), origin=str(files.root))
+
+
+def resolve_configs(spec: str | None) -> ModelConfigs:
+    """`spec`: a directory of diffusers configs and tokenizers, or an architecture name (None: sdxl-base)."""
+    from sdxl_server.engine.architectures import ARCHITECTURES, architecture_named
+
+    spec = spec or DEFAULT_ARCHITECTURE
+    if spec in ARCHITECTURES:
+        module = architecture_named(spec)
+        configs = {component: dict(module.CONFIG_FILES[component][1]) for component in MODEL_COMPONENTS}
+        return ModelConfigs(
+            configs=configs, tokenizer_dirs=None, tokenizer_repo=module.TOKENIZER_REPO, origin=spec
+        )
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise CheckpointError(f"model configs {spec!r} are neither a directory nor an architecture ({known})")
+    return configs_of_folder(folder_files(path, kind=None))
