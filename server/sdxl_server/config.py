@@ -21,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Real SDXL is trained at 1024x1024; the tiny model is meant for quick local runs, so it serves small sizes.
 DEFAULT_RESOLUTIONS = "1024x1024"
 DEFAULT_TINY_RESOLUTIONS = "64x64,128x128"
+DEFAULT_DEMO_RESOLUTIONS = "64x64"  # the demo model was trained at 64x64 and draws nothing else well
 
 
 class ConfigError(ValueError):
@@ -180,12 +181,12 @@ class _Option:
 
 
 _OPTIONS = (
-    _Option("model", str, "model directory, hub id, or 'tiny' (built on first use) [tiny]"),
+    _Option("model", str, "model directory, hub id, 'tiny' (random, built on first use) or 'demo' [tiny]"),
     _Option(
         "resolutions",
         parse_resolutions,
         f"served WIDTHxHEIGHT list, the first is the default [{DEFAULT_RESOLUTIONS}; "
-        f"{DEFAULT_TINY_RESOLUTIONS} for the tiny model]",
+        f"{DEFAULT_TINY_RESOLUTIONS} for the tiny model, {DEFAULT_DEMO_RESOLUTIONS} for the demo model]",
     ),
     _Option("slots-per-device", _integer, "images denoised concurrently per device [1]"),
     _Option("max-queue", _integer, "images that may wait for a slot before RESOURCE_EXHAUSTED [64]"),
@@ -238,7 +239,8 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfi
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
     if "resolutions" not in values:
-        default = DEFAULT_TINY_RESOLUTIONS if values.get("model", "tiny") == "tiny" else DEFAULT_RESOLUTIONS
+        small = {"tiny": DEFAULT_TINY_RESOLUTIONS, "demo": DEFAULT_DEMO_RESOLUTIONS}
+        default = small.get(values.get("model", "tiny"), DEFAULT_RESOLUTIONS)
         values["resolutions"] = parse_resolutions(default)
     return ServerConfig(**values)
 
