@@ -11,8 +11,10 @@ callers see. Each door ends every request with exactly one status, counted in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
@@ -22,6 +24,7 @@ from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import errors
 from sdxl_server.service.admission import Admission
 from sdxl_server.service.bridge import EngineCall
+from sdxl_server.service.request_log import RejectionLog, log_done
 from sdxl_server.service.validation import ValidationError, to_generation_request
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class Generations:
         self._log_prompts = log_prompts
         self._limits: api.Limits | None = None
         self._model_name: str | None = None
+        self._rejections = RejectionLog()
 
     def limits(self) -> api.Limits:
         # Fixed by the configuration; engine.info() is not cheap (it reads package versions), so it is
@@ -84,8 +88,44 @@ class Generations:
     ) -> AsyncIterator[tuple[Outcome, api.EngineEvent]]:
         """Admits the request and yields its engine events up to Finished; raises ServiceError on failure.
 
-        ``time_remaining``: seconds until the caller's deadline (None: no deadline).
+        ``time_remaining``: seconds until the caller's deadline (None: no deadline). Every request
+        leaves a trace in the log (see ``request_log``): a completion line once admitted, the
+        rate-limited rejection log when refused before.
         """
+        started = time.monotonic()
+        trace = _Trace()
+        code = "OK"
+        try:
+            inner = self._admit_and_run(message, time_remaining, on_caller_gone, trace)
+            async with contextlib.aclosing(inner) as events:
+                async for outcome, event in events:
+                    if isinstance(event, api.Finished):
+                        trace.finished = event
+                    yield outcome, event
+        except errors.ServiceError as e:
+            code = e.code.name
+            if trace.request is None:
+                self._rejections.record(code, e.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            deadline = trace.request.deadline if trace.request else None
+            late = deadline is not None and time.monotonic() >= deadline
+            code = "OK" if trace.finished else "DEADLINE_EXCEEDED" if late else "CANCELLED"
+            raise
+        except BaseException:
+            code = "INTERNAL"
+            raise
+        finally:
+            if trace.request is not None:
+                log_done(trace.request, code, time.monotonic() - started, trace.finished)
+
+    async def _admit_and_run(
+        self,
+        message: sdxl_pb2.GenerateRequest,
+        time_remaining: float | None,
+        on_caller_gone: OnCallerGone | None,
+        trace: _Trace,
+    ) -> AsyncGenerator[tuple[Outcome, api.EngineEvent], None]:
         with self._admission.admitted():
             try:
                 request = to_generation_request(message, self.limits(), time_remaining)
@@ -97,6 +137,7 @@ class Generations:
                 call.submit(request)
             except api.EngineError as e:
                 raise errors.from_engine_error(e) from None
+            trace.request = request
             self._log_admitted(request)
             if on_caller_gone is not None:
                 on_caller_gone(call.cancel)
@@ -132,6 +173,14 @@ class Generations:
         if self._log_prompts:
             extra.update(prompt=request.prompt, negative_prompt=request.negative_prompt)
         log.info("request admitted", extra=fields(**extra))
+
+
+class _Trace:
+    """What ``run`` learns of a request for its log line: admitted as ``request``, and how it finished."""
+
+    def __init__(self) -> None:
+        self.request: api.GenerationRequest | None = None
+        self.finished: api.Finished | None = None
 
 
 def as_service_error(error: BaseException) -> errors.ServiceError:

@@ -22,6 +22,7 @@ from sdxl_server.service import errors
 from sdxl_server.service.admission import Admission
 from sdxl_server.service.generation import Generations, Outcome, as_service_error
 from sdxl_server.service.validation import FORMAT_TO_PROTO
+from sdxl_server.version import server_version
 
 
 def _image(event: api.ImageReady) -> sdxl_pb2.Image:
@@ -152,5 +153,5 @@ def server_info(info: api.EngineInfo) -> sdxl_pb2.ServerInfo:
         dtype=info.dtype,
         max_queue=limits.max_queue,
         formats=list(FORMAT_TO_PROTO.values()),
-        versions=info.versions,
+        versions={"sdxl-server": server_version(), **info.versions},
     )

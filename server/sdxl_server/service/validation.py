@@ -144,5 +144,7 @@ def _resolution(
         return default
     wanted = Resolution(message.width, message.height)
     if wanted not in limits.resolutions:
-        reject("width", f"{wanted} is not served; use one of {served}")
+        # Name the dimension that is off: when the width is a served one, it is the height.
+        field = "height" if any(r.width == wanted.width for r in limits.resolutions) else "width"
+        reject(field, f"{wanted} is not served; use one of {served}")
     return wanted
