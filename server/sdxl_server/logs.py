@@ -60,7 +60,10 @@ class TextFormatter(logging.Formatter):
 
 
 def _text_value(value: Any) -> str:
-    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    if isinstance(value, dict):
+        text = ",".join(f"{key}:{item}" for key, item in value.items())
+    else:
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
     return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
