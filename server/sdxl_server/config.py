@@ -69,6 +69,7 @@ class ServerConfig:
     http_port: int | None = None
     compilation_cache_dir: str | None = None
     tiny_model_dir: str | None = None
+    model_configs: str | None = None
     dtype: str = "auto"
     max_steps: int = 50
     default_steps: int = 30
@@ -154,6 +155,7 @@ class ServerConfig:
                 dtype=self.dtype,
                 compilation_cache_dir=self.compilation_cache_dir,
                 tiny_model_dir=self.tiny_model_dir,
+                model_configs=self.model_configs,
                 max_steps=self.max_steps,
                 default_steps=self.default_steps,
                 max_images_per_request=self.max_images_per_request,
@@ -181,7 +183,18 @@ class _Option:
 
 
 _OPTIONS = (
-    _Option("model", str, "model directory, hub id, 'tiny' (random, built on first use) or 'demo' [tiny]"),
+    _Option(
+        "model",
+        str,
+        "diffusers folder (Flax or PyTorch-layout safetensors), single-file SDXL .safetensors, hub id, "
+        "'tiny' (random, built on first use) or 'demo' [tiny]",
+    ),
+    _Option(
+        "model-configs",
+        str,
+        "configs a single-file --model is read with: a diffusers folder of configs and tokenizers, "
+        "or an architecture name [sdxl-base]",
+    ),
     _Option(
         "resolutions",
         parse_resolutions,

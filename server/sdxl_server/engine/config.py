@@ -15,8 +15,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    # A diffusers-format Flax SDXL: a local directory, a hub id, or "tiny" (the tiny random model,
-    # built on first use into tiny_model_dir).
+    # An SDXL: a diffusers folder (Flax or PyTorch-layout safetensors weights), a single-file SDXL
+    # .safetensors, a hub id, or "tiny" (the tiny random model, built on first use into tiny_model_dir).
     model: str
     # Served resolutions; one compiled program set each. The first is the default.
     resolutions: tuple[Resolution, ...]
@@ -33,6 +33,9 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     # Where "--model tiny" is built and loaded from; None means ~/.cache/sdxl-serve/tiny-sdxl.
     tiny_model_dir: str | None = None
+    # The configs a single-file checkpoint is read with: a folder of diffusers configs and tokenizers, or
+    # an architecture name (engine/architectures/); None is "sdxl-base". Folders bring their own.
+    model_configs: str | None = None
     # Per-request bounds the service validates against (steps need no recompilation up to max_steps).
     min_steps: int = 1
     max_steps: int = 50

@@ -94,7 +94,7 @@ class JaxEngine:
             compile_cache.enable(cfg.compilation_cache_dir)
         hits_before = compile_cache.hits()
         with _timed(phases, "load"):
-            model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype)
+            model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
         mesh = make_mesh(cfg.max_devices)
         slots = cfg.slots_per_device * mesh.size
         ks = tuple(sorted({1, cfg.steps_per_dispatch}))

@@ -60,15 +60,18 @@ class LoadedModel:
         return np.stack(rows).astype(np.int32), truncated
 
 
-def load_model(source: str, dtype_name: str) -> LoadedModel:
-    """Loads the pipeline from a directory or hub id; parameters cast to the resolved dtype."""
+def load_model(source: str, dtype_name: str, model_configs: str | None = None) -> LoadedModel:
+    """Loads the pipeline from a diffusers folder (Flax or PyTorch-layout safetensors weights), a
+    single-file SDXL checkpoint (read with `model_configs`: a configs folder or an architecture name,
+    default sdxl-base) or a hub id; parameters cast to the resolved dtype."""
     silence_library_noise()
-    from diffusers import FlaxStableDiffusionXLPipeline
+    from sdxl_server.engine.checkpoints import load_pipeline
 
     platform = jax.default_backend()
     dtype = resolve_dtype(dtype_name, platform)
-    pipeline, params = FlaxStableDiffusionXLPipeline.from_pretrained(
+    pipeline, params = load_pipeline(
         source,
+        model_configs,
         dtype=dtype,
         # Splitting the head dimension makes attention much faster on TPU (the reference recipe's setting).
         split_head_dim=platform == "tpu",

@@ -11,10 +11,11 @@ DEFAULT_TINY_MODEL_DIR = "~/.cache/sdxl-serve/tiny-sdxl"
 
 
 def resolve_model(spec: str, tiny_model_dir: str | None = None) -> str:
-    """Returns what `from_pretrained` should load for `spec`.
+    """Returns what `load_model` should load for `spec`.
 
     "tiny" builds the tiny random SDXL on first use into `tiny_model_dir` and returns that directory; an
-    existing directory is returned as an absolute path; anything else is taken as a hub id.
+    existing directory or file (a single-file checkpoint) is returned as an absolute path; anything
+    else is taken as a hub id.
     "demo" is the directory of the shipped demo model.
     """
     if spec == DEMO:
@@ -27,6 +28,6 @@ def resolve_model(spec: str, tiny_model_dir: str | None = None) -> str:
         directory = Path(tiny_model_dir or DEFAULT_TINY_MODEL_DIR).expanduser()
         return str(ensure_tiny_model(directory))
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():
         return str(path.resolve())
     return spec

@@ -26,7 +26,8 @@ WEIGHT_FILES = {
     "text_encoder": ("model", "flax_model.msgpack"),
     "text_encoder_2": ("model", "flax_model.msgpack"),
 }
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+# What CLIPTokenizer needs; tokenizer_config.json (pad token, length) is read when present.
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
