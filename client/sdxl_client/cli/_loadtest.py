@@ -35,6 +35,7 @@ from sdxl_client.cli._terminal import StatusLine, format_duration
 # Seconds between progress lines when stderr is not a terminal (a CI log), and between redraws when it is.
 _LOG_PROGRESS_SECONDS = 10.0
 _TERMINAL_PROGRESS_SECONDS = 0.5
+_INFO_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,8 @@ async def _show_progress(
     """Redraws (terminal) or prints (log) the progress of a running load test until cancelled."""
     started = clock()
     interval = _TERMINAL_PROGRESS_SECONDS if line.enabled else _LOG_PROGRESS_SECONDS
+    first = True
     while True:
-        await asyncio.sleep(interval)
         elapsed = clock() - started
         text = (
             f"{format_duration(min(elapsed, duration))} of {format_duration(duration)}: "
@@ -253,8 +254,10 @@ async def _show_progress(
         )
         if line.enabled:
             line.show(text)
-        else:
+        elif not first:  # a log gets a line per interval, not one at the start
             line.note(text)
+        first = False
+        await asyncio.sleep(interval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
 
     async def measure() -> list[Sample]:
         async with make_async_client(args, line) as client:
-            problems = mix_problems(args.mix, args.num_images, await client.server_info())
+            # The check is not part of the measured load: it gets time even when --timeout is tiny.
+            info = await client.server_info(timeout=max(args.timeout, _INFO_TIMEOUT_SECONDS))
+            problems = mix_problems(args.mix, args.num_images, info)
             if problems:
                 raise UsageError(f"--mix does not fit the server at {client.target}: " + "; ".join(problems))
             counters = LoadCounters()
