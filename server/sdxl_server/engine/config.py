@@ -47,6 +47,11 @@ class EngineConfig:
     # Denoising steps run per device dispatch when no request is waiting to join (amortises the
     # per-call dispatch overhead; 1 is right on TPU where a step takes ~100 ms).
     steps_per_dispatch: int = 1
+    # How many denoising steps a finished image may wait for a decode batch that fills more devices
+    # (decode_hold.py). It never waits when no other device has an image that could finish in time.
+    decode_hold_steps: int = 4
+    # Decoded batches waiting for or in the image workers before the step loop waits (backpressure).
+    max_pending_decodes: int = 8
     # Threads that pull finished images to the host and encode them (PNG/JPEG/WebP) off the step loop.
     encode_workers: int = 2
     # Use only the first N local devices (None: all). Lets one process compare 1 and N devices.
@@ -92,6 +97,8 @@ class EngineConfig:
         )
         require(self.max_images_per_request >= 1, "max_images_per_request", "must be at least 1")
         require(self.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")
+        require(self.decode_hold_steps >= 0, "decode_hold_steps", "must not be negative")
+        require(self.max_pending_decodes >= 1, "max_pending_decodes", "must be at least 1")
         require(self.encode_workers >= 1, "encode_workers", "must be at least 1")
         require(self.max_devices is None or self.max_devices >= 1, "max_devices", "must be at least 1")
         require(self.busy_window_seconds > 0, "busy_window_seconds", "must be positive")

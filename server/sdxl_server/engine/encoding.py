@@ -7,6 +7,8 @@ loop), then encodes and delivers each finished image of it.
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,21 +34,34 @@ def encode_image(pixels: np.ndarray, image_format: ImageFormat, quality: int = 9
 
 
 class ImageWorkers:
-    """Runs `fetch_and_deliver(device_batch, items)` jobs on a small thread pool.
+    """Runs `fetch_and_deliver(device_batch, ...)` jobs on a small thread pool, at most `max_pending` at a
+    time: `submit` blocks when that many are waiting or running (backpressure on the step loop instead of
+    an unbounded backlog of decoded images in memory).
 
     `on_error` is called with any exception (a failed device-to-host copy means the device is broken).
     """
 
-    def __init__(self, workers: int, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, workers: int, on_error: Callable[[BaseException], None], max_pending: int = 0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdxl-images")
         self._on_error = on_error
+        self._room = threading.BoundedSemaphore(max_pending or 4 * workers)
 
-    def submit(self, job: Callable[..., None], *args: Any) -> None:
-        future = self._pool.submit(job, *args)
-        future.add_done_callback(self._check)
+    def submit(self, job: Callable[..., None], *args: Any) -> float:
+        """Queues `job(*args)`; returns the seconds spent waiting for room."""
+        began = time.perf_counter()
+        self._room.acquire()
+        waited = time.perf_counter() - began
+        try:
+            future = self._pool.submit(job, *args)
+        except BaseException:
+            self._room.release()
+            raise
+        future.add_done_callback(self._finished)
+        return waited
 
-    def _check(self, future: Any) -> None:
-        error = future.exception()
+    def _finished(self, future: Any) -> None:
+        self._room.release()
+        error = None if future.cancelled() else future.exception()
         if error is not None:
             self._on_error(error)
 

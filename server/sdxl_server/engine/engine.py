@@ -44,7 +44,7 @@ from sdxl_server.engine.mesh import make_mesh
 from sdxl_server.engine.model import LoadedModel, load_model, resolve_dtype
 from sdxl_server.engine.model_source import resolve_model
 from sdxl_server.engine.program_cache import ProgramCache, architecture
-from sdxl_server.engine.programs import ProgramSet, build_programs
+from sdxl_server.engine.programs import ProgramSet, Rearrangement, build_programs
 from sdxl_server.engine.schedule import ScheduleBook
 from sdxl_server.engine.slots import SlotTable
 from sdxl_server.engine.stats import StatsBoard
@@ -102,17 +102,19 @@ class JaxEngine:
             cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name), list(mesh.devices.flat)
         )
         with _timed(phases, "trace_and_compile"):
-            programs = build_programs(model, mesh, cfg.resolutions, slots, cfg.max_steps, ks, saved)
+            programs = build_programs(
+                model, mesh, cfg.resolutions, cfg.slots_per_device, cfg.max_steps, ks, saved
+            )
         self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
         with _timed(phases, "schedules"):
             schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
         self._model, self._programs = model, programs
-        self._slots = SlotTable(cfg.resolutions, slots)
+        self._slots = SlotTable(cfg.resolutions, mesh.size, cfg.slots_per_device)
         self._stats.set_slots_total(slots)
         self._device = DeviceClock(cfg.busy_window_seconds, on_error=self._fail)
         with _timed(phases, "warm_up"):
             self._device.seed_estimates(*self._warm_up(programs))
-        self._workers = ImageWorkers(cfg.encode_workers, on_error=self._fail)
+        self._workers = ImageWorkers(cfg.encode_workers, self._fail, cfg.max_pending_decodes)
         self._loop = StepLoop(
             config=cfg,
             programs=programs,
@@ -135,11 +137,15 @@ class JaxEngine:
         self._phase = "ready"
         self._publish()
         log.info(
-            "engine ready: %d slots on %d devices in %.1fs (%s), %d compilation cache hits",
+            "engine ready: %d slots on %d devices in %.1fs (%s); %d programs (batch buckets %s per "
+            "device) built in %.1fs, %d compilation cache hits",
             slots,
             mesh.size,
             counters.startup_seconds,
             ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items()),
+            programs.programs_compiled,
+            "/".join(str(b) for b in programs.by_resolution[cfg.default_resolution].buckets),
+            programs.compile_seconds,
             self.compilation_cache_hits,
         )
 
@@ -153,14 +159,24 @@ class JaxEngine:
         jax.block_until_ready(programs.encode(text, ids))
         step_seconds, decode_seconds = 0.0, 0.0
         for res_programs in programs.by_resolution.values():
-            state = res_programs.empty_state
-            for k, step in sorted(res_programs.steps.items()):
+            bank = res_programs.empty_bank
+            largest = res_programs.buckets[-1]
+            for (k, bucket), step in sorted(res_programs.steps.items()):
                 t0 = time.perf_counter()
-                jax.block_until_ready(step(params["unet"], state))
-                step_seconds = max(step_seconds, (time.perf_counter() - t0) / k)
-            t0 = time.perf_counter()
-            jax.block_until_ready(res_programs.decode(params["vae"], state.latents))
-            decode_seconds = max(decode_seconds, time.perf_counter() - t0)
+                jax.block_until_ready(step(params["unet"], bank.slots))
+                if bucket == largest:  # the estimate before traffic: a full bank's step
+                    step_seconds = max(step_seconds, (time.perf_counter() - t0) / k)
+            for bucket, decode in sorted(res_programs.decode.items()):
+                t0 = time.perf_counter()
+                jax.block_until_ready(decode(params["vae"], bank.held))
+                if bucket == 1:  # one finished image at a time is the common case under staggered load
+                    decode_seconds = max(decode_seconds, time.perf_counter() - t0)
+            per = self.config.slots_per_device
+            devices = bank.held.shape[0] // per
+            unchanged = np.tile(np.arange(per, dtype=np.int32), devices)
+            nothing = np.zeros(per * devices, bool)
+            plan = Rearrangement(unchanged, nothing, np.zeros_like(unchanged), nothing)
+            jax.block_until_ready(res_programs.rearrange(bank, plan))
         return step_seconds, decode_seconds
 
     def stop(self, drain_seconds: float = 0.0) -> None:

@@ -30,7 +30,7 @@ from sdxl_server.engine import compile_cache
 log = logging.getLogger(__name__)
 
 _LIBRARIES = ("jax", "jaxlib", "flax", "diffusers", "transformers")
-_SOURCES = ("programs.py", "model.py", "program_cache.py")
+_SOURCES = ("programs.py", "denoise.py", "buckets.py", "model.py", "program_cache.py")
 
 
 class ProgramCache:

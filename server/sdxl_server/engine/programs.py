@@ -1,16 +1,17 @@
-"""The compiled device programs: encode, insert, step and decode, fixed shapes, one set per resolution.
+"""The compiled device programs, fixed shapes, one set per served resolution.
 
-All batch state lives on the device in a `SlotState` whose leading axis is the slot, sharded over the
-mesh; parameters are replicated. Nothing in a step moves data between devices:
+State lives on the device, its leading axis the slot, sharded over the mesh: device d holds the block of
+slots [d*P, (d+1)*P) (P slots per device). The step loop keeps each block's busy slots packed at its front,
+so that every per-device program works on a prefix of its own block:
 
-* classifier-free guidance pairs each slot's unconditional and conditional rows next to each other
-  (stack on a new axis, then reshape), so the 2S UNet batch splits over the devices exactly as the S
-  slots do (concatenating two halves of a sharded batch would make the partitioner shuffle rows);
-* each slot carries its own schedule table and step counter, so a step needs no host-to-device copy,
-  slots at different steps share one call, and finished or empty slots are simply left unchanged.
+* `insert`: writes one slot (its initial noise, embeddings and schedule);
+* `steps[(k, b)]`: k denoising steps of the first b slots of every block (b a bucket, buckets.py);
+* `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
+  permutes the slots so that the busy ones come first again (a gather with local indices);
+* `decode[b]`: the VAE over the first b held latents of every block, uint8 pixels out.
 
-The arithmetic follows `FlaxStableDiffusionXLPipeline._generate` and `FlaxEulerDiscreteScheduler`
-operation for operation, so one image equals the pipeline's (the engine's correctness oracle).
+The per-device programs are `shard_map`s: each device computes on its own block and nothing in them moves
+data between devices (tests check the compiled step and decode for collectives).
 """
 
 from __future__ import annotations
@@ -22,29 +23,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.mesh import replicated, slot_sharded
+from sdxl_server.engine.buckets import bucket_sizes
+from sdxl_server.engine.denoise import SlotState, decode_latents, denoise_steps, per_slot
+from sdxl_server.engine.mesh import DATA_AXIS, replicated, slot_sharded
 from sdxl_server.engine.model import LoadedModel
 from sdxl_server.engine.program_cache import ProgramCache
 
 # Two rows per encode call: the negative prompt (the unconditional row) and the prompt.
 ENCODE_ROWS = 2
 
-
-class SlotState(NamedTuple):
-    """Device arrays in the engine; the same structure also carries shapes and shardings to `jit`."""
-
-    latents: Any  # float32[S, C, h/8, w/8]
-    prompt_embeds: Any  # [S, 2, tokens, width]: (unconditional, conditional) per slot
-    pooled: Any  # [S, 2, pooled width]
-    guidance: Any  # float32[S]
-    timesteps: Any  # int32[S, max_steps]
-    sigmas: Any  # float32[S, max_steps]
-    next_sigmas: Any  # float32[S, max_steps]
-    num_steps: Any  # int32[S]; 0 marks a slot that was never filled
-    step: Any  # int32[S]: steps done; the slot is active while step < num_steps
+_BLOCK = PartitionSpec(DATA_AXIS)  # each device's own block of the leading axis
+_WHOLE = PartitionSpec()  # replicated
 
 
 class SlotUpdate(NamedTuple):
@@ -63,13 +55,31 @@ class SlotUpdate(NamedTuple):
     init_noise_sigma: Any  # float32
 
 
+class Rearrangement(NamedTuple):
+    """Host-built indices for `rearrange`, local to each block (values in 0..P-1), sharded like the slots."""
+
+    order: Any  # int32[S]: new position i of a block takes the slot at order[i]
+    live: Any  # bool[S]: False where the new position holds no image (its num_steps becomes 0)
+    held_source: Any  # int32[D*P]: held row r of a block takes the latents of slot held_source[r] ...
+    held_take: Any  # bool[D*P]: ... where held_take[r]
+
+
+class Bank(NamedTuple):
+    """One resolution's device state: the slots and the finished latents waiting for a decode."""
+
+    slots: SlotState
+    held: Any  # float32[D*P, C, h/8, w/8]
+
+
 @dataclasses.dataclass
 class ResolutionPrograms:
     resolution: Resolution
+    buckets: tuple[int, ...]  # per-device batch sizes compiled
     insert: Any  # (SlotState, SlotUpdate) -> SlotState
-    steps: dict[int, Any]  # k -> (unet params, SlotState) -> (latents, step) after k steps
-    decode: Any  # (vae params, latents) -> uint8[S, h, w, 3]
-    empty_state: SlotState
+    steps: dict[tuple[int, int], Any]  # (k, b) -> (unet params, SlotState) -> (latents, step)
+    rearrange: Any  # (Bank, Rearrangement) -> Bank
+    decode: dict[int, Any]  # b -> (vae params, held) -> uint8[D*b, h, w, 3]
+    empty_bank: Bank
 
 
 @dataclasses.dataclass
@@ -78,67 +88,33 @@ class ProgramSet:
     encode: Any  # (text encoder params, int32[2, 2, tokens]) -> (embeds[2, tokens, width], pooled[2, P])
     by_resolution: dict[Resolution, ResolutionPrograms]
     compile_seconds: float
+    programs_compiled: int  # programs built at start (compiled, or loaded from the cache directory)
 
 
-def _onehot_pick(table: jax.Array, index: jax.Array) -> jax.Array:
-    """table[s, index[s]] per slot, elementwise (exact: one term plus zeros), so it stays device-local."""
-    hit = jnp.arange(table.shape[1])[None, :] == index[:, None]
-    return jnp.where(hit, table, jnp.zeros_like(table)).sum(axis=1)
+def _steps_of_prefix(
+    model: LoadedModel, resolution: Resolution, k: int, b: int, unet_params: Any, block: SlotState
+) -> Any:
+    """One device's block: k steps of its first b slots; the rest of the block is left as it was."""
+    prefix = SlotState(*(field[:b] for field in block))
+    latents, step = denoise_steps(model, resolution, k, unet_params, prefix)
+    if b == block.latents.shape[0]:
+        return latents, step
+    return block.latents.at[:b].set(latents), block.step.at[:b].set(step)
 
 
-def _per_slot(x: jax.Array, like: jax.Array) -> jax.Array:
-    return x.reshape(x.shape + (1,) * (like.ndim - 1))
+def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
+    """One device's block: finished latents into the held rows first (from their current slots), then the
+    slots permuted so that busy ones are packed at the front."""
+    slots = bank.slots
+    stashed = slots.latents[plan.held_source]
+    held = jnp.where(per_slot(plan.held_take, bank.held), stashed, bank.held)
+    moved = SlotState(*(field[plan.order] for field in slots))
+    moved = moved._replace(num_steps=jnp.where(plan.live, moved.num_steps, 0))
+    return Bank(moved, held)
 
 
-def _denoise_step(
-    model: LoadedModel, resolution: Resolution, unet_params: Any, state: SlotState
-) -> SlotState:
-    slots = state.latents.shape[0]
-    index = jnp.minimum(state.step, state.timesteps.shape[1] - 1)
-    t = _onehot_pick(state.timesteps, index)
-    sigma = _onehot_pick(state.sigmas, index)
-    next_sigma = _onehot_pick(state.next_sigmas, index)
-    latents = state.latents
-
-    # FlaxEulerDiscreteScheduler.scale_model_input, then the CFG batch with each slot's pair adjacent.
-    scaled = latents / _per_slot((sigma**2 + 1) ** 0.5, latents)
-    pair_shape = (2 * slots, *latents.shape[1:])
-    model_input = jnp.stack([scaled, scaled], axis=1).reshape(pair_shape)
-    timestep = jnp.stack([t, t], axis=1).reshape(2 * slots)
-    embeds = state.prompt_embeds.reshape(2 * slots, *state.prompt_embeds.shape[2:])
-    pooled = state.pooled.reshape(2 * slots, state.pooled.shape[2])
-    h, w = resolution.height, resolution.width
-    time_ids = jnp.broadcast_to(jnp.array([h, w, 0, 0, h, w], dtype=embeds.dtype), (2 * slots, 6))
-    noise = model.pipeline.unet.apply(
-        {"params": unet_params},
-        model_input,
-        timestep,
-        encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-    ).sample
-    noise = noise.reshape(slots, 2, *latents.shape[1:]).astype(jnp.float32)
-    uncond, cond = noise[:, 0], noise[:, 1]
-    guidance = _per_slot(state.guidance, latents)
-    noise_pred = uncond + guidance * (cond - uncond)
-
-    # FlaxEulerDiscreteScheduler.step (epsilon prediction), written out the same way.
-    sigma_b = _per_slot(sigma, latents)
-    pred_original = latents - sigma_b * noise_pred
-    derivative = (latents - pred_original) / sigma_b
-    dt = _per_slot(next_sigma, latents) - sigma_b
-    stepped = latents + derivative * dt
-
-    active = state.step < state.num_steps
-    new_latents = jnp.where(_per_slot(active, latents), stepped, latents)
-    return state._replace(latents=new_latents, step=state.step + active.astype(jnp.int32))
-
-
-def _steps(model: LoadedModel, resolution: Resolution, k: int, unet_params: Any, state: SlotState) -> Any:
-    if k == 1:
-        out = _denoise_step(model, resolution, unet_params, state)
-    else:
-        out = jax.lax.fori_loop(0, k, lambda _, s: _denoise_step(model, resolution, unet_params, s), state)
-    return out.latents, out.step
+def _decode_prefix(model: LoadedModel, b: int, vae_params: Any, held: jax.Array) -> jax.Array:
+    return decode_latents(model, vae_params, held[:b])
 
 
 def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update: SlotUpdate) -> SlotState:
@@ -159,7 +135,7 @@ def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update
 
     def put(old: jax.Array, new: Any) -> jax.Array:
         new = jnp.asarray(new, dtype=old.dtype)
-        return jnp.where(_per_slot(here, old), jnp.broadcast_to(new, old.shape), old)
+        return jnp.where(per_slot(here, old), jnp.broadcast_to(new, old.shape), old)
 
     return SlotState(
         latents=put(state.latents, latents),
@@ -174,36 +150,36 @@ def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update
     )
 
 
-def _decode(model: LoadedModel, vae_params: Any, latents: jax.Array) -> jax.Array:
-    vae = model.pipeline.vae
-    latents = 1 / vae.config.scaling_factor * latents
-    image = vae.apply({"params": vae_params}, latents, method=vae.decode).sample
-    image = (image / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)
-    # Cast on the device so that only uint8 crosses to the host.
-    return jnp.round(image * 255).astype(jnp.uint8)
-
-
 def _encode(model: LoadedModel, text_params: Any, token_ids: jax.Array) -> Any:
     return model.pipeline.get_embeddings(token_ids, text_params)
+
+
+def _per_device(mesh: Mesh, fn: Any, in_specs: Any, out_specs: Any) -> Any:
+    # check_vma off: the UNet's Flax code mixes replicated and per-device values in ways the checker
+    # cannot type; the in/out specs still say exactly which arrays are per device.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def build_programs(
     model: LoadedModel,
     mesh: Mesh,
     resolutions: tuple[Resolution, ...],
-    slots: int,
+    slots_per_device: int,
     max_steps: int,
     steps_per_dispatch: tuple[int, ...],
     cache: ProgramCache | None = None,
 ) -> ProgramSet:
     """Places the parameters and compiles (or loads from `cache`) every program for every resolution."""
     rep, sharded = replicated(mesh), slot_sharded(mesh)
+    slots = slots_per_device * mesh.size
+    buckets = bucket_sizes(slots_per_device)
     params = jax.device_put(model.params, rep)
     text_params = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
     compile_seconds = 0.0
+    compiled_count = 0
 
     def compile_(name: str, fn: Any, in_shardings: Any, out_shardings: Any, *args: Any) -> Any:
-        nonlocal compile_seconds
+        nonlocal compile_seconds, compiled_count
         started = time.perf_counter()
 
         def compile_program() -> Any:
@@ -212,6 +188,7 @@ def build_programs(
 
         compiled = cache.get_or_compile(name, args, compile_program) if cache else compile_program()
         compile_seconds += time.perf_counter() - started
+        compiled_count += 1
         return compiled
 
     token_spec = jax.ShapeDtypeStruct((ENCODE_ROWS, 2, model.max_tokens), jnp.int32, sharding=rep)
@@ -220,8 +197,11 @@ def build_programs(
 
     by_resolution = {}
     for resolution in resolutions:
-        state = _empty_state(model, resolution, slots, max_steps, embeds_spec, pooled_spec, sharded)
+        bank = _empty_bank(model, resolution, slots, max_steps, embeds_spec, pooled_spec, sharded)
+        state = bank.slots
         state_shardings = SlotState(*([sharded] * len(SlotState._fields)))
+        bank_shardings = Bank(state_shardings, sharded)
+        block_specs = SlotState(*([_BLOCK] * len(SlotState._fields)))
         update = SlotUpdate(
             slot=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             seed=jax.ShapeDtypeStruct((), jnp.uint32, sharding=rep),
@@ -245,29 +225,59 @@ def build_programs(
             update,
         )
         steps = {
-            k: compile_(
-                f"step{k}-{resolution}",
-                functools.partial(_steps, model, resolution, k),
+            (k, b): compile_(
+                f"step{k}x{b}-{resolution}",
+                _per_device(
+                    mesh,
+                    functools.partial(_steps_of_prefix, model, resolution, k, b),
+                    (_WHOLE, block_specs),
+                    (_BLOCK, _BLOCK),
+                ),
                 (rep, state_shardings),
                 (sharded, sharded),
                 params["unet"],
                 state,
             )
             for k in steps_per_dispatch
+            for b in buckets
         }
-        decode = compile_(
-            f"decode-{resolution}",
-            functools.partial(_decode, model),
-            (rep, sharded),
-            sharded,
-            params["vae"],
-            state.latents,
+        plan = Rearrangement(
+            order=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
+            live=jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded),
+            held_source=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
+            held_take=jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded),
         )
-        by_resolution[resolution] = ResolutionPrograms(resolution, insert, steps, decode, state)
-    return ProgramSet(params, encode, by_resolution, compile_seconds)
+        rearrange = compile_(
+            f"rearrange-{resolution}",
+            _per_device(
+                mesh,
+                _rearrange,
+                (Bank(block_specs, _BLOCK), Rearrangement(*[_BLOCK] * 4)),
+                Bank(block_specs, _BLOCK),
+            ),
+            (bank_shardings, Rearrangement(*[sharded] * 4)),
+            bank_shardings,
+            bank,
+            plan,
+        )
+        decode = {
+            b: compile_(
+                f"decode{b}-{resolution}",
+                _per_device(mesh, functools.partial(_decode_prefix, model, b), (_WHOLE, _BLOCK), _BLOCK),
+                (rep, sharded),
+                sharded,
+                params["vae"],
+                bank.held,
+            )
+            for b in buckets
+        }
+        by_resolution[resolution] = ResolutionPrograms(
+            resolution, buckets, insert, steps, rearrange, decode, bank
+        )
+    return ProgramSet(params, encode, by_resolution, compile_seconds, compiled_count)
 
 
-def _empty_state(
+def _empty_bank(
     model: LoadedModel,
     resolution: Resolution,
     slots: int,
@@ -275,11 +285,12 @@ def _empty_state(
     embeds_spec: Any,
     pooled_spec: Any,
     sharding: Any,
-) -> SlotState:
+) -> Bank:
     h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
     zeros = functools.partial(jnp.zeros, device=sharding)
-    return SlotState(
-        latents=zeros((slots, model.latent_channels, h, w), jnp.float32),
+    latent_shape = (slots, model.latent_channels, h, w)
+    state = SlotState(
+        latents=zeros(latent_shape, jnp.float32),
         prompt_embeds=zeros((slots, 2, *embeds_spec.shape[1:]), embeds_spec.dtype),
         pooled=zeros((slots, 2, pooled_spec.shape[1]), pooled_spec.dtype),
         guidance=zeros((slots,), jnp.float32),
@@ -289,3 +300,4 @@ def _empty_state(
         num_steps=zeros((slots,), jnp.int32),
         step=zeros((slots,), jnp.int32),
     )
+    return Bank(state, zeros(latent_shape, jnp.float32))

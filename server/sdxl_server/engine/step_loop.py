@@ -1,20 +1,25 @@
-"""The engine thread: one denoising step at a time for every slot, requests joining and leaving between.
+"""The engine thread: one denoising step at a time for every busy slot, requests joining and leaving between.
 
 Each iteration is one step boundary:
 
 1. retire: slots and queued images whose request was cancelled or ran out of time are freed (a queued
    image whose deadline passed never reaches the device);
-2. admit: queued images enter free slots (any free slot with the continuous policy, a whole new batch
-   with the static one): the request's prompts are encoded once and `insert` writes the slot's latents,
-   embeddings and schedule on the device;
-3. dispatch: one `step` program per resolution in use, asynchronously (K steps at once when nobody waits
-   to join and every slot has at least K steps left); images whose last step was dispatched are decoded
-   (still asynchronously) and handed to the image workers, which wait for the device, encode and deliver;
-4. bound the run-ahead: wait until the previous boundary's dispatches completed, so the device always
+2. compact: the latents of images that finished at the last dispatch move into their device's held
+   buffer, and each bank's busy slots are packed at the front of their device's block again (one
+   `rearrange` program per bank that changed);
+3. admit: queued images enter free slots (any free slot with the continuous policy, a whole new batch
+   with the static one) at the end of the least-loaded device's block: the request's prompts are encoded
+   once and `insert` writes the slot's latents, embeddings and schedule on the device;
+4. decode: a bank's held images are decoded, in the smallest compiled batch that holds them, when
+   waiting longer cannot fill more devices (decode_hold.py); the pixels go to the image workers, which
+   copy only the real images to the host, encode and deliver them;
+5. dispatch: per resolution in use, the step program of the smallest bucket that covers the busiest
+   block, asynchronously (K steps at once when nobody waits to join and every slot has at least K left);
+6. bound the run-ahead: wait until the previous boundary's dispatches completed, so the device always
    has the current boundary's work queued while the host prepares the next, and cancellations take
    effect within one step.
 
-Only this thread touches the slot table and the device slot state.
+Only this thread touches the slot table, the held buffers and the device state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,10 +44,12 @@ from sdxl_server.engine.api import (
     Progress,
     Resolution,
 )
+from sdxl_server.engine.buckets import covering_bucket
 from sdxl_server.engine.config import EngineConfig
+from sdxl_server.engine.decode_hold import HeldImages, decode_now
 from sdxl_server.engine.device_clock import DeviceClock
 from sdxl_server.engine.encoding import ImageWorkers, encode_image
-from sdxl_server.engine.programs import ProgramSet, SlotUpdate
+from sdxl_server.engine.programs import Bank, ProgramSet, Rearrangement, SlotUpdate
 from sdxl_server.engine.schedule import ScheduleBook
 from sdxl_server.engine.slots import Occupant, SlotTable
 from sdxl_server.engine.stats import StatsBoard
@@ -80,14 +88,19 @@ class StepLoop:
         self._stats = stats
         self._clock = clock
         self._on_fatal = on_fatal
-        self._states = {res: p.empty_state for res, p in programs.by_resolution.items()}
+        self._banks: dict[Resolution, Bank] = {res: p.empty_bank for res, p in programs.by_resolution.items()}
+        self._held = {res: HeldImages(slots.devices, slots.per_device) for res in programs.by_resolution}
+        self._finishing: dict[Resolution, list[Occupant]] = collections.defaultdict(list)
         params = programs.params
         self._text_params = {
             "text_encoder": params["text_encoder"],
             "text_encoder_2": params["text_encoder_2"],
         }
-        self._multi_step = max(programs.by_resolution[config.default_resolution].steps)
+        self._multi_step = max(k for k, _ in programs.by_resolution[config.default_resolution].steps)
         self.boundary = 0
+        self.steps_dispatched = 0  # denoising steps dispatched so far (K per multi-step dispatch)
+        self.host_seconds = 0.0  # time this thread spent working, not waiting on the device or a queue
+        self._tracked_this_boundary = 0
         self._stopping = False  # finish accepted work, then exit
         self._aborted = False  # exit at the next boundary
         self._images_lock = threading.Lock()  # image workers count concurrently
@@ -112,18 +125,25 @@ class StepLoop:
     # ---- one boundary
 
     def _iterate(self) -> bool:
+        began = time.perf_counter()
+        waited = 0.0
         now = self._clock()
+        self._tracked_this_boundary = 0
         self._retire(now)
+        self._compact()
         self._admit(now)
+        waited += self._decode_due()
         # Published before this boundary's events: a caller that saw its Progress never reads stats that
         # still count its images as queued (the service's overload check reads this snapshot).
         self._publish()
         if self._slots.busy == 0:
+            self.host_seconds += time.perf_counter() - began - waited
             if self._stopping and len(self._queue) == 0:
                 return False
             self._queue.wait_for_work(_IDLE_POLL_SECONDS)
             return True
-        self._dispatch()
+        waited += self._dispatch()
+        self.host_seconds += time.perf_counter() - began - waited
         return True
 
     def _retire(self, now: float) -> None:
@@ -153,6 +173,33 @@ class StepLoop:
         for request, error in failures.values():
             request.deliver(Failed(error))
 
+    def _compact(self) -> None:
+        """Stashes the latents of images finished at the last dispatch and repacks every bank with holes."""
+        total = self._slots.total
+        per = self._slots.per_device
+        for resolution, programs in self._programs.by_resolution.items():
+            finishing = self._finishing.pop(resolution, [])
+            held = self._held[resolution]
+            arriving = [0] * self._slots.devices
+            for occupant in finishing:
+                arriving[occupant.device] += 1
+            if any(h + a > held.capacity for h, a in zip(held.counts(), arriving, strict=True)):
+                self._decode(resolution)  # make room: never drop a finished image
+            held_source = np.zeros(total, np.int32)
+            held_take = np.zeros(total, bool)
+            for occupant in finishing:
+                row = held.add(occupant.device, occupant.item, self.steps_dispatched)
+                held_source[occupant.device * per + row] = occupant.slot - occupant.device * per
+                held_take[occupant.device * per + row] = True
+            repack = self._slots.repack(resolution)
+            if repack is None:  # nothing was released, so nothing finished either
+                continue
+            plan = Rearrangement(repack.order, repack.live, held_source, held_take)
+            self._banks[resolution] = programs.rearrange(self._banks[resolution], plan)
+            self._trace.add(
+                TraceEvent("rearrange", self.boundary, detail=f"{resolution} held={held.counts()}")
+            )
+
     def _admit(self, now: float) -> None:
         count = admittable(self._config.policy, self._slots.free, self._slots.busy)
         for item in self._queue.take(count):
@@ -178,28 +225,79 @@ class StepLoop:
                 init_noise_sigma=np.float32(schedule.init_noise_sigma),
             )
             resolution = occupant.resolution
-            self._states[resolution] = self._programs.by_resolution[resolution].insert(
-                self._states[resolution], update
-            )
+            programs = self._programs.by_resolution[resolution]
+            bank = self._banks[resolution]
+            self._banks[resolution] = bank._replace(slots=programs.insert(bank.slots, update))
             request.images_admitted += 1
             if request.images_admitted == request.request.num_images:
                 request.embeddings = None  # every image has its copy in a slot
             self._note("admit", item, occupant.slot, str(resolution))
 
-    def _dispatch(self) -> None:
+    def _decode_due(self) -> float:
+        """Decodes the banks whose held images should not wait; returns seconds spent blocked."""
+        waited = 0.0
+        for resolution, held in self._held.items():
+            if not held:
+                continue
+            soonest: list[int | None] = [None] * self._slots.devices
+            arriving = [0] * self._slots.devices
+            for occupant in self._slots.occupants():
+                if occupant.resolution != resolution:
+                    continue
+                d = occupant.device
+                current = soonest[d]
+                soonest[d] = occupant.remaining if current is None else min(current, occupant.remaining)
+                arriving[d] += occupant.remaining <= self._multi_step
+            oldest = held.oldest_step()
+            waited_steps = self.steps_dispatched - (oldest if oldest is not None else self.steps_dispatched)
+            if decode_now(
+                held.counts(),
+                waited_steps,
+                self._config.decode_hold_steps,
+                soonest,
+                arriving,
+                held.capacity,
+            ):
+                waited += self._decode(resolution)
+        return waited
+
+    def _decode(self, resolution: Resolution) -> float:
+        """Dispatches the decode of every image held for `resolution`; returns seconds spent blocked on
+        the image workers' bounded queue (backpressure)."""
+        held = self._held[resolution]
+        counts = held.counts()
+        rows = held.take_all()
+        programs = self._programs.by_resolution[resolution]
+        bucket = covering_bucket(programs.buckets, max(counts))
+        images = programs.decode[bucket](self._programs.params["vae"], self._banks[resolution].held)
+        self._device.track(images, "decode")
+        self._tracked_this_boundary += 1
+        jobs = [(device, image.row, image.item) for device, block in enumerate(rows) for image in block]
+        self._trace.add(
+            TraceEvent("decode", self.boundary, detail=f"{resolution} batch={bucket} images={len(jobs)}")
+        )
+        return self._workers.submit(self._deliver_images, images, bucket, jobs, resolution)
+
+    def _dispatch(self) -> float:
         occupants = self._slots.occupants()
         k = self._steps_this_dispatch(occupants)
         unet = self._programs.params["unet"]
         in_use = self._slots.resolutions_in_use()
+        batches = []
         for resolution in in_use:
-            state = self._states[resolution]
-            latents, step = self._programs.by_resolution[resolution].steps[k](unet, state)
-            self._states[resolution] = state._replace(latents=latents, step=step)
+            programs = self._programs.by_resolution[resolution]
+            bucket = covering_bucket(programs.buckets, max(self._slots.block_sizes(resolution)))
+            bank = self._banks[resolution]
+            latents, step = programs.steps[(k, bucket)](unet, bank.slots)
+            self._banks[resolution] = bank._replace(slots=bank.slots._replace(latents=latents, step=step))
             self._device.track(step, "step", k)
+            self._tracked_this_boundary += 1
+            batches.append(f"{resolution}:{bucket}")
         self.boundary += 1
-        self._trace.add(TraceEvent("step", self.boundary, detail=f"k={k} slots={len(occupants)}"))
+        self.steps_dispatched += k
+        detail = f"k={k} slots={len(occupants)} batch={','.join(batches)}"
+        self._trace.add(TraceEvent("step", self.boundary, detail=detail))
 
-        finished: dict[Resolution, list[Occupant]] = collections.defaultdict(list)
         progressed: dict[int, TrackedRequest] = {}
         for occupant in occupants:
             advance = min(k, occupant.remaining)
@@ -209,20 +307,19 @@ class StepLoop:
             self._stats.counters.steps_total += advance
             progressed[id(request)] = request
             if occupant.remaining == 0:
+                # Its latents stay in the slot until the next boundary's rearrange moves them to the
+                # held buffer; the slot is free for admission from then on.
                 self._slots.release(occupant)
-                finished[occupant.resolution].append(occupant)
+                self._finishing[occupant.resolution].append(occupant)
                 self._note("finish", occupant.item, occupant.slot)
         for request in progressed.values():
             request.deliver(
                 Progress(completed_steps=sum(request.steps_done), total_steps=request.total_steps)
             )
-        vae = self._programs.params["vae"]
-        for resolution, done in finished.items():
-            images = self._programs.by_resolution[resolution].decode(vae, self._states[resolution].latents)
-            self._device.track(images, "decode")
-            self._workers.submit(self._deliver_images, images, [(o.slot, o.item) for o in done], resolution)
         self._publish()
-        self._device.wait_in_flight(at_most=len(in_use) + len(finished))
+        started_waiting = time.perf_counter()
+        self._device.wait_in_flight(at_most=self._tracked_this_boundary)
+        return time.perf_counter() - started_waiting
 
     def _steps_this_dispatch(self, occupants: list[Occupant]) -> int:
         k = self._multi_step
@@ -232,14 +329,24 @@ class StepLoop:
 
     # ---- image workers (other threads)
 
-    def _deliver_images(self, images: Any, items: list[tuple[int, WorkItem]], resolution: Resolution) -> None:
-        pixels = np.asarray(images)  # waits for the device here, off the step loop
-        for slot, item in items:
+    def _deliver_images(
+        self, images: Any, bucket: int, jobs: list[tuple[int, int, WorkItem]], resolution: Resolution
+    ) -> None:
+        # Only the rows that hold real images cross to the host (each device's block holds `bucket`).
+        by_block = {(shard.index[0].start or 0) // bucket: shard.data for shard in images.addressable_shards}
+        needed: dict[int, int] = {}
+        for device, row, _ in jobs:
+            needed[device] = max(needed.get(device, 0), row + 1)
+        pixels = {  # waits for the device here, off the step loop
+            device: np.asarray(by_block[device] if rows == bucket else by_block[device][:rows])
+            for device, rows in needed.items()
+        }
+        for device, row, item in jobs:
             request = item.request
             if request.terminal:
                 continue
             req = request.request
-            data = encode_image(pixels[slot], req.image_format, req.quality)
+            data = encode_image(pixels[device][row], req.image_format, req.quality)
             request.deliver(
                 ImageReady(item.index, item.seed, data, req.image_format, resolution.width, resolution.height)
             )

@@ -53,7 +53,9 @@ def devices(model_dir: str, cache_dir: str) -> dict:
     ):
         engine = JaxEngine(config(model_dir, cache_dir, **overrides))
         engine.start()
-        step_hlo = engine._programs.by_resolution[Resolution(64, 64)].steps[1].as_text()
+        programs = engine._programs.by_resolution[Resolution(64, 64)]
+        # Every compiled size of the step and of the decode: none may move data between devices.
+        step_hlo = "".join(p.as_text() for p in [*programs.steps.values(), *programs.decode.values()])
         result[name] = {
             "devices": engine.info().devices,
             "slots": engine.info().slots,

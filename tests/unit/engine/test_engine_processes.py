@@ -53,10 +53,13 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(tiny_model
     entries = list(cache.iterdir())
     assert entries, "the first start wrote nothing to the compilation cache"
     saved_programs = list((cache / "sdxl-programs").iterdir())
-    assert len(saved_programs) == 4, saved_programs  # encode, insert, step, decode: traced no more
+    # encode, insert, rearrange, and a step and a decode per batch bucket (2 slots: buckets 1 and 2)
+    assert len(saved_programs) == 7, saved_programs
     warm = run_engine_process("start", tiny_model_dir, cache)
-    assert warm["cache_hits"] >= 4  # encode, insert, step and decode at least
+    assert warm["cache_hits"] >= 7  # each of them traced no more
     assert warm["cache_hits"] > cold["cache_hits"]
-    # Programs loaded from the cache compute what freshly compiled ones do.
+    # Programs loaded from the cache compute what freshly compiled ones do. (Within one level, not
+    # bit for bit: the probes share the batch differently in two runs, and a step of batch 1 and one of
+    # batch 2 may round the last bit differently, as the pipeline's own batch-1 oracle does.)
     for a, b in zip(cold["images"], warm["images"], strict=True):
-        assert np.abs(pixels(a) - pixels(b)).max() == 0
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1

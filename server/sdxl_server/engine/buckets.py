@@ -1,0 +1,29 @@
+"""Batch buckets: the few per-device batch sizes each program is compiled for.
+
+A boundary runs the smallest compiled size that covers its work (busy slots for a step, finished images
+for a decode), so that a lone request costs what a batch of one costs and a full bank what the recipe's
+batch costs. Powers of two keep the count logarithmic in the slots per device (1, 2, 4, ..., and the
+slots per device itself), which bounds warm-up compile time.
+"""
+
+from __future__ import annotations
+
+
+def bucket_sizes(per_device: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `per_device`, then `per_device` itself."""
+    if per_device < 1:
+        raise ValueError("per_device must be at least 1")
+    sizes, size = [], 1
+    while size < per_device:
+        sizes.append(size)
+        size *= 2
+    sizes.append(per_device)
+    return tuple(sizes)
+
+
+def covering_bucket(sizes: tuple[int, ...], needed: int) -> int:
+    """The smallest size in `sizes` (ascending) that holds `needed` rows."""
+    for size in sizes:
+        if size >= needed:
+            return size
+    raise ValueError(f"{needed} rows exceed the largest bucket {sizes[-1]}")
