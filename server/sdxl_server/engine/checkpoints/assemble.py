@@ -8,17 +8,19 @@ state, so that the engine cannot tell the difference and its compiled programs a
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import numpy as np
 
 from sdxl_server.engine.checkpoints.component_configs import ModelConfigs
-from sdxl_server.engine.checkpoints.layout import DIFFUSERS, TRANSFORMERS, expected_shapes, to_flax
+from sdxl_server.engine.checkpoints.layout import DIFFUSERS, TRANSFORMERS, FlaxPath, expected_shapes, to_flax
 from sdxl_server.engine.checkpoints.tensor_files import Weights
 
 log = logging.getLogger(__name__)
 
+_SHAPES: dict[tuple[str, str], dict[FlaxPath, Any]] = {}
 # The engine's sampler is Euler's; a checkpoint's scheduler config contributes its noise schedule.
 _EULER = ("EulerDiscreteScheduler", "FlaxEulerDiscreteScheduler")
 
@@ -27,7 +29,6 @@ def build_pipeline(
     configs: ModelConfigs, weights: dict[str, Weights], *, dtype: Any, split_head_dim: bool
 ) -> tuple[Any, dict[str, Any]]:
     """(pipeline, params) as from_pretrained gives them: params holds every component and "scheduler"."""
-    import jax
     from diffusers import (
         FlaxAutoencoderKL,
         FlaxEulerDiscreteScheduler,
@@ -36,7 +37,6 @@ def build_pipeline(
     )
 
     numpy_dtype = np.dtype(dtype)
-    key = jax.random.PRNGKey(0)
     unet: Any = FlaxUNet2DConditionModel.from_config(
         _public(configs.configs["unet"]), dtype=dtype, split_head_dim=split_head_dim
     )
@@ -51,14 +51,12 @@ def build_pipeline(
         ("text_encoder", text_encoder, TRANSFORMERS),
         ("text_encoder_2", text_encoder_2, TRANSFORMERS),
     ):
-        # Tracing the initialiser gives every parameter's shape without computing one (seconds for SDXL).
-        if naming == DIFFUSERS:
-            shapes = jax.eval_shape(module.init_weights, key)
-        else:
-            positions = int(module.config.max_position_embeddings)
-            shapes = jax.eval_shape(lambda k, m=module, n=positions: m.init_weights(k, (1, n)), key)
         params[component] = to_flax(
-            weights[component], expected_shapes(shapes), naming=naming, component=component, dtype=numpy_dtype
+            weights[component],
+            _expected_shapes(module, naming, configs.configs[component]),
+            naming=naming,
+            component=component,
+            dtype=numpy_dtype,
         )
 
     scheduler_config = _public(configs.configs["scheduler"])
@@ -82,6 +80,24 @@ def build_pipeline(
         dtype=dtype,
     )
     return pipeline, params
+
+
+def _expected_shapes(module: Any, naming: str, config: dict[str, Any]) -> dict[FlaxPath, Any]:
+    """Every parameter's path and shape, from tracing the module's initialiser without computing anything
+    (seconds for SDXL's UNet). Kept per config: a process that loads several checkpoints of one
+    architecture (the tests) traces it once."""
+    key = (naming, json.dumps(config, sort_keys=True))  # shapes depend on neither dtype nor head split
+    if key not in _SHAPES:
+        import jax
+
+        rng = jax.random.PRNGKey(0)
+        if naming == DIFFUSERS:
+            shapes = jax.eval_shape(module.init_weights, rng)
+        else:
+            positions = int(module.config.max_position_embeddings)
+            shapes = jax.eval_shape(lambda k: module.init_weights(k, (1, positions)), rng)
+        _SHAPES[key] = expected_shapes(shapes)
+    return _SHAPES[key]
 
 
 def _public(config: dict[str, Any]) -> dict[str, Any]:

@@ -98,9 +98,19 @@ def _require(root: Path, component: str, relative: str) -> Path:
 
 
 def _pytorch_weights(root: Path, component: str) -> list[Path] | None:
+    """The component's safetensors files: the plain name first, then a variant (`.fp16`, `.bf16`, ...);
+    a sharded checkpoint through its index."""
     stem = WEIGHT_FILES[component][0]
     directory = root / component
-    for variant in ("", ".fp16"):
+    variants = sorted(
+        {p.name[len(stem) : -len(".safetensors")] for p in directory.glob(f"{stem}.*.safetensors")}
+        | {
+            p.name[len(stem) : -len(".safetensors.index.json")]
+            for p in directory.glob(f"{stem}.*.safetensors.index.json")
+        },
+        key=lambda variant: (variant != ".fp16", variant),
+    )
+    for variant in ("", *variants):
         single = directory / f"{stem}{variant}.safetensors"
         if single.is_file():
             return [single]
@@ -121,7 +131,7 @@ def _require_pytorch_weights(root: Path, component: str, stem: str) -> list[Path
             f"found {pickles[0].relative_to(root)}, a PyTorch pickle, which cannot be read without "
             "PyTorch: convert it to safetensors"
             if pickles
-            else "or its .fp16 variant, or a sharded .safetensors.index.json"
+            else "or a variant such as .fp16.safetensors, or a sharded .safetensors.index.json"
         )
         raise IncompleteCheckpoint(str(root), component, wanted, detail)
     for shard in found:

@@ -8,7 +8,8 @@ cancel out here:
 - `write_single_file`: Stability's original single-file layout (as diffusers'
   scripts/convert_diffusers_to_original_sdxl.py writes it, plus OpenCLIP's fused q/k/v and transposed
   text projection, which that script leaves out).
-Also used by tools or people who want such checkpoints: `python checkpoint_writers.py TINY_DIR OUT_DIR`.
+At the top of tests/ so that unit and integration tests both import it. Also a command for people who
+want such checkpoints: `python tests/checkpoint_writers.py TINY_DIR OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -90,15 +91,20 @@ def _torch_module(flax_name: str) -> str:
     return flax_name
 
 
-def write_pytorch_folder(tiny_dir: Path, out: Path) -> Path:
-    """The tiny model as a PyTorch-layout diffusers folder in `out`."""
+def write_pytorch_folder(tiny_dir: Path, out: Path, *, dtype: Any = None, variant: str = "") -> Path:
+    """The tiny model as a PyTorch-layout diffusers folder in `out`; weights cast to `dtype` if given, in
+    files named like diffusers' variants (`variant=".fp16"`: `model.fp16.safetensors`)."""
     from safetensors.numpy import save_file
 
     tiny_dir, out = Path(tiny_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for component, file_name in TORCH_FILES.items():
         (out / component).mkdir(exist_ok=True)
-        save_file(torch_state_dict(tiny_dir, component), str(out / component / file_name))
+        state = torch_state_dict(tiny_dir, component)
+        if dtype is not None:
+            state = {name: value.astype(dtype) for name, value in state.items()}
+        file_name = file_name.replace(".safetensors", f"{variant}.safetensors")
+        save_file(state, str(out / component / file_name))
         config = json.loads((tiny_dir / component / "config.json").read_text())
         if component.startswith("text_encoder"):
             config["architectures"] = [TORCH_CLASSES[component]]
