@@ -30,25 +30,35 @@ from sdxl_server.config import ConfigError, ServerConfig, add_serve_arguments, c
 from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, fields
 from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
-from sdxl_server.startup_checks import check_before_start
-from sdxl_server.version import server_version
 from sdxl_server.service.admission import Admission, ServingState
 from sdxl_server.service.auth import TokenFile
 from sdxl_server.service.generation import Generations
 from sdxl_server.service.http.images_api import ImagesApi
 from sdxl_server.service.http.server import HttpServer
-from sdxl_server.service.server import ServerOptions, build_server, new_health_servicer, set_serving
+from sdxl_server.service.server import (
+    CallArrivals,
+    ServerOptions,
+    build_server,
+    new_health_servicer,
+    set_serving,
+)
 from sdxl_server.service.servicer import ImageService
+from sdxl_server.startup_checks import check_before_start
+from sdxl_server.version import server_version
 
 log = logging.getLogger("sdxl_server")
 # Seconds between checks that the engine is still healthy (a device fault makes the process exit).
 _HEALTH_POLL_SECONDS = 1.0
 # After the drain, RPCs that already have their result get this long to send it.
 _FINAL_FLUSH_SECONDS = 2.0
+# After the drain, the gRPC server stops once no call arrived for this long (late callers got
+# UNAVAILABLE and back off), or after the most: a call caught by the stop itself would end CANCELLED.
+_QUIET_SECONDS, _MOST_QUIET_WAIT_SECONDS = 0.25, 2.0
 # Bounds of the other steps after the drain: a hung step must not hold the pod past its grace period.
 _GRPC_STOP_SECONDS = _FINAL_FLUSH_SECONDS + 3.0
 _ENGINE_STOP_SECONDS = 5.0
-_AFTER_DRAIN_SECONDS = _GRPC_STOP_SECONDS + _ENGINE_STOP_SECONDS + 1.0  # + the metrics server
+# Quiet wait, gRPC stop, HTTP stop, engine stop, metrics server stop.
+_AFTER_DRAIN_SECONDS = _MOST_QUIET_WAIT_SECONDS + 2 * _GRPC_STOP_SECONDS + _ENGINE_STOP_SECONDS + 1.0
 
 
 def _warm_up(engine: Engine, config: ServerConfig) -> None:
@@ -121,6 +131,8 @@ async def serve(config: ServerConfig) -> int:
 
     tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
 
+    arrivals = CallArrivals()
+
     def count_rejection(method: str, code: grpc.StatusCode) -> None:
         metrics.observe_request(method.rsplit("/", 1)[-1], code.name, 0.0)
 
@@ -135,6 +147,7 @@ async def serve(config: ServerConfig) -> int:
             tls_key_file=config.tls_key_file,
             auth_tokens=tokens,
             on_reject=count_rejection,
+            arrivals=arrivals,
         ),
     )
     await server.start()
@@ -179,6 +192,8 @@ async def serve(config: ServerConfig) -> int:
     await health.enter_graceful_shutdown()
     if not await admission.wait_idle(config.drain_seconds):
         log.warning("drain period over; cancelling %d requests", admission.in_flight)
+    if not await arrivals.wait_quiet(_QUIET_SECONDS, _MOST_QUIET_WAIT_SECONDS):
+        log.info("calls still arriving after the drain; stopping anyway")
     if not await _bounded(server.stop(_FINAL_FLUSH_SECONDS), _GRPC_STOP_SECONDS):
         log.warning("the gRPC server did not stop within %.0fs; going on", _GRPC_STOP_SECONDS)
     if http_server is not None and not await _bounded(http_server.stop(), _GRPC_STOP_SECONDS):

@@ -16,8 +16,11 @@ often than the client library sends them, so no connection is closed for "too ma
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -59,6 +62,8 @@ class ServerOptions:
     # Told (method, status) of every call refused before its handler ran: a missing or wrong token,
     # an undecodable body. Methods are always ones the server has (for metrics labels).
     on_reject: Callable[[str, grpc.StatusCode], None] | None = None
+    # Told of every call's arrival (for a quiet shutdown), before the token check.
+    arrivals: CallArrivals | None = None
 
 
 def server_options(options: ServerOptions) -> list[tuple[str, int]]:
@@ -85,6 +90,40 @@ class BindError(RuntimeError):
     pass
 
 
+class CallArrivals(grpc.aio.ServerInterceptor):
+    """Remembers when the last call arrived, so that a shutdown can wait for a quiet moment.
+
+    Why: ``server.stop`` makes grpc drop the calls that reached the server but not yet a handler, and
+    their callers get CANCELLED, which no client retries. While the server still runs, a late call gets
+    a quick UNAVAILABLE with a retry delay instead (the drain answer), and its caller backs off; so the
+    shutdown waits until no call has arrived for a short while (bounded) before it stops grpc.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = -math.inf
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        self._last = self._clock()
+        return await continuation(handler_call_details)
+
+    async def wait_quiet(self, quiet_seconds: float, most_seconds: float) -> bool:
+        """Waits until no call arrived for ``quiet_seconds``, at most ``most_seconds``; False on timeout."""
+        give_up = self._clock() + most_seconds
+        while True:
+            now = self._clock()
+            quiet_at = self._last + quiet_seconds
+            if now >= quiet_at:
+                return True
+            if now >= give_up:
+                return False
+            await asyncio.sleep(min(quiet_at, give_up) - now)
+
+
 def build_server(
     servicer: sdxl_pb2_grpc.ImageServiceServicer, health: health_aio.HealthServicer, options: ServerOptions
 ) -> tuple[grpc.aio.Server, int]:
@@ -94,7 +133,7 @@ def build_server(
         return None if on_reject is None else lambda method: on_reject(method, code)
 
     # Order matters: the token is checked before the decode guard, so no unauthenticated body is decoded.
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    interceptors: list[grpc.aio.ServerInterceptor] = [] if options.arrivals is None else [options.arrivals]
     if options.auth_tokens is not None:
         interceptors.append(
             BearerTokenInterceptor(options.auth_tokens, rejected(grpc.StatusCode.UNAUTHENTICATED))
