@@ -1,7 +1,7 @@
 """The chart's CPU example boots the real server: no cluster needed to check that chart and server agree.
 
 Starts `sdxl-server serve` with exactly the environment a pod of `examples/cpu.yaml` gets (its ConfigMap
-and container env), except what only a pod can provide: the gRPC and metrics ports (0 here, never fixed)
+and container env), except what only a pod can provide: the gRPC, HTTP and metrics ports (0 here, never fixed)
 and the directories that are volumes in the pod (the shared test caches). Then runs the `helm test` hook's
 own script against it, generates an image, and checks that SIGTERM drains to a clean exit.
 """
@@ -63,6 +63,7 @@ def served_cpu_example(
     env.update(
         SDXL_PORT="0",
         SDXL_METRICS_PORT="0",
+        SDXL_HTTP_PORT="0",
         SDXL_HOST="127.0.0.1",
         HOME=str(home),
         XDG_CACHE_HOME=str(home / ".cache"),

@@ -124,13 +124,14 @@ def test_disruption_budget_guards_the_server_pods() -> None:
     assert _selects(budget["selector"]["matchLabels"], _pod_labels(manifests))
 
 
-def test_network_policy_admits_grpc_and_metrics_only() -> None:
+def test_network_policy_admits_the_api_and_metrics_only() -> None:
     manifests = render_value_set("everything-optional")
     policy = one(manifests, "NetworkPolicy")["spec"]
     assert _selects(policy["podSelector"]["matchLabels"], _pod_labels(manifests))
     assert policy["policyTypes"] == ["Ingress"]
     grpc_rule, metrics_rule = policy["ingress"]
-    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    # Both front doors (gRPC and the OpenAI Images API over HTTP) admit the same peers.
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]
     frontend, test_pod_peer = grpc_rule["from"]
     assert frontend["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "frontend"}
     # The helm test pod stays admitted when gRPC clients are restricted.
@@ -139,7 +140,7 @@ def test_network_policy_admits_grpc_and_metrics_only() -> None:
     namespace = metrics_rule["from"][0]["namespaceSelector"]["matchLabels"]
     assert namespace == {"kubernetes.io/metadata.name": "gmp-system"}
     container_ports = {p["name"] for p in server_container(manifests)["ports"]}
-    assert {r["ports"][0]["port"] for r in policy["ingress"]} == container_ports
+    assert {p["port"] for r in policy["ingress"] for p in r["ports"]} == container_ports
     assert not objects_of_kind(render_value_set("defaults"), "NetworkPolicy")
 
 
