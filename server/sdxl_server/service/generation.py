@@ -105,7 +105,7 @@ class Generations:
         except errors.ServiceError as e:
             code = e.code.name
             if trace.request is None:
-                self._rejections.record(code, e.message)
+                self._rejections.record(e)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             deadline = trace.request.deadline if trace.request else None

@@ -4,8 +4,9 @@ summarised instead of one line each.
 Every admitted request ends with a ``request done`` line (``event=done``) carrying its status, latency,
 steps and images, whatever the front door. Requests refused before admission (bad fields, a full queue,
 warming up or draining) can arrive by the thousand per second under overload, so they are rate-limited:
-the first of each status code in a window is logged at once with its reason (``event=rejected``), and
-the others are counted and reported in one summary line (``event=rejections``) when the window ends.
+the first of each kind in a window (a status code, and for INVALID_ARGUMENT the fields named) is logged
+at once with its reason (``event=rejected``), and the others are counted and reported in one summary
+line (``event=rejections``) when the window ends.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from google.rpc import error_details_pb2
+
 from sdxl_server.engine import api
 from sdxl_server.logs import fields
+from sdxl_server.service.errors import ServiceError
 
 log = logging.getLogger("sdxl_server.requests")
 
@@ -66,16 +70,25 @@ class RejectionLog:
         self._last_reason: dict[str, str] = {}
         self._flush_scheduled = False
 
-    def record(self, code: str, reason: str) -> None:
+    def record(self, error: ServiceError) -> None:
+        """Logs or counts one rejection. Bad requests are told apart by their fields (a client sending
+        a bad size is not hidden behind another sending bad steps); other codes by code alone."""
+        code, reason = error.code.name, error.message
+        kind = code + "".join(
+            f" {violation.field}"
+            for detail in error.details
+            if isinstance(detail, error_details_pb2.BadRequest)
+            for violation in detail.field_violations
+        )
         now = self._clock()
         if now - self._window_started >= self._window:
             self.flush()
             self._window_started = now
             self._shown.clear()
-        if code not in self._shown:
-            self._shown.add(code)
+        if kind not in self._shown:
+            self._shown.add(kind)
             log.info(
-                f"request rejected: {code}: {reason} (more {code} in the next "
+                f"request rejected: {code}: {reason} (more like it in the next "
                 f"{self._window:g} s are counted, not logged)",
                 extra=fields(event="rejected", status=code, reason=reason),
             )
