@@ -71,6 +71,8 @@ class PodTimings:
     drain_seconds: float
     max_connection_age_seconds: float
     scrape_interval: float
+    # The compilation-cache volume is an emptyDir (every new pod compiles) rather than shared storage.
+    per_pod_compilation_cache: bool
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,9 @@ def pod_timings(objects: list[dict[str, Any]]) -> PodTimings:
         drain_seconds=float(config.get("SDXL_DRAIN_SECONDS", 60)),
         max_connection_age_seconds=float(config.get("SDXL_MAX_CONNECTION_AGE_SECONDS", 300)),
         scrape_interval=_scrape_interval(objects),
+        per_pod_compilation_cache=any(
+            v["name"] == "compilation-cache" and "emptyDir" in v for v in pod.get("volumes", [])
+        ),
     )
 
 

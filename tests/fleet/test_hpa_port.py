@@ -150,7 +150,7 @@ def uniform_events(changes: list[int], period_seconds: int) -> list[TimestampedS
 
 
 SCALING_WITH_RULES = [
-    # name, up events, down events, min, max, up rules, down rules, current, prenormalized, expected, condition
+    # name, up events, down events, min, max, up rules, down rules, current, prenormalized, expected, reason
     ("scaleUp with pod policy limitation", [], [], 1, 1000, rules(30, 60), None, 10, 50, 40, "ScaleUpLimit"),
     ("scaleUp with percent policy limitation", [], [], 1, 1000, rules(0, 0, 200, 60), None, 10, 50, 30,
      "ScaleUpLimit"),

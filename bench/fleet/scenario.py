@@ -1,0 +1,203 @@
+"""A fleet scenario: a YAML file (schema in docs/AUTOSCALING.md). Every error names the field.
+
+Times in the traffic profile, the provisioning delay and the pod's own warm-up are real seconds.
+``time_scale`` compresses every duration that comes from the chart or the HPA controller (sync period,
+stabilization windows, policy periods, probe periods, preStop sleep, termination grace, drain, connection
+age, scrape interval, the adapter's averaging window) by that factor, so that a scenario can show ten
+minutes of the chart's scale-down behaviour in one; 1 means real time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of the traffic profile: a constant rate, or a linear ramp from ``rate`` to ``rate_to``."""
+
+    seconds: float
+    rate: float
+    rate_to: float | None = None
+    mark: str | None = None  # names the segment's start for the report: "step", "scale_down"
+
+    def rate_at(self, t: float) -> float:
+        if self.rate_to is None:
+            return self.rate
+        return self.rate + (self.rate_to - self.rate) * min(1.0, max(0.0, t / self.seconds))
+
+
+@dataclass(frozen=True)
+class Kill:
+    at: float  # seconds since the traffic started
+    pod: str = "oldest_ready"  # or "newest_ready"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    time_scale: float
+    sync_period_seconds: float
+    provisioning_delay_seconds: float
+    metric: str  # "pods" (prometheus-adapter) or "external" (GMP)
+    chart_values: dict[str, Any]
+    model: str
+    resolution: str
+    steps: int
+    slots_per_device: int
+    max_queue: int
+    cpu_limit: float | None
+    server_args: tuple[str, ...]
+    calibrate_seconds: float
+    capacity_per_pod: float | None  # requests/s; measured when None
+    callers: int
+    deadline_seconds: float
+    max_attempts: int  # the client's RetryPolicy.max_attempts (its default is 5)
+    rate_unit: str  # "pod_capacity" or "requests_per_second"
+    profile: tuple[Segment, ...]
+    kills: tuple[Kill, ...]
+    slo_p99_seconds: float
+    window_seconds: float
+    settle_seconds: float  # after the profile: wait this long for scale-down to finish (real seconds)
+    expect: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return sum(s.seconds for s in self.profile)
+
+    def mark_time(self, mark: str) -> float | None:
+        t = 0.0
+        for segment in self.profile:
+            if segment.mark == mark:
+                return t
+            t += segment.seconds
+        return None
+
+    def rate_at(self, t: float) -> float:
+        """Offered rate at ``t`` seconds into the traffic, in ``rate_unit``."""
+        start = 0.0
+        for segment in self.profile:
+            if t < start + segment.seconds:
+                return segment.rate_at(t - start)
+            start += segment.seconds
+        return 0.0
+
+
+def load(path: Path) -> Scenario:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ScenarioError(f"{path}: cannot read the scenario: {e}") from e
+    return parse(data, str(path))
+
+
+def parse(data: Any, where: str = "scenario") -> Scenario:
+    root = _Fields(data, where)
+    pod = _Fields(root.get("pod", {}), f"{where}: pod")
+    traffic = _Fields(root.require("traffic"), f"{where}: traffic")
+    profile = tuple(
+        _segment(item, f"{where}: traffic.profile[{i}]") for i, item in enumerate(traffic.require("profile"))
+    )
+    if not profile:
+        raise ScenarioError(f"{where}: traffic.profile must have at least one segment")
+    kills = tuple(
+        _kill(item, f"{where}: traffic.kills[{i}]") for i, item in enumerate(traffic.get("kills", []))
+    )
+    scenario = Scenario(
+        name=str(root.get("name", "scenario")),
+        time_scale=root.number("time_scale", 1.0, low=0.001, high=1.0),
+        sync_period_seconds=root.number("sync_period_seconds", 15.0, low=0.1),
+        provisioning_delay_seconds=root.number("provisioning_delay_seconds", 0.0, low=0.0),
+        metric=root.choice("metric", "pods", ("pods", "external")),
+        chart_values=root.mapping("chart_values"),
+        model=str(pod.get("model", "tiny")),
+        resolution=str(pod.get("resolution", "64x64")),
+        steps=int(pod.number("steps", 4, low=1)),
+        slots_per_device=int(pod.number("slots_per_device", 1, low=1)),
+        max_queue=int(pod.number("max_queue", 8, low=1)),
+        cpu_limit=pod.number("cpu_limit", None, low=0.01),
+        server_args=tuple(str(a) for a in pod.get("extra_args", [])),
+        calibrate_seconds=root.number("calibrate_seconds", 10.0, low=1.0),
+        capacity_per_pod=root.number("capacity_per_pod", None, low=0.001),
+        callers=int(traffic.number("callers", 4, low=1)),
+        deadline_seconds=traffic.number("deadline_seconds", 60.0, low=0.1),
+        max_attempts=int(traffic.number("max_attempts", 5, low=1)),
+        rate_unit=traffic.choice("rate_unit", "pod_capacity", ("pod_capacity", "requests_per_second")),
+        profile=profile,
+        kills=kills,
+        slo_p99_seconds=root.number("slo_p99_seconds", 5.0, low=0.001),
+        window_seconds=root.number("window_seconds", 10.0, low=0.5),
+        settle_seconds=root.number("settle_seconds", 0.0, low=0.0),
+        expect=root.mapping("expect"),
+    )
+    for kill in kills:
+        if kill.at >= scenario.duration:
+            raise ScenarioError(f"{where}: traffic.kills: at={kill.at} is after the profile ends")
+    return scenario
+
+
+def _segment(item: Any, where: str) -> Segment:
+    f = _Fields(item, where)
+    seconds = f.number("seconds", None, low=0.1)
+    if seconds is None:
+        raise ScenarioError(f"{where}.seconds is required")
+    rate = f.number("rate", None, low=0.0)
+    if rate is None:
+        raise ScenarioError(f"{where}.rate is required")
+    return Segment(seconds, rate, f.number("rate_to", None, low=0.0), f.get("mark"))
+
+
+def _kill(item: Any, where: str) -> Kill:
+    f = _Fields(item, where)
+    at = f.number("at", None, low=0.0)
+    if at is None:
+        raise ScenarioError(f"{where}.at is required")
+    return Kill(at, f.choice("pod", "oldest_ready", ("oldest_ready", "newest_ready")))
+
+
+class _Fields:
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{where} must be a mapping")
+        self._data = data
+        self._where = where
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self._data:
+            raise ScenarioError(f"{self._where}.{key} is required")
+        return self._data[key]
+
+    def number(
+        self, key: str, default: float | None, low: float | None = None, high: float | None = None
+    ) -> Any:
+        value = self._data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"{self._where}.{key} must be a number, got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ScenarioError(f"{self._where}.{key} must be in [{low}, {high}], got {value}")
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._data.get(key, default)
+        if value not in choices:
+            raise ScenarioError(f"{self._where}.{key} must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self._data.get(key, {})
+        if not isinstance(value, dict):
+            raise ScenarioError(f"{self._where}.{key} must be a mapping")
+        return value

@@ -1,0 +1,126 @@
+"""Open-loop Poisson traffic through the project's own client (``sdxl_client.AsyncClient``).
+
+Arrivals follow the scenario's rate profile (a non-homogeneous Poisson process, drawn by thinning) and
+never wait for answers. Each arrival goes to one of ``callers`` clients in turn: separate channels, as
+separate services calling the fleet would have, each balancing ``round_robin`` over the headless name's
+addresses, with the client's default retries and the scenario's per-request deadline. Every request is
+recorded (when it arrived, when and how it ended); retries are counted by the status that caused them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sdxl_client import RetryPolicy, SdxlError
+from sdxl_client.aio import AsyncClient
+
+# Final statuses that say the fleet dropped work it had accepted (a clean rejection is not a loss).
+LOSS_CODES = frozenset({"CANCELLED", "INTERNAL", "UNKNOWN", "ABORTED", "DATA_LOSS"})
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    arrived: float  # seconds since the traffic started
+    ended: float | None = None
+    code: str | None = None  # "OK" or the final gRPC status name
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.ended is None else self.ended - self.arrived
+
+
+@dataclass
+class TrafficLog:
+    requests: list[RequestRecord] = field(default_factory=list)
+    retries_by_code: Counter[str] = field(default_factory=Counter)
+    retries: list[tuple[float, str]] = field(default_factory=list)  # (when, status that caused it)
+
+
+class Traffic:
+    def __init__(
+        self,
+        target: str,
+        callers: int,
+        deadline: float,
+        max_attempts: int,
+        request: dict[str, object],
+        rate_at: Callable[[float], float],
+        duration: float,
+        seed: int = 0,
+    ) -> None:
+        self._log = TrafficLog()
+        self._clients = [
+            AsyncClient(
+                target,
+                timeout=deadline,
+                retry=RetryPolicy(max_attempts=max_attempts),
+                on_retry=self._count_retry,
+            )
+            for _ in range(callers)
+        ]
+        self._request = request
+        self._rate_at = rate_at
+        self._duration = duration
+        self._random = random.Random(seed)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._start = 0.0
+        self._current: dict[int, RequestRecord] = {}
+
+    @property
+    def log(self) -> TrafficLog:
+        return self._log
+
+    def now(self) -> float:
+        return time.monotonic() - self._start
+
+    def _count_retry(self, error: SdxlError, attempt: int, delay: float) -> None:
+        code = error.code.name if error.code else type(error).__name__
+        self._log.retries_by_code[code] += 1
+        self._log.retries.append((self.now(), code))
+
+    async def run(self, start: float) -> None:
+        """Sends the whole profile (returns when the last arrival is sent, not answered)."""
+        self._start = start
+        peak = max(self._rate_at(t / 10.0) for t in range(int(self._duration * 10) + 1)) or 1.0
+        t = 0.0
+        index = 0
+        while True:
+            t += self._random.expovariate(peak)
+            if t >= self._duration:
+                break
+            if self._random.random() * peak > self._rate_at(t):
+                continue  # thinning: keep an arrival with probability rate(t) / peak
+            delay = t - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record = RequestRecord(index, self.now())
+            self._log.requests.append(record)
+            task = asyncio.ensure_future(self._send(record, self._clients[index % len(self._clients)]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            index += 1
+
+    async def _send(self, record: RequestRecord, client: AsyncClient) -> None:
+        try:
+            await client.generate(seed=record.index, **self._request)  # type: ignore[arg-type]
+            record.code = "OK"
+        except SdxlError as e:
+            record.code = e.code.name if e.code else type(e).__name__
+        except Exception as e:  # a bug here must show in the report, not vanish with the task
+            record.code = f"CLIENT_ERROR:{type(e).__name__}"
+        record.ended = self.now()
+
+    async def drain(self, timeout: float) -> None:
+        """Waits for every request sent to end (each has its deadline, so this is bounded)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()

@@ -1,0 +1,75 @@
+"""The fleet harness end to end on its short scenario (bench/fleet/scenarios/ci.yaml), with every real part:
+`sdxl-server serve` pods on 127.0.0.2.., dnsmasq answering the headless name, Prometheus scraping the
+pods through file-based discovery, the ported HPA reading the chart's rendered HorizontalPodAutoscaler,
+and open-loop traffic through the project's client. Chart and controller durations are compressed 33x
+(the scenario says how); about 100 s on 2 cores.
+
+It asserts what CI can assert on a shared 2-core machine: the fleet scales up under a several-fold
+step, no accepted request is lost, and the scale-down removes pods with no failed request while they
+leave. Latency is not asserted here (docs/AUTOSCALING.md has the standard scenario's figures).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = REPO / "bench" / "fleet" / "scenarios" / "ci.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def _tools_present() -> None:
+    for variable, name in (("SDXL_PROMETHEUS", "prometheus"), ("SDXL_DNSMASQ", "dnsmasq")):
+        path = os.environ.get(variable) or str(REPO / ".tools" / "debian" / "bin" / name)
+        assert os.access(path, os.X_OK), f"{name} missing at {path}: `make debian-tools` installs it"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    _tools_present()
+    out = tmp_path_factory.mktemp("fleet")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.fleet.run", "--scenario", str(SCENARIO), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    assert result.returncode == 0, f"fleet run failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    assert (out / "report.png").stat().st_size > 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_the_fleet_scales_up_under_the_step(report: dict) -> None:
+    assert report["hpa"]["metric_type"] == "Pods"  # read from the chart, prometheus-adapter backend
+    assert report["needed_replicas"] == 3
+    assert report["max_desired_replicas"] == 3
+    assert report["scale_up_seconds"] is not None, report["timeline"]["samples"]
+    assert report["max_ready_replicas"] == 3
+
+
+def test_no_accepted_request_is_lost(report: dict) -> None:
+    assert report["requests"] > 100
+    assert report["lost"] == 0, report["failed"]
+    # Every failure is a clean, told rejection (queue full after the retries), none a dropped request.
+    assert set(report["failed"]) <= {"RESOURCE_EXHAUSTED"}
+
+
+def test_the_scale_down_removes_pods_without_failures(report: dict) -> None:
+    scale_down = report["scale_down"]
+    assert scale_down["pods_removed"] >= 1
+    assert scale_down["requests_while_pods_leave"] > 0
+    assert scale_down["failed"] == {}
+    # Removed one at a time, as the chart's scale-down policy (1 pod per period) allows.
+    removed = scale_down["removed_at_seconds"]
+    period = report["hpa"]["behavior"]["scaleDown"]["policies"][0]["periodSeconds"] * report["time_scale"]
+    assert all(b - a >= period * 0.9 for a, b in itertools.pairwise(removed))
