@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from sdxl_server.config import ConfigError, ServerConfig, add_serve_arguments, config_from
 from sdxl_server.engine.api import Engine
-from sdxl_server.logs import configure_logging, fields
+from sdxl_server.logs import configure_logging, default_log_format, fields
 from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
 from sdxl_server.service.admission import Admission, ServingState
 from sdxl_server.service.auth import TokenFile
@@ -183,8 +183,8 @@ async def serve(config: ServerConfig) -> int:
         await set_serving(health)
         hint = _call_hint(config, port, http_port)
         log.info(hint, extra=fields(event="ready", port=port, metrics_port=metrics_server.port))
-        if sys.stdout.isatty():
-            print(hint, flush=True)
+        if sys.stdout.isatty() and (config.log_format or default_log_format()) == "json":
+            print(hint, flush=True)  # readable once: a text log already showed it
         exit_code = await _serve_until_stopped(engine, stopping)
 
     log.info("draining", extra=fields(event="draining", in_flight=admission.in_flight))
