@@ -1,0 +1,95 @@
+"""What the fleet reads: the chart's rendered HPA (real `helm template`, typed by the `kubernetes` package)
+and scenario files (every error names its field). Fast: no pods are started."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.fleet import chart
+from bench.fleet.horizontal import PERCENT_POLICY, PODS_POLICY, ScalingPolicy
+from bench.fleet.scenario import ScenarioError, parse
+
+
+def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior() -> None:
+    rendered = chart.load({})
+    hpa = rendered.hpa
+    assert (hpa.metric_type, hpa.metric_name) == ("External", "prometheus.googleapis.com|sdxl_load|gauge")
+    assert hpa.metric_selector["resource.labels.namespace"] == chart.NAMESPACE
+    assert hpa.target_average_milli == 800
+    assert (hpa.min_replicas, hpa.max_replicas) == (1, 8)
+    assert hpa.behavior is not None
+    assert hpa.behavior.scale_down.stabilization_window_seconds == 600
+    assert hpa.behavior.scale_down.policies == (ScalingPolicy(PODS_POLICY, 1, 300),)
+    assert hpa.behavior.scale_up.policies == (
+        ScalingPolicy(PERCENT_POLICY, 100, 60),
+        ScalingPolicy(PODS_POLICY, 2, 60),
+    )
+    pods = rendered.pods
+    assert (pods.readiness_period, pods.pre_stop_sleep, pods.scrape_interval) == (5.0, 5.0, 15.0)
+    assert pods.termination_grace > pods.drain_seconds + pods.pre_stop_sleep
+    assert pods.per_pod_compilation_cache  # the chart's default cache is an emptyDir
+
+
+def test_prometheus_adapter_renders_a_pods_metric() -> None:
+    hpa = chart.load({"metrics": {"backend": "prometheus-adapter"}, "autoscaling": {"targetLoad": 1.5}}).hpa
+    assert (hpa.metric_type, hpa.metric_name, hpa.target_average_milli) == ("Pods", "sdxl_load", 1500)
+
+
+def test_a_partial_behavior_gets_the_api_servers_defaults() -> None:
+    # scaleUp's policies and selectPolicy removed (null deletes a value in Helm), scaleDown's window too:
+    # they default as GenerateHPAScaleUpRules / GenerateHPAScaleDownRules do.
+    behavior = {
+        "scaleUp": {"stabilizationWindowSeconds": 30, "policies": None, "selectPolicy": None},
+        "scaleDown": {"stabilizationWindowSeconds": None, "policies": None},
+    }
+    hpa = chart.load({"autoscaling": {"behavior": behavior}}).hpa
+    assert hpa.behavior is not None
+    up, down = hpa.behavior.scale_up, hpa.behavior.scale_down
+    assert (up.stabilization_window_seconds, up.select_policy) == (30, "Max")
+    assert up.policies == (ScalingPolicy(PODS_POLICY, 4, 15), ScalingPolicy(PERCENT_POLICY, 100, 15))
+    assert (down.stabilization_window_seconds, down.policies) == (
+        None,
+        (ScalingPolicy(PERCENT_POLICY, 100, 15),),
+    )
+
+
+def test_a_field_autoscaling_v2_does_not_define_is_refused() -> None:
+    manifest = chart.render({})
+    hpa = next(o for o in manifest if o["kind"] == "HorizontalPodAutoscaler")
+    hpa["spec"]["behavior"]["scaleUp"]["stabilisationWindowSeconds"] = 5  # British spelling: not a field
+    with pytest.raises(chart.ChartError, match="stabilisationWindowSeconds"):
+        chart.parse_hpa(hpa)
+
+
+def minimal(**changes: object) -> dict:
+    scenario: dict = {"traffic": {"profile": [{"seconds": 10, "rate": 1}]}}
+    scenario.update(changes)
+    return scenario
+
+
+def test_a_minimal_scenario_takes_the_defaults() -> None:
+    s = parse(minimal())
+    assert (s.time_scale, s.sync_period_seconds, s.metric, s.duration) == (1.0, 15.0, "pods", 10.0)
+    assert s.rate_at(5) == 1.0 and s.rate_at(10) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "field"),
+    [
+        (minimal(time_scale=2), "time_scale"),
+        (minimal(metric="object"), "metric"),
+        ({"traffic": {"profile": [{"rate": 1}]}}, "traffic.profile[0].seconds"),
+        ({"traffic": {"profile": [{"seconds": 5, "rate": "lots"}]}}, "rate"),
+        ({"traffic": {"profile": [{"seconds": 5, "rate": 1}], "kills": [{"at": 9}]}}, "traffic.kills"),
+        ({}, "traffic"),
+        (minimal(pod={"cpu_limit": 0}), "pod.cpu_limit"),
+    ],
+)
+def test_a_bad_scenario_names_the_field(scenario: dict, field: str) -> None:
+    with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse(scenario)
+
+
+def test_a_ramp_interpolates() -> None:
+    s = parse({"traffic": {"profile": [{"seconds": 10, "rate": 1, "rate_to": 3}]}})
+    assert s.rate_at(5) == pytest.approx(2.0)
