@@ -125,11 +125,14 @@ class MetricsServer:
     """``GET /metrics`` over HTTP/1.x, served from the asyncio event loop; port 0 picks a free port.
 
     Bounded by construction: a connection is a coroutine, not a thread; at most ``MAX_CONNECTIONS`` are
-    open at once (more are closed at once, unanswered); each has ``REQUEST_TIMEOUT_SECONDS`` to send
-    its request head (``MAX_HEAD_BYTES`` at most) and take the page, then it is closed, so half-open or
-    slow connections cannot pile up. One request per connection (``Connection: close``): a scraper
-    reconnects every few seconds at most. The page is built on the loop: the collectors read
-    lock-free snapshots, which takes well under a millisecond.
+    open at once; each has ``REQUEST_TIMEOUT_SECONDS`` to send its request head (``MAX_HEAD_BYTES`` at
+    most) and take the page, then it is closed. When a new connection would exceed the bound, the oldest
+    one that has not yet sent its request is closed to make room (so idle or half-open connections
+    cannot lock a scraper out), or, if every open one is being answered, the new one. One request per
+    connection (``Connection: close``): a scraper reconnects every few seconds at most. The page is
+    built on the loop: the collectors read lock-free snapshots, which takes well under a millisecond.
+    (Hand-written rather than aiohttp's server, which has no bound on open connections or on the time
+    to send a request head.)
     """
 
     MAX_CONNECTIONS = 32
@@ -139,7 +142,8 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, server: asyncio.Server) -> None:
         self._registry = registry
         self._server = server
-        self._open = 0
+        # Open connections, oldest first: True once the request head arrived and it is being answered.
+        self._connections: dict[asyncio.StreamWriter, bool] = {}
 
     @classmethod
     async def start(cls, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
@@ -160,32 +164,44 @@ class MetricsServer:
 
     @property
     def open_connections(self) -> int:
-        return self._open
+        return len(self._connections)
 
     async def stop(self) -> None:
         self._server.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= self.MAX_CONNECTIONS:
+        if len(self._connections) >= self.MAX_CONNECTIONS and not self._evict_one_waiting():
             writer.transport.abort()
             return
-        self._open += 1
+        self._connections[writer] = False
         try:
             async with asyncio.timeout(self.REQUEST_TIMEOUT_SECONDS):
                 head = await reader.readuntil(b"\r\n\r\n")
+                self._connections[writer] = True
                 writer.write(self._response(head))
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that went away, stalled or sent an oversized head gets nothing more
         finally:
-            self._open -= 1
+            self._connections.pop(writer, None)
             # close() would wait for a peer that stopped reading to take the rest of the page.
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
                 writer.close()
+
+    def _evict_one_waiting(self) -> bool:
+        """Closes the oldest connection still sending its request head; False if there is none."""
+        for writer, answering in self._connections.items():
+            if not answering:
+                del self._connections[writer]
+                writer.transport.abort()
+                return True
+        return False
 
     def _response(self, head: bytes) -> bytes:
         request_line, _, header_block = head.decode("latin-1").partition("\r\n")
