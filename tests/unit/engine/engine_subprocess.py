@@ -49,7 +49,7 @@ def devices(model_dir: str, cache_dir: str) -> dict:
     result: dict = {"device_count": jax.local_device_count()}
     for name, overrides in (
         ("one", dict(max_devices=1, slots_per_device=4)),
-        ("all", dict(slots_per_device=1)),
+        ("all", dict(slots_per_device=2)),  # 2 per device: packing and held decodes across devices
     ):
         engine = JaxEngine(config(model_dir, cache_dir, **overrides))
         engine.start()

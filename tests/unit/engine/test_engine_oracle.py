@@ -75,3 +75,37 @@ def test_image_i_of_a_request_uses_seed_plus_i(engine, oracle):
         expected = oracle("a lighthouse", "", 5 + index, 4, 7.5, WIDE)
         assert max_level_difference(image, expected) <= 1
     assert not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.slow
+def test_images_stay_equal_to_the_pipeline_when_busy_slots_are_packed(engine, oracle):
+    """A short request finishes first and leaves a hole at the front of the block: the others move down
+    (the rearrange program), run in a smaller bucket, and still end with the pipeline's images."""
+    import threading
+
+    from engine_helpers import WAIT_SECONDS, Recorder
+    from sdxl_server.engine.api import Finished
+
+    # The short one runs 3 steps: K=2 in its first dispatch (nobody waits yet), so it is still in its
+    # slot when the others join, and finishes one dispatch later, at the front of the block.
+    cases = [("a small boat", 11, 3), ("a green hill", 12, 7), ("an old clock", 13, 5)]
+    release = threading.Event()
+    recorders = [Recorder(on_progress=lambda _: release.wait(WAIT_SECONDS)), Recorder(), Recorder()]
+    start = engine._loop.boundary
+    prompt, seed, steps = cases[0]
+    engine.submit(request("pack-0", prompt=prompt, seed=seed, steps=steps), recorders[0])
+    while not any(e.kind == "step" and e.boundary > start for e in engine.trace()):
+        release.wait(0.01)  # polls the trace until the short request's first step was dispatched
+    for i, (prompt, seed, steps) in enumerate(cases[1:], start=1):
+        engine.submit(request(f"pack-{i}", prompt=prompt, seed=seed, steps=steps), recorders[i])
+    release.set()
+    for recorder, (prompt, seed, steps) in zip(recorders, cases, strict=True):
+        assert isinstance(recorder.wait(), Finished)
+        expected = oracle(prompt, "", seed, steps, 7.5, SQUARE)
+        assert max_level_difference(recorder.images()[0], expected) <= 1
+
+    def slot(request_id: str, kind: str) -> int:
+        return next(e.slot for e in engine.trace() if e.request_id == request_id and e.kind == kind)
+
+    moved = [i for i in (1, 2) if slot(f"pack-{i}", "admit") != slot(f"pack-{i}", "finish")]
+    assert moved, "no slot was moved: the test did not exercise packing"

@@ -1,0 +1,73 @@
+"""The engine's cost follows its work: the step runs the smallest batch bucket that covers the busy
+slots, and a decode covers only the images that finished, rounded up to a compiled size.
+
+Asserted on the engine's own trace (what it dispatched), never on time. Pixel equality with the pipeline
+for the same situations is in test_engine_oracle.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, request, run
+from sdxl_server.engine.api import Finished
+from sdxl_server.engine.buckets import covering_bucket
+
+
+def trace_between(engine, after_boundary: int, kind: str):
+    return [e for e in engine.trace() if e.kind == kind and e.boundary > after_boundary]
+
+
+def bucket_of(event, resolution=SQUARE) -> int:
+    """The batch size a step or decode event ran for `resolution`."""
+    for field in event.detail.split():
+        if field.startswith("batch="):
+            for part in field.removeprefix("batch=").split(","):
+                name, _, size = part.rpartition(":")
+                if not name or name == str(resolution):
+                    return int(size)
+    raise AssertionError(f"no batch for {resolution} in {event}")
+
+
+def test_a_lone_request_runs_the_smallest_step_and_decode(engine):
+    start = engine._loop.boundary
+    run(engine, request("lone", seed=31, steps=5))
+    steps = trace_between(engine, start, "step")
+    (decode,) = trace_between(engine, start, "decode")
+    assert steps and all(bucket_of(e) == 1 for e in steps), [e.detail for e in steps]
+    assert bucket_of(decode) == 1 and "images=1" in decode.detail
+
+
+def test_a_full_bank_runs_the_largest_step_and_one_decode_for_the_batch(engine):
+    slots = engine.config.slots_per_device
+    start = engine._loop.boundary
+    # Hold the step loop inside the first image's first Progress until the rest are queued: they all
+    # join at the next boundary and, with equal steps, finish at the same one.
+    release = threading.Event()
+    first = Recorder(on_progress=lambda _: release.wait(WAIT_SECONDS))
+    engine.submit(request("full-0", seed=40, steps=6), first)
+    while not trace_between(engine, start, "step"):
+        release.wait(0.01)  # polls the trace until the first step was dispatched
+    others = [Recorder() for _ in range(slots - 1)]
+    engine.submit(request("full-rest", seed=41, steps=5, num_images=slots - 1), others[0])
+    release.set()
+    assert isinstance(first.wait(), Finished) and isinstance(others[0].wait(), Finished)
+
+    steps = trace_between(engine, start, "step")
+    assert max(bucket_of(e) for e in steps) == slots
+    assert any(f"slots={slots}" in e.detail and bucket_of(e) == slots for e in steps)
+    decodes = trace_between(engine, start, "decode")
+    assert sum(int(e.detail.split("images=")[1]) for e in decodes) == slots
+    # The two images that finished together were decoded together.
+    assert any("images=2" in e.detail and bucket_of(e) == 2 for e in decodes), [e.detail for e in decodes]
+
+
+def test_every_decode_is_the_finished_count_rounded_up_to_a_bucket(engine):
+    """Over everything the shared engine decoded in this session (one device: all images in one block)."""
+    buckets = engine._programs.by_resolution[SQUARE].buckets
+    decodes = [e for e in engine.trace() if e.kind == "decode"]
+    assert decodes
+    for event in decodes:
+        images = int(event.detail.split("images=")[1])
+        resolution = event.detail.split()[0]
+        assert bucket_of(event, resolution) == covering_bucket(buckets, images), event
