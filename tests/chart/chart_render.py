@@ -46,7 +46,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {
             "backend": "prometheus-adapter",
             "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}},
-        }
+        },
+        "monitoring": {"rules": {"labels": {"release": "kube-prometheus-stack"}}},
     },
     "hpa-disabled": {"autoscaling": {"enabled": False}, "replicaCount": 3},
     "auth": {"auth": {"enabled": True, "existingSecret": "sdxl-token", "secretKey": "bearer"}},
@@ -78,6 +79,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "ab" * 32},
         "service": {"headless": {"enabled": False}},
         "metrics": {"gmp": {"clusterName": "prod-us-east5"}},
+        "monitoring": {"dashboard": {"enabled": True, "folder": "Serving"}},
         "preStopSleepSeconds": 0,
     },
 }
@@ -177,7 +179,11 @@ def mounts_by_name(manifests: list[Manifest]) -> dict[str, Manifest]:
 
 def server_settings(manifests: list[Manifest]) -> dict[str, str]:
     """The SDXL_* environment the server gets from its ConfigMap."""
-    return dict(one(manifests, "ConfigMap")["data"])
+    # The ConfigMap the server container takes its environment from (the dashboard is a ConfigMap too).
+    sources = server_container(manifests)["envFrom"]
+    [name] = [source["configMapRef"]["name"] for source in sources if "configMapRef" in source]
+    config_maps = objects_of_kind(manifests, "ConfigMap")
+    return dict(next(m for m in config_maps if m["metadata"]["name"] == name)["data"])
 
 
 def iter_probes(container: Manifest) -> Iterator[tuple[str, Manifest]]:

@@ -2,8 +2,8 @@
 
 Built-in kinds are validated with kubernetes-validate in strict mode (unknown fields are errors) against
 the oldest Kubernetes the chart supports (1.30) and the newest that kubernetes-validate knows. A kind it has
-no schema for is a failure, except the two CRD kinds, which are checked against the small schemas in
-tests/chart/schemas/ (the CRDs themselves are not part of any Kubernetes release).
+no schema for is a failure, except the CRD kinds (monitoring objects), which are checked against the small
+schemas in tests/chart/schemas/ (the CRDs themselves are not part of any Kubernetes release).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ NEWEST_KUBERNETES = str(kubernetes_validate.latest_version())
 CRD_SCHEMAS = {
     ("monitoring.googleapis.com/v1", "PodMonitoring"): "podmonitoring.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
+    ("monitoring.googleapis.com/v1", "Rules"): "gmp-rules.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
 }
 SCHEMA_DIR = pathlib.Path(__file__).parent / "schemas"
 
