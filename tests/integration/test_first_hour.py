@@ -53,6 +53,11 @@ def test_versions_where_people_look():
     assert server.returncode == 0 and server.stdout.strip() == f"sdxl-server {SERVER_VERSION}"
 
 
+def test_a_cpu_start_does_not_log_jax_backend_probes_as_news(shared_server):
+    # JAX logs "Unable to initialize backend 'tpu'" at info level on every machine without a TPU.
+    assert "Unable to initialize backend" not in shared_server.output()
+
+
 def test_server_info_reports_the_server_version(shared_server):
     shown = sdxl("info", "--target", shared_server.target).stdout
     assert ["version", "sdxl-server", SERVER_VERSION] in [line.split() for line in shown.splitlines()], shown
@@ -166,6 +171,7 @@ def test_loadtest_refuses_a_mix_the_server_does_not_serve_before_sending(shared_
         ("0", 1, "FAILED       error rate 100.0% (--max-error-rate 0.0%)"),
         ("100%", 0, "passed       error rate 100.0% (--max-error-rate 100.0%)"),
     ],
+    ids=["over-the-limit", "within-the-limit"],
 )
 def test_loadtest_fails_above_its_error_rate_and_shows_progress(shared_server, limit, status, verdict):
     # A 1 ms deadline fails every request (DEADLINE_EXCEEDED) without loading the server.
