@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from sdxl_server.service.generation import Generations
 from sdxl_server.service.http.images_api import ImagesApi
 from sdxl_server.service.http.server import HttpServer
 from sdxl_server.service.server import (
+    BindError,
     CallArrivals,
     ServerOptions,
     build_server,
@@ -269,7 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"sdxl-server serve: error: {e}\n")
     configure_logging(config.log_level, config.log_format)
-    exit_code = asyncio.run(serve(config))
+    try:
+        exit_code = asyncio.run(serve(config))
+    except (BindError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.EADDRINUSE:
+            raise
+        # A port taken between the start-up check and the real bind: still one line, not a traceback.
+        sys.stderr.write(f"sdxl-server serve: error: {e} (check --port / --metrics-port)\n")
+        os._exit(2)
     logging.shutdown()
     sys.stdout.flush()
     # A warm-up thread interrupted by SIGTERM may still be inside the compiler, and the engine's threads
