@@ -111,6 +111,15 @@ def test_dash_output_writes_the_image_to_stdout(shared_server, tmp_path):
     assert done.stderr.decode().startswith("seed 3, ")
 
 
+def test_seed_minus_one_means_random_and_the_seed_used_is_printed(shared_server, tmp_path):
+    done = sdxl(
+        "generate", "a cat", "--seed", "-1", "-o", "cat.webp", "--target", shared_server.target, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    seed = int(done.stderr.split(",")[0].removeprefix("seed "))
+    assert seed >= 0 and f"Seed: {seed}," in a1111_parameters_of(tmp_path / "cat.webp")
+
+
 def test_negative_steps_name_the_real_range(shared_server):
     done = sdxl("generate", "x", "--steps", "-1", "--target", shared_server.target)
     assert done.returncode == 2

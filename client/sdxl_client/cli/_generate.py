@@ -43,7 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image (default, or -1 as in AUTOMATIC1111: random, and printed)",
+    )
     parser.add_argument("-n", "--num-images", type=int, default=0, help="images to generate")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale")
@@ -157,21 +162,17 @@ def _check_signs(args: argparse.Namespace, width: int, height: int, info: Server
             f"{flag}: {value:g} is negative (0 means the server's default; `sdxl info` shows the range)"
         )
     served = ", ".join(map(str, info.resolutions))
-    ranges = {
-        "--steps": (args.steps, f"{info.min_steps}..{info.max_steps} (0: the default, {info.default_steps})"),
-        "--num-images": (args.num_images, f"1..{info.max_images_per_request}"),
-        "--guidance-scale": (
-            args.guidance_scale,
-            f"{info.min_guidance_scale:g}..{info.max_guidance_scale:g} "
-            f"(0: the default, {info.default_guidance_scale:g})",
-        ),
-        "--quality": (args.quality, "1..100"),
-        "--width": (width, f"a served size: {served}"),
-        "--height": (height, f"a served size: {served}"),
+    allowed = {
+        "--steps": f"is outside {info.min_steps}..{info.max_steps} (0: the default, {info.default_steps})",
+        "--num-images": f"is outside 1..{info.max_images_per_request}",
+        "--guidance-scale": f"is outside {info.min_guidance_scale:g}..{info.max_guidance_scale:g} "
+        f"(0: the default, {info.default_guidance_scale:g})",
+        "--quality": "is outside 1..100",
+        "--width": f"is negative; the served sizes are {served}",
+        "--height": f"is negative; the served sizes are {served}",
     }
-    for flag, (value, allowed) in ranges.items():
-        if value < 0:
-            raise UsageError(f"{flag}: {value:g} is outside {allowed}")
+    flag, value = negative[0]
+    raise UsageError(f"{flag}: {value:g} {allowed[flag]}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         events = client.generate_stream(
             args.prompt,
             negative_prompt=args.negative_prompt,
-            seed=args.seed,
+            seed=None if args.seed == -1 else args.seed,
             num_images=args.num_images,
             steps=args.steps,
             guidance_scale=args.guidance_scale,
