@@ -41,18 +41,38 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             ) from None
 
 
-def check_model(model: str) -> None:
-    """A --model that is written as a path must exist (else it would be tried as a hub id, minutes later)."""
+def check_model(model: str, model_configs: str | None = None) -> None:
+    """A --model that is written as a path must exist (else it would be tried as a hub id, minutes later);
+    a model folder must hold every file its components need, a single file configs to be read with."""
     looks_like_path = os.path.isabs(model) or model.startswith(("./", "../", "~", ".\\", "..\\"))
     if looks_like_path and not os.path.exists(os.path.expanduser(model)):
         raise ConfigError(
             f"--model: {model} does not exist; give a diffusers model directory, "
             "a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'tiny'"
         )
+    from sdxl_server.engine.checkpoints import (  # file names only: no JAX, no weights read
+        SINGLE_FILE,
+        CheckpointError,
+        check_model_configs,
+        check_model_files,
+    )
+    from sdxl_server.engine.model_source import DEMO, TINY
+
+    if model in (TINY, DEMO):
+        return
+    try:
+        kind = check_model_files(model)
+    except CheckpointError as error:
+        raise ConfigError(f"--model: {error}") from None
+    if kind == SINGLE_FILE:
+        try:
+            check_model_configs(model_configs)
+        except CheckpointError as error:
+            raise ConfigError(f"--model-configs: {error}") from None
 
 
 def check_before_start(config: ServerConfig) -> None:
     """Every start-up check; raises ConfigError with a message naming the flag."""
-    check_model(config.model)
+    check_model(config.model, config.model_configs)
     check_port_free(config.host, config.port, "port")
     check_port_free(config.host, config.metrics_port, "metrics-port")

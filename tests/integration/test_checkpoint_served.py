@@ -7,10 +7,15 @@ PyTorch. Each image must equal the shared server's (the tiny model's Flax folder
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from checkpoint_writers import write_pytorch_folder
 from sdxl_client import Client
+
+SERVE = (sys.executable, "-m", "sdxl_server.main", "serve")
 
 
 @pytest.mark.slow
@@ -36,3 +41,20 @@ def test_a_pytorch_layout_folder_serves_the_flax_models_images(
                 assert a.shape == (64, 64, 3)
                 assert np.abs(a - b).max() <= 1, arguments
                 assert a.std() > 0  # an image, not a constant any two broken loads would share
+
+
+def test_an_incomplete_folder_fails_at_start_naming_the_component_and_file(tiny_model_dir, tmp_path):
+    folder = write_pytorch_folder(tiny_model_dir, tmp_path / "pytorch-folder")
+    (folder / "text_encoder_2" / "model.safetensors").unlink()
+    done = subprocess.run(
+        [*SERVE, "--model", str(folder), "--port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"sdxl-server serve: error: --model: model folder {folder} is incomplete: text_encoder_2 needs "
+        "text_encoder_2/model.safetensors (or a variant such as .fp16.safetensors, or a sharded "
+        ".safetensors.index.json)"
+    ]

@@ -26,19 +26,48 @@ from sdxl_server.engine.checkpoints.folder import (
     folder_files,
 )
 
-__all__ = ["CheckpointError", "IncompleteCheckpoint", "detect_format", "load_pipeline"]
+__all__ = [
+    "SINGLE_FILE",
+    "CheckpointError",
+    "IncompleteCheckpoint",
+    "check_model_configs",
+    "check_model_files",
+    "detect_format",
+    "load_pipeline",
+]
+
+
+def check_model_files(source: str) -> str:
+    """The format of `source` (folder.py's constants), after checking that a folder has every file its
+    components need. Reads only directory entries (no JAX, no weights): the server calls it before
+    starting. Raises CheckpointError (IncompleteCheckpoint naming the component and file)."""
+    kind = detect_format(source)
+    if kind in (FLAX_FOLDER, PYTORCH_FOLDER):
+        folder_files(Path(source).expanduser(), kind=kind)
+    return kind
+
+
+def check_model_configs(spec: str | None) -> None:
+    """Raises CheckpointError unless `spec` is a known architecture or a complete folder of configs."""
+    from sdxl_server.engine.architectures import ARCHITECTURES
+
+    if spec is None or spec in ARCHITECTURES:
+        return
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise CheckpointError(f"model configs {spec!r} are neither a directory nor an architecture ({known})")
+    folder_files(path, kind=None)
 
 
 def load_pipeline(
     source: str, model_configs: str | None, *, dtype: Any, split_head_dim: bool
 ) -> tuple[Any, dict[str, Any]]:
     """(pipeline, params including "scheduler") for any checkpoint `source` (see the module docstring)."""
-    kind = detect_format(source)
+    kind = check_model_files(source)  # a clear error for a missing file before anything is loaded
     if kind in (FLAX_FOLDER, HUB_ID):
         from diffusers import FlaxStableDiffusionXLPipeline
 
-        if kind == FLAX_FOLDER:
-            folder_files(Path(source), kind=FLAX_FOLDER)  # a clear error for a missing file first
         return FlaxStableDiffusionXLPipeline.from_pretrained(
             source, dtype=dtype, split_head_dim=split_head_dim
         )

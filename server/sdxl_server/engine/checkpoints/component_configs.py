@@ -63,16 +63,14 @@ def configs_of_folder(files: FolderFiles) -> ModelConfigs:
 def resolve_configs(spec: str | None) -> ModelConfigs:
     """`spec`: a directory of diffusers configs and tokenizers, or an architecture name (None: sdxl-base)."""
     from sdxl_server.engine.architectures import ARCHITECTURES, architecture_named
+    from sdxl_server.engine.checkpoints import check_model_configs
 
     spec = spec or DEFAULT_ARCHITECTURE
+    check_model_configs(spec)
     if spec in ARCHITECTURES:
         module = architecture_named(spec)
         configs = {component: dict(module.CONFIG_FILES[component][1]) for component in MODEL_COMPONENTS}
         return ModelConfigs(
             configs=configs, tokenizer_dirs=None, tokenizer_repo=module.TOKENIZER_REPO, origin=spec
         )
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise CheckpointError(f"model configs {spec!r} are neither a directory nor an architecture ({known})")
-    return configs_of_folder(folder_files(path, kind=None))
+    return configs_of_folder(folder_files(Path(spec).expanduser(), kind=None))
