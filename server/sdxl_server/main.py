@@ -1,4 +1,4 @@
-"""Composition root: ``sdxl-server serve`` and ``sdxl-server build-tiny-model DIR``.
+"""Composition root: ``sdxl-server serve``, ``build-tiny-model DIR`` and ``build-random-model DIR``.
 
 Start-up order: the gRPC server listens first with health NOT_SERVING (so probes get an answer and
 requests a clean UNAVAILABLE), then the engine loads and compiles everything in a thread, then health
@@ -253,6 +253,16 @@ def _build_tiny_model(directory: str) -> int:
     return 0
 
 
+def _build_random_model(arch: str, directory: str) -> int:
+    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.random_model import build_random_model
+
+    silence_library_noise()
+    path = build_random_model(arch, Path(directory))
+    print(f"{arch} with random weights in {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdxl-server", description="Stable Diffusion XL over gRPC.")
     parser.add_argument("--version", action="version", version=f"sdxl-server {server_version()}")
@@ -260,9 +270,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(commands.add_parser("serve", help="serve the model over gRPC"))
     build = commands.add_parser("build-tiny-model", help="write the tiny random SDXL used by tests")
     build.add_argument("directory")
+    random = commands.add_parser(
+        "build-random-model",
+        help="write a published SDXL architecture with random weights (real-size cost, no download)",
+    )
+    random.add_argument("--arch", default="sdxl-base", choices=["sdxl-base"], help="the architecture")
+    random.add_argument("directory")
     args = parser.parse_args(argv)
     if args.command == "build-tiny-model":
         return _build_tiny_model(args.directory)
+    if args.command == "build-random-model":
+        return _build_random_model(args.arch, args.directory)
     try:
         config = config_from(args, os.environ)
         config.engine_config()  # validates the engine's settings before anything starts
