@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from sdxl_client import SdxlError
 from sdxl_client.aio import AsyncClient
 
@@ -212,6 +214,24 @@ async def _settle(scenario: Scenario, fleet: Fleet, min_replicas: int) -> None:
         await asyncio.sleep(0.2)
 
 
+def with_chart_values(scenario: Scenario, assignments: list[str]) -> Scenario:
+    """The scenario with ``KEY=VALUE`` chart values set (dotted keys, YAML values), named after them."""
+    if not assignments:
+        return scenario
+    values = json.loads(json.dumps(scenario.chart_values))
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE")
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    name = scenario.name + " " + " ".join(assignments)
+    return dataclasses.replace(scenario, chart_values=values, name=name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,8 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-work-dir", action="store_true", help="keep pod, DNS and Prometheus logs")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a chart value over the scenario's chart_values, e.g. autoscaling.targetLoad=1.0 (YAML value)",
+    )
     args = parser.parse_args(argv)
-    scenario = load(args.scenario)
+    scenario = with_chart_values(load(args.scenario), args.set)
     # As the Makefile exports it: pods share one tiny model on disk instead of each building its own.
     os.environ.setdefault("SDXL_TINY_MODEL_DIR", str(REPO / ".cache" / "tiny-sdxl"))
     work_dir = Path(tempfile.mkdtemp(prefix="sdxl-fleet-"))
