@@ -77,3 +77,10 @@ def server_factory(tiny_model_dir, compilation_cache_dir):
     """``start(*extra_args, env=None, wait_ready=True)``, as in tests/integration."""
     with servers._servers() as start:
         yield start
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tiny_model_dir, compilation_cache_dir):
+    """A server with the default arguments, started for the module that asks (it has served nothing)."""
+    with servers._servers() as start:
+        yield start()
