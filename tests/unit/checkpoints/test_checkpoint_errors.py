@@ -100,3 +100,17 @@ def test_unknown_paths_and_formats_are_refused_by_name(tmp_path):
         load(tmp_path / "model.ckpt")
     with pytest.raises(CheckpointError, match=r"neither a directory nor an architecture.*sdxl-base"):
         resolve_configs("sdxl-nonexistent")
+
+
+def test_tokenizers_neither_cached_nor_downloadable_say_how_to_give_them(monkeypatch):
+    from huggingface_hub import constants
+    from sdxl_server.engine.checkpoints.component_configs import ModelConfigs
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no minutes of retries against no network
+    configs = ModelConfigs(
+        configs={}, tokenizer_dirs=None, tokenizer_repo="sdxl-serve-tests/no-such-repo", origin="sdxl-base"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"sdxl-base's tokenizers \(sdxl-serve-tests/no-such-repo.*--model-configs DIR"
+    ):
+        configs.load_tokenizers()

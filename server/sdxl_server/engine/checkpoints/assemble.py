@@ -37,6 +37,7 @@ def build_pipeline(
     )
 
     numpy_dtype = np.dtype(dtype)
+    tokenizer, tokenizer_2 = configs.load_tokenizers()  # first: it may fail, and costs nothing
     unet: Any = FlaxUNet2DConditionModel.from_config(
         _public(configs.configs["unet"]), dtype=dtype, split_head_dim=split_head_dim
     )
@@ -68,7 +69,6 @@ def build_pipeline(
     scheduler: Any = FlaxEulerDiscreteScheduler.from_config(scheduler_config)
     params["scheduler"] = scheduler.create_state()
 
-    tokenizer, tokenizer_2 = configs.load_tokenizers()
     pipeline = FlaxStableDiffusionXLPipeline(
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,

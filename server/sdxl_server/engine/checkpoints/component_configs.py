@@ -36,17 +36,32 @@ class ModelConfigs:
                 CLIPTokenizer.from_pretrained(str(dirs["tokenizer_2"])),
             )
         repo = str(self.tokenizer_repo)
-        try:
-            return (
-                CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
-                CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer_2"),
-            )
-        except OSError as error:
-            raise CheckpointError(
-                f"a single-file checkpoint carries no tokenizer, and {self.origin}'s tokenizers "
-                f"({repo}, tokenizer/ and tokenizer_2/) are neither cached nor reachable: "
-                f"{error}. Pass --model-configs DIR, a diffusers folder with the configs and tokenizers"
-            ) from None
+        try:  # the local hub cache first: no network, and no minutes of retries where there is none
+            return _hub_tokenizers(repo, local_files_only=True)
+        except Exception:  # transformers raises OSError, ValueError or TypeError for a cache miss
+            pass
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set"
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                return _hub_tokenizers(repo, local_files_only=False)
+            except Exception as error:
+                reason = str(error) or type(error).__name__
+        raise CheckpointError(
+            f"a single-file checkpoint carries no tokenizer, and {self.origin}'s tokenizers ({repo}, "
+            f"subfolders tokenizer/ and tokenizer_2/) are neither in the local hub cache nor downloadable "
+            f"({reason}). Pass --model-configs DIR, a diffusers folder with the configs and tokenizers"
+        ) from None
+
+
+def _hub_tokenizers(repo: str, *, local_files_only: bool) -> tuple[Any, Any]:
+    from transformers import CLIPTokenizer
+
+    return (
+        CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer", local_files_only=local_files_only),
+        CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer_2", local_files_only=local_files_only),
+    )
 
 
 def configs_of_folder(files: FolderFiles) -> ModelConfigs:
