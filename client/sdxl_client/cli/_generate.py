@@ -188,61 +188,63 @@ def run(args: argparse.Namespace) -> int:
     output = pathlib.Path(plan.raw)
     written: list[dict[str, object]] = []
     done: Done | None = None
-    with make_client(args, line) as client:
-        try:
-            info = client.server_info()
-        except SdxlError:
-            _check_signs(args, width, height, None)  # a usage error outranks an unreachable server
-            raise
-        _check_signs(args, width, height, info)
-        parameters = Parameters(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps or info.default_steps,
-            guidance_scale=args.guidance_scale or info.default_guidance_scale,
-            seed=0,
-            width=0,
-            height=0,
-            model=info.model,
-            version=f"sdxl-server {info.versions.get('sdxl-server', '')}".strip(),
-        )
-        events = client.generate_stream(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            seed=None if args.seed == -1 else args.seed,
-            num_images=args.num_images,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            width=width,
-            height=height,
-            format=plan.image_format,
-            quality=args.quality,
-            request_id=args.request_id,
-        )
-        request_id = args.request_id or ""
-        for event in events:
-            if isinstance(event, Queued):
-                request_id = event.request_id
-                progress.queued(event.position)
-            elif isinstance(event, Progress):
-                progress.steps(event.completed_steps, event.total_steps, count)
-            elif isinstance(event, GeneratedImage):
-                data = event.data
-                if args.metadata:
-                    exact = replace(parameters, seed=event.seed, width=event.width, height=event.height)
-                    data = embed(data, event.format, exact.a1111_text())
-                if plan.to_stdout:
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
-                    written.append({"path": STDOUT, "seed": event.seed, "index": event.index})
-                    continue
-                path = output_path(output, plan.raw, event, request_id, count)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                written.append({"path": str(path), "seed": event.seed, "index": event.index})
-            elif isinstance(event, Done):
-                done = event
-    line.clear()
+    try:
+        with make_client(args, line) as client:
+            try:
+                info = client.server_info()
+            except SdxlError:
+                _check_signs(args, width, height, None)  # a usage error outranks an unreachable server
+                raise
+            _check_signs(args, width, height, info)
+            parameters = Parameters(
+                prompt=args.prompt,
+                negative_prompt=args.negative_prompt,
+                steps=args.steps or info.default_steps,
+                guidance_scale=args.guidance_scale or info.default_guidance_scale,
+                seed=0,
+                width=0,
+                height=0,
+                model=info.model,
+                version=f"sdxl-server {info.versions.get('sdxl-server', '')}".strip(),
+            )
+            events = client.generate_stream(
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                seed=None if args.seed == -1 else args.seed,
+                num_images=args.num_images,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                width=width,
+                height=height,
+                format=plan.image_format,
+                quality=args.quality,
+                request_id=args.request_id,
+            )
+            request_id = args.request_id or ""
+            for event in events:
+                if isinstance(event, Queued):
+                    request_id = event.request_id
+                    progress.queued(event.position)
+                elif isinstance(event, Progress):
+                    progress.steps(event.completed_steps, event.total_steps, count)
+                elif isinstance(event, GeneratedImage):
+                    data = event.data
+                    if args.metadata:
+                        exact = replace(parameters, seed=event.seed, width=event.width, height=event.height)
+                        data = embed(data, event.format, exact.a1111_text())
+                    if plan.to_stdout:
+                        sys.stdout.buffer.write(data)
+                        sys.stdout.buffer.flush()
+                        written.append({"path": STDOUT, "seed": event.seed, "index": event.index})
+                        continue
+                    path = output_path(output, plan.raw, event, request_id, count)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+                    written.append({"path": str(path), "seed": event.seed, "index": event.index})
+                elif isinstance(event, Done):
+                    done = event
+    finally:
+        line.clear()  # an error line must not land at the end of a half-drawn bar
     if args.json:
         summary = {
             "request_id": done.request_id if done else request_id,
