@@ -25,9 +25,25 @@ def http_port(server: Any) -> int:
     return port
 
 
-def base_url(server: Any) -> str:
+def base_url(server: Any, scheme: str = "http") -> str:
     """What OpenAI(base_url=...) takes: the API root, /v1."""
-    return f"http://127.0.0.1:{http_port(server)}/v1"
+    return f"{scheme}://127.0.0.1:{http_port(server)}/v1"
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with the openssl CLI (the cryptography package is absent)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-nodes", "-days", "1",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", str(key), "-out", str(cert),
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 # Thousands of steps: a request that holds its slot until the test cancels it.

@@ -1,5 +1,6 @@
 """The HTTP door follows the server's serving state: 503 while warming up, 200 once serving, 503 while
-draining after SIGTERM, for the same reasons (and from the same gate) as gRPC's UNAVAILABLE.
+draining after SIGTERM, for the same reasons (and from the same gate) as gRPC's UNAVAILABLE. The server
+serves TLS, so HTTPS is checked on the way (the gRPC door's certificate).
 
 The states are built from events: warm-up is held by the test-only ``--hold-warmup-until-file``; the
 drain is kept open by a long gRPC stream that holds the only slot until the test cancels it.
@@ -11,18 +12,23 @@ import signal
 
 import openai
 import pytest
-from http_helpers import base_url, curl, long_request
+from http_helpers import base_url, curl, long_request, self_signed_certificate
 
 
 def test_http_is_503_while_warming_up_then_serves_then_is_503_while_draining(http_server_factory, tmp_path):
     go = tmp_path / "warm-up may finish"
+    cert, key = self_signed_certificate(tmp_path)
     server = http_server_factory(
         "--hold-warmup-until-file", str(go), "--slots-per-device", "1", "--max-steps", "5000",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, wait_ready=False,
     )  # fmt: skip
-    url = base_url(server)
-    with openai.OpenAI(base_url=url, api_key="no auth on this server", max_retries=0) as client:
-        status, headers, body = curl(f"{url}/images/generations", body={"prompt": "too early"})
+    url = base_url(server, "https")
+    https = openai.DefaultHttpxClient(verify=str(cert))
+    with openai.OpenAI(base_url=url, api_key="no auth here", max_retries=0, http_client=https) as client:
+        status, headers, body = curl(
+            f"{url}/images/generations", "--cacert", str(cert), body={"prompt": "too early"}
+        )
         assert status == 503 and int(headers["retry-after"]) >= 1
         assert body["error"]["code"] == "unavailable" and "warming up" in body["error"]["message"]
         assert [model.id for model in client.models.list()] == ["tiny"]  # describing the model is fine
