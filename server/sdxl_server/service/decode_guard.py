@@ -4,7 +4,9 @@ Left to grpc, a body that is not a valid protobuf (corrupt wire format, a string
 UTF-8) raises DecodeError inside the library: the caller gets UNKNOWN, the log a traceback per call, and
 no handler runs to count it. This interceptor gives every unary-request method a deserializer that
 catches the error and returns an ``Undecodable`` marker instead, and a behavior that answers that marker
-with INVALID_ARGUMENT (a ``BadRequest`` naming the field ``request``) before the servicer sees it.
+with INVALID_ARGUMENT (a ``BadRequest`` naming the field ``request``) before the servicer sees it. The
+log gets one short line, rate-limited like every rejection (``request_log.RejectionLog``): a flood of
+garbage is one line and a count per 10 s.
 Streaming-request methods (only reflection, which needs a token when auth is on) are left as they are.
 
 The guarded handler of each method is built once and reused: the methods are fixed at start-up.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,8 +24,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from sdxl_server.service import errors
-
-log = logging.getLogger(__name__)
+from sdxl_server.service.request_log import RejectionLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,10 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes],
     return deserializer
 
 
-def undecodable_error(request: Undecodable) -> errors.ServiceError:
+def undecodable_error(request: Undecodable, method: str) -> errors.ServiceError:
+    name = method.rsplit("/", 1)[-1]
     return errors.invalid_argument(
-        [("request", f"the {request.size}-byte body cannot be decoded: {request.reason}")]
+        [("request", f"the {request.size}-byte {name} body cannot be decoded: {request.reason}")]
     )
 
 
@@ -56,6 +57,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, on_undecodable: Callable[[str], None] | None = None) -> None:
         """``on_undecodable(method)`` is told about every call rejected for its body (for metrics)."""
         self._on_undecodable = on_undecodable
+        self._rejections = RejectionLog()
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -75,10 +77,11 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
     def _reject(self, method: str, request: Undecodable) -> errors.ServiceError:
-        log.warning("rejected an undecodable %d-byte request to %s: %s", request.size, method, request.reason)
+        error = undecodable_error(request, method)
+        self._rejections.record(error)
         if self._on_undecodable is not None:
             self._on_undecodable(method)
-        return undecodable_error(request)
+        return error
 
     def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_streaming or handler.request_deserializer is None:
