@@ -41,9 +41,7 @@ def test_a_single_file_checkpoint_serves_the_flax_models_images(engine, single_f
         request(
             "single-file-square", prompt="a red bicycle", negative_prompt="blurry", seed=3, resolution=SQUARE
         ),
-        request(
-            "single-file-wide", prompt="a mountain lake", seed=11, steps=3, resolution=WIDE, num_images=2
-        ),
+        request("single-file-two", prompt="a mountain lake", seed=11, steps=3, num_images=2),
     ]
     for case in cases:
         served = run(single_file_engine, case).images()
