@@ -99,8 +99,13 @@ class CallArrivals(grpc.aio.ServerInterceptor):
     shutdown waits until no call has arrived for a short while (bounded) before it stops grpc.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._clock = clock
+        self._sleep = sleep
         self._last = -math.inf
 
     async def intercept_service(
@@ -121,7 +126,7 @@ class CallArrivals(grpc.aio.ServerInterceptor):
                 return True
             if now >= give_up:
                 return False
-            await asyncio.sleep(min(quiet_at, give_up) - now)
+            await self._sleep(min(quiet_at, give_up) - now)
 
 
 def build_server(
