@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 from hostile_wire import GENERATE, call
 from sdxl_client import Client, RetryPolicy, Unavailable
@@ -55,6 +56,7 @@ def _queue_behind_a_long_request(server, channel):
     return holder, threads, outcomes
 
 
+@pytest.mark.slow
 def test_sigterm_mid_load_keeps_accepted_work_and_answers_late_calls_unavailable(server_factory) -> None:
     server = server_factory(*HOLDER_ARGS, "--drain-seconds", "300")
     with server.channel() as channel:
@@ -97,6 +99,7 @@ def test_sigterm_mid_load_keeps_accepted_work_and_answers_late_calls_unavailable
     assert events.index("draining") < events.index("grpc_stopped") < events.index("stopped")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_load_ends_every_call_unavailable_at_once(server_factory) -> None:
     server = server_factory(*HOLDER_ARGS)
     with server.channel() as channel:
