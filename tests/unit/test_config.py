@@ -38,6 +38,14 @@ def test_engine_config_carries_the_engine_settings() -> None:
     assert (engine.compilation_cache_dir, engine.tiny_model_dir) == ("/cache", "/tiny")
 
 
+def test_model_configs_reach_the_engine_from_the_flag_or_the_environment() -> None:
+    flags = ["--model", "/models/finetune.safetensors", "--model-configs", "/models/configs"]
+    assert parse_serve_config(flags, env={}).engine_config().model_configs == "/models/configs"
+    from_env = parse_serve_config([], env={"SDXL_MODEL_CONFIGS": "sdxl-base"})
+    assert from_env.engine_config().model_configs == "sdxl-base"
+    assert parse_serve_config([], env={}).engine_config().model_configs is None
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
