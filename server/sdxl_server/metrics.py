@@ -101,6 +101,12 @@ class EngineCollector(Collector):
             ),
         )
         for name, documentation, value in gauges:
+            # A pod that does not serve (warming up, draining) reports no load at all rather than 0: for
+            # a Pods metric the HPA counts a running pod's sample whatever its readiness, so a warming
+            # pod's 0 pulled the average toward a scale-down; a missing sample counts as 0 on a scale-up
+            # and as the target on a scale-down (docs/AUTOSCALING.md, "Findings").
+            if name == "sdxl_load" and not ready:
+                continue
             yield GaugeMetricFamily(name, documentation, value=float(value))
         yield CounterMetricFamily("sdxl_images_total", "Images generated.", value=float(s.images_total))
         yield CounterMetricFamily(

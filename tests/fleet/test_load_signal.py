@@ -1,0 +1,86 @@
+"""How a pod that is not serving enters the HPA's average: it must not report ``sdxl_load`` at all.
+
+The fleet harness showed (docs/AUTOSCALING.md) that Prometheus scrapes a pod from the moment its process
+listens, long before it serves: a warming pod reported ``sdxl_load 0``, and for a Pods metric the HPA
+counts every running pod with a sample as ready, whatever its Ready condition (upstream ``groupPods``
+reads readiness only for CPU). Warming pods at 0 pull the average down, toward a scale-down, while
+they cannot take any load. A pod with no sample is "missing" instead: 0 on a scale-up, the target on a
+scale-down, which is what the HPA intends for pods whose load is unknown. Same while draining.
+
+A real server held in warm-up (the hidden ``--hold-warmup-until-file`` test hook), scraped over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("sdxl_") and "{" not in line:
+            name, value = line.split()
+            samples[name] = float(value)
+    return samples
+
+
+def _listening(process: subprocess.Popen[str]) -> dict[str, int]:
+    assert process.stdout is not None
+    for line in process.stdout:
+        if '"listening"' in line:
+            entry = json.loads(line)
+            return {"port": int(entry["port"]), "metrics_port": int(entry["metrics_port"])}
+    raise AssertionError("the server exited before listening")
+
+
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_a_warming_server_reports_no_load_until_it_serves(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdxl_server.main", "serve", "--model", "tiny", "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--resolutions", "64x64", "--hold-warmup-until-file", str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        ports = _listening(process)
+        warming = _scrape(ports["metrics_port"])
+        assert warming["sdxl_ready"] == 0
+        assert "sdxl_load" not in warming
+        go.touch()
+        deadline = time.monotonic() + 300
+        while not _serving(ports["port"]):
+            assert time.monotonic() < deadline, "the server did not serve"
+            time.sleep(0.1)
+        assert _scrape(ports["metrics_port"])["sdxl_load"] == 0.0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_missing_sample_holds_a_scale_down_where_a_zero_would_push_it() -> None:
+    # Two serving pods just under the target (0.7 of 0.8), one pod warming up: with a 0 sample the
+    # average drops to 0.47 and the HPA proposes 2 (and would delete the warming pod first); with no
+    # sample it counts the warming pod at the target and keeps 3.
+    pods = [PodInfo(f"p{i}", PodPhase.RUNNING, ready=i < 2) for i in range(3)]
+    assert get_metric_replicas(3, 800, {"p0": 700, "p1": 700, "p2": 0}, pods)[0] == 2
+    assert get_metric_replicas(3, 800, {"p0": 700, "p1": 700}, pods)[0] == 3
