@@ -141,6 +141,10 @@ def write_single_file(tiny_dir: Path, path: Path) -> Path:
         state["first_stage_model." + original] = value
     for name, value in torch_state_dict(tiny_dir, "text_encoder").items():
         state["conditioner.embedders.0.transformer." + name] = value
+    # A buffer older transformers saved with CLIP (sd_xl_base_1.0.safetensors has it): not a parameter.
+    positions = state["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"]
+    position_ids = np.arange(positions.shape[0], dtype=np.int64)[None]
+    state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = position_ids
     state.update(_openclip(torch_state_dict(tiny_dir, "text_encoder_2")))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
