@@ -69,6 +69,8 @@ def to_flax(
             unknown.append(name)
             continue
         path = found
+        if path in converted:  # e.g. both to_q and query in one VAE: which one is meant is unknowable
+            raise CheckpointError(f"{component}: {weights.where} has two tensors for {'/'.join(path)}")
         want = expected[path]
         tensor = _reshape(weights.read(name), path[-1])
         if tuple(tensor.shape) != tuple(want.shape):
