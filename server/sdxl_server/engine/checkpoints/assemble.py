@@ -20,6 +20,7 @@ from sdxl_server.engine.checkpoints.tensor_files import Weights
 
 log = logging.getLogger(__name__)
 
+# Parameter shapes by (naming, config JSON): see _expected_shapes.
 _SHAPES: dict[tuple[str, str], dict[FlaxPath, Any]] = {}
 # The engine's sampler is Euler's; a checkpoint's scheduler config contributes its noise schedule.
 _EULER = ("EulerDiscreteScheduler", "FlaxEulerDiscreteScheduler")
