@@ -123,7 +123,7 @@ async def serve(config: ServerConfig) -> int:
     engine = JaxEngine(config.engine_config())
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    admission = Admission(engine, config.max_queue, config.default_steps)
+    admission = Admission(engine, config.max_queue)
     registry.register(
         EngineCollector(
             engine.stats, engine.step_histogram, serving=lambda: admission.state is ServingState.SERVING

@@ -74,7 +74,7 @@ def served(tiny_model_dir: Path, compilation_cache_dir: Path) -> Iterator[tuple[
     target: list[str] = []
 
     async def serve() -> None:
-        admission = Admission(engine, config.max_queue, config.default_steps)
+        admission = Admission(engine, config.max_queue)
         admission.mark_serving()
         service = ImageService(engine, admission, ServiceMetrics(CollectorRegistry()))
         server, port = build_server(

@@ -1,7 +1,9 @@
 """The bounded admission queue (in images) and the two admission policies.
 
-Submitting threads and the step loop share it under its own lock (never the step loop's work), and the
-loop sleeps on its condition when there is nothing to compute.
+Ownership: submitting threads only `put` (room is reserved in the stats board's ledger, so a full queue
+is refused at once and atomically) and `wake`; what waits in the queue belongs to the step loop, which
+moves new arrivals in with `receive` at each boundary and is the only one to take or remove items. The
+loop sleeps on the queue's condition when there is nothing to compute.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import threading
 from collections.abc import Callable, Iterable
 
 from sdxl_server.engine.api import QueueFullError
+from sdxl_server.engine.stats import StatsBoard
 from sdxl_server.engine.tracking import TrackedRequest, WorkItem
 
 
 class AdmissionQueue:
-    def __init__(self, max_images: int) -> None:
+    def __init__(self, max_images: int, board: StatsBoard) -> None:
         self.max_images = max_images
-        self._items: collections.deque[WorkItem] = collections.deque()
+        self._board = board
+        self._arrivals: collections.deque[WorkItem] = collections.deque()  # under `changed`
+        self._waiting: collections.deque[WorkItem] = collections.deque()  # the step loop's alone
         self.changed = threading.Condition()
 
-    def __len__(self) -> int:
-        return len(self._items)
+    # ---- any thread
 
     def put(
         self, request: TrackedRequest, retry_after: Callable[[], float], on_queued: Callable[[int], None]
@@ -31,48 +35,59 @@ class AdmissionQueue:
         `on_queued(images ahead)` runs before the step loop can see the request, so that the Queued event
         always precedes the request's first Progress.
         """
+        wanted = request.request.num_images
+        ahead = self._board.reserve(wanted, self.max_images)
+        if ahead is None:
+            waiting = self._board.waiting()
+            raise QueueFullError(
+                f"admission queue full ({waiting} of {self.max_images} images waiting)", retry_after()
+            )
+        on_queued(ahead)
         with self.changed:
-            ahead = len(self._items)
-            wanted = request.request.num_images
-            if ahead + wanted > self.max_images:
-                raise QueueFullError(
-                    f"admission queue full ({ahead} of {self.max_images} images waiting)", retry_after()
-                )
-            on_queued(ahead)
-            self._items.extend(WorkItem(request, i) for i in range(wanted))
+            self._arrivals.extend(WorkItem(request, i) for i in range(wanted))
             self.changed.notify_all()
-
-    def take(self, count: int) -> list[WorkItem]:
-        with self.changed:
-            return [self._items.popleft() for _ in range(min(count, len(self._items)))]
-
-    def remove_where(self, doomed: Callable[[WorkItem], bool]) -> list[WorkItem]:
-        """Removes and returns the queued items for which `doomed` is true."""
-        with self.changed:
-            removed = [item for item in self._items if doomed(item)]
-            if removed:
-                kept = [item for item in self._items if not doomed(item)]
-                self._items = collections.deque(kept)
-            return removed
-
-    def pending_steps(self) -> int:
-        with self.changed:
-            return sum(item.steps for item in self._items)
-
-    def drain(self) -> list[WorkItem]:
-        with self.changed:
-            items = list(self._items)
-            self._items.clear()
-            return items
 
     def wake(self) -> None:
         with self.changed:
             self.changed.notify_all()
 
-    def wait_for_work(self, timeout: float) -> None:
-        """Sleeps until something is queued or `wake` is called (or `timeout` passes)."""
+    # ---- the step loop only
+
+    def receive(self) -> None:
+        """Moves the images submitted since the last boundary into the queue, in submission order."""
         with self.changed:
-            if not self._items:
+            self._waiting.extend(self._arrivals)
+            self._arrivals.clear()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def take(self, count: int) -> list[WorkItem]:
+        return [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+
+    def remove_where(self, doomed: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Removes and returns the queued items for which `doomed` is true (evaluated once per item)."""
+        kept: collections.deque[WorkItem] = collections.deque()
+        removed: list[WorkItem] = []
+        for item in self._waiting:
+            (removed if doomed(item) else kept).append(item)
+        self._waiting = kept
+        return removed
+
+    def items(self) -> list[WorkItem]:
+        return list(self._waiting)
+
+    def drain(self) -> list[WorkItem]:
+        """Everything still queued or arriving (after the step loop has stopped)."""
+        self.receive()
+        items = list(self._waiting)
+        self._waiting.clear()
+        return items
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Sleeps until something arrives or `wake` is called (or `timeout` passes)."""
+        with self.changed:
+            if not self._arrivals:
                 self.changed.wait(timeout)
 
 

@@ -164,7 +164,7 @@ class EngineInfo:
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """A consistent snapshot, read without taking the step loop's lock."""
+    """A consistent snapshot of what the step loop published (it never goes back in time)."""
 
     queue_depth: int  # images admitted and waiting for a slot
     slots_busy: int
@@ -178,6 +178,11 @@ class EngineStats:
     startup_seconds: float
     ready: bool
     healthy: bool
+    decode_seconds_ewma: float = 0.0  # recent device time of one decode
+    work_ahead_steps: int = 0  # steps still to run for the images in slots and queued
+    retry_after_seconds: float = 1.0  # when a queue place is expected to open (RetryInfo)
+    # Recent device seconds of one step per resolution ("WxH"), where measured.
+    step_seconds_by_resolution: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Ticket(Protocol):
@@ -201,7 +206,9 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def estimate_seconds(self, num_images: int, steps: int) -> float | None:
+    def estimate_seconds(
+        self, num_images: int, steps: int, resolution: Resolution | None = None
+    ) -> float | None:
         """Expected time for a new request to finish given the queue and measured step time;
         None if unknown."""
 

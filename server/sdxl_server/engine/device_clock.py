@@ -30,7 +30,7 @@ class DeviceClock:
     def __init__(self, window_seconds: float, on_error: Callable[[BaseException], None]) -> None:
         self._window = window_seconds
         self._on_error = on_error
-        self._pending: queue.Queue[tuple[Any, str, int, float] | None] = queue.Queue()
+        self._pending: queue.Queue[tuple[Any, str, int, str, float] | None] = queue.Queue()
         self._in_flight = 0
         self._changed = threading.Condition()
         self._last_done = 0.0
@@ -38,18 +38,19 @@ class DeviceClock:
         self._first_start: float | None = None
         self.busy_seconds_total = 0.0
         self.step_seconds_ewma = 0.0
+        self.step_seconds_by_key: dict[str, float] = {}  # per resolution: what a step there costs
         self.decode_seconds_ewma = 0.0
         self._step_counts = [0] * (len(STEP_SECONDS_BOUNDS) + 1)  # the last bucket is +Inf
         self._step_seconds_sum = 0.0
         self._thread = threading.Thread(target=self._watch, name="sdxl-device-clock", daemon=True)
         self._thread.start()
 
-    def track(self, done: Any, kind: str, steps: int = 1) -> None:
-        """Registers a dispatch; `done` is any output array of it. kind: 'step' (of `steps` steps),
-        'decode', or anything else."""
+    def track(self, done: Any, kind: str, steps: int = 1, key: str = "") -> None:
+        """Registers a dispatch; `done` is any output array of it. kind: 'step' (of `steps` steps, for
+        `key`, e.g. a resolution), 'decode', or anything else."""
         with self._changed:
             self._in_flight += 1
-        self._pending.put((done, kind, steps, time.monotonic()))
+        self._pending.put((done, kind, steps, key, time.monotonic()))
 
     def wait_in_flight(self, at_most: int) -> None:
         with self._changed:
@@ -87,7 +88,7 @@ class DeviceClock:
 
     def _watch(self) -> None:
         while (entry := self._pending.get()) is not None:
-            done, kind, steps, dispatched_at = entry
+            done, kind, steps, key, dispatched_at = entry
             try:
                 jax.block_until_ready(done)
             except Exception as error:  # the device failed: nothing after this can be trusted
@@ -95,12 +96,12 @@ class DeviceClock:
             finished_at = time.monotonic()
             started_at = max(dispatched_at, self._last_done)
             self._last_done = finished_at
-            self._record(started_at, finished_at, kind, steps)
+            self._record(started_at, finished_at, kind, steps, key)
             with self._changed:
                 self._in_flight -= 1
                 self._changed.notify_all()
 
-    def _record(self, started_at: float, finished_at: float, kind: str, steps: int) -> None:
+    def _record(self, started_at: float, finished_at: float, kind: str, steps: int, key: str) -> None:
         seconds = finished_at - started_at
         if self._first_start is None:
             self._first_start = started_at
@@ -112,13 +113,20 @@ class DeviceClock:
             per_step = seconds / steps
             old = self.step_seconds_ewma
             self.step_seconds_ewma = per_step if old == 0 else old + _EWMA_WEIGHT * (per_step - old)
+            if key:  # replaced, not updated in place: other threads read it without a lock
+                old_here = self.step_seconds_by_key.get(key, 0.0)
+                new_here = per_step if old_here == 0 else old_here + _EWMA_WEIGHT * (per_step - old_here)
+                self.step_seconds_by_key = {**self.step_seconds_by_key, key: new_here}
             self._step_counts[bisect.bisect_left(STEP_SECONDS_BOUNDS, per_step)] += steps
             self._step_seconds_sum += seconds
         elif kind == "decode":
             old = self.decode_seconds_ewma
             self.decode_seconds_ewma = seconds if old == 0 else old + _EWMA_WEIGHT * (seconds - old)
 
-    def seed_estimates(self, step_seconds: float, decode_seconds: float) -> None:
+    def seed_estimates(
+        self, step_seconds: float, decode_seconds: float, by_key: dict[str, float] | None = None
+    ) -> None:
         """Initial estimates from the warm-up runs, before any traffic."""
         self.step_seconds_ewma = step_seconds
         self.decode_seconds_ewma = decode_seconds
+        self.step_seconds_by_key = dict(by_key or {})

@@ -8,6 +8,7 @@ that bad input fails at once and the loop only computes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import platform
@@ -35,6 +36,7 @@ from sdxl_server.engine.api import (
     NotReadyError,
     Queued,
     QueueFullError,
+    Resolution,
     Ticket,
 )
 from sdxl_server.engine.config import EngineConfig
@@ -47,7 +49,7 @@ from sdxl_server.engine.program_cache import ProgramCache, architecture
 from sdxl_server.engine.programs import ProgramSet, Rearrangement, build_programs
 from sdxl_server.engine.schedule import ScheduleBook
 from sdxl_server.engine.slots import SlotTable
-from sdxl_server.engine.stats import StatsBoard
+from sdxl_server.engine.stats import LoopView, StatsBoard
 from sdxl_server.engine.step_loop import StepLoop
 from sdxl_server.engine.trace import Trace, TraceEvent
 from sdxl_server.engine.tracking import TrackedRequest
@@ -65,9 +67,9 @@ class JaxEngine:
         self._clock = clock
         self._phase = "new"  # new | starting | ready | draining | stopped | failed
         self._failure: BaseException | None = None
-        self._queue = AdmissionQueue(config.max_queue)
-        self._trace = Trace(config.trace_capacity)
         self._stats = StatsBoard(slots_total=0)
+        self._queue = AdmissionQueue(config.max_queue, self._stats)
+        self._trace = Trace(config.trace_capacity)
         self._live: set[TrackedRequest] = set()
         self._live_lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -114,6 +116,13 @@ class JaxEngine:
         self._device = DeviceClock(cfg.busy_window_seconds, on_error=self._fail)
         with _timed(phases, "warm_up"):
             self._device.seed_estimates(*self._warm_up(programs))
+        self._stats.publish(
+            LoopView(
+                step_seconds=self._device.step_seconds_ewma,
+                step_seconds_by_resolution=tuple(sorted(self._device.step_seconds_by_key.items())),
+                decode_seconds=self._device.decode_seconds_ewma,
+            )
+        )  # the warm-up's estimates, before the step loop publishes its first view
         self._workers = ImageWorkers(cfg.encode_workers, self._fail, cfg.max_pending_decodes)
         self._loop = StepLoop(
             config=cfg,
@@ -149,35 +158,42 @@ class JaxEngine:
             self.compilation_cache_hits,
         )
 
-    def _warm_up(self, programs: ProgramSet) -> tuple[float, float]:
-        """Runs each program once (the first run of a compiled program has one-time costs) and returns
-        the measured step and decode seconds, the first estimates before any traffic."""
+    def _warm_up(self, programs: ProgramSet) -> tuple[float, float, dict[str, float]]:
+        """Runs each program twice and returns the second runs' step and decode seconds (a first run
+        has one-time costs: a fresh server that trusted it would refuse work it can do in time), the
+        estimates before any traffic: a full bank's step per resolution, and one image's decode."""
         params = programs.params
         text = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
         assert self._model is not None
         ids = np.zeros((2, 2, self._model.max_tokens), np.int32)
         jax.block_until_ready(programs.encode(text, ids))
-        step_seconds, decode_seconds = 0.0, 0.0
-        for res_programs in programs.by_resolution.values():
+
+        def second_run(run: Callable[[], object]) -> float:
+            jax.block_until_ready(run())
+            began = time.perf_counter()
+            jax.block_until_ready(run())
+            return time.perf_counter() - began
+
+        by_resolution: dict[str, float] = {}
+        decode_seconds = 0.0
+        for resolution, res_programs in programs.by_resolution.items():
             bank = res_programs.empty_bank
             largest = res_programs.buckets[-1]
             for (k, bucket), step in sorted(res_programs.steps.items()):
-                t0 = time.perf_counter()
-                jax.block_until_ready(step(params["unet"], bank.slots))
-                if bucket == largest:  # the estimate before traffic: a full bank's step
-                    step_seconds = max(step_seconds, (time.perf_counter() - t0) / k)
+                seconds = second_run(functools.partial(step, params["unet"], bank.slots)) / k
+                if bucket == largest:
+                    by_resolution[str(resolution)] = max(by_resolution.get(str(resolution), 0.0), seconds)
             for bucket, decode in sorted(res_programs.decode.items()):
-                t0 = time.perf_counter()
-                jax.block_until_ready(decode(params["vae"], bank.held))
+                seconds = second_run(functools.partial(decode, params["vae"], bank.held))
                 if bucket == 1:  # one finished image at a time is the common case under staggered load
-                    decode_seconds = max(decode_seconds, time.perf_counter() - t0)
+                    decode_seconds = max(decode_seconds, seconds)
             per = self.config.slots_per_device
             devices = bank.held.shape[0] // per
             unchanged = np.tile(np.arange(per, dtype=np.int32), devices)
             nothing = np.zeros(per * devices, bool)
             plan = Rearrangement(unchanged, nothing, np.zeros_like(unchanged), nothing)
             jax.block_until_ready(res_programs.rearrange(bank, plan))
-        return step_seconds, decode_seconds
+        return max(by_resolution.values()), decode_seconds, by_resolution
 
     def stop(self, drain_seconds: float = 0.0) -> None:
         if self._phase == "stopped":
@@ -194,6 +210,7 @@ class JaxEngine:
             if self._thread.is_alive():
                 self._loop.abort()
                 self._thread.join(timeout=60)
+            self._queue.drain()  # the loop has ended: what it left queued is failed below
         if self._workers is not None:
             self._workers.shutdown(wait=True)  # images already decoding still reach their callers
         self._fail_live(NotReadyError("the engine stopped before the request finished"))
@@ -247,16 +264,17 @@ class JaxEngine:
         if request.deadline is not None:
             if request.deadline <= now:
                 raise DeadlineUnreachableError("the deadline has already passed")
-            needed = self.estimate_seconds(request.num_images, request.steps)
+            needed = self.estimate_seconds(request.num_images, request.steps, request.resolution)
             if needed is not None and now + needed > request.deadline:
                 raise DeadlineUnreachableError(
                     f"needs about {needed:.1f}s but the deadline is in {request.deadline - now:.1f}s"
                 )
         # Overload fast path: a full queue says so before the tokenizer runs (~1 ms per prompt, taken from
         # the step loop's share of the GIL); put() below re-checks under the queue's lock.
-        if len(self._queue) + request.num_images > self._queue.max_images:
+        waiting = self._stats.waiting()
+        if waiting + request.num_images > self._queue.max_images:
             raise QueueFullError(
-                f"admission queue full ({len(self._queue)} of {self._queue.max_images} images waiting)",
+                f"admission queue full ({waiting} of {self._queue.max_images} images waiting)",
                 self._retry_after(),
             )
         prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
@@ -284,7 +302,6 @@ class JaxEngine:
             raise
         if self._phase in ("failed", "stopped"):  # it failed or stopped while this request was admitted
             tracked.deliver(Failed(NotReadyError(self._not_ready_reason())))
-        self._publish()
         return tracked
 
     def cancel(self, ticket: Ticket) -> None:
@@ -299,17 +316,23 @@ class JaxEngine:
     def stats(self) -> EngineStats:
         return self._stats.snapshot()
 
-    def estimate_seconds(self, num_images: int, steps: int) -> float | None:
-        device, slots = self._device, self._slots
-        if device is None or slots is None or device.step_seconds_ewma <= 0:
+    def estimate_seconds(
+        self, num_images: int, steps: int, resolution: Resolution | None = None
+    ) -> float | None:
+        """Seconds a request would take from now, from the step loop's last published view: the work
+        ahead of it spread over the slots, then its own steps at the measured step time of its
+        resolution, and a decode. None before the engine has measured anything."""
+        stats = self._stats.snapshot()
+        step = stats.step_seconds_ewma
+        if resolution is not None:
+            step = stats.step_seconds_by_resolution.get(str(resolution), step)
+        if step <= 0 or stats.slots_total == 0:
             return None
-        step = device.step_seconds_ewma
-        ahead = sum(o.remaining for o in slots.occupants()) + self._queue.pending_steps()
-        # The batch works off `total` image-steps per step; no wait when free slots can take it now.
-        idle_room = len(self._queue) == 0 and slots.free >= num_images
-        wait = 0.0 if idle_room else step * ahead / slots.total
-        rounds = math.ceil(num_images / slots.total)
-        return wait + step * steps * rounds + device.decode_seconds_ewma
+        # No wait when free slots can take it now.
+        idle_room = stats.queue_depth == 0 and stats.slots_total - stats.slots_busy >= num_images
+        wait = 0.0 if idle_room else step * stats.work_ahead_steps / stats.slots_total
+        rounds = math.ceil(num_images / stats.slots_total)
+        return wait + step * steps * rounds + stats.decode_seconds_ewma
 
     def trace(self) -> list[TraceEvent]:
         """What the step loop did, in order (admissions, step boundaries, finishes, cancellations)."""
@@ -330,14 +353,7 @@ class JaxEngine:
     # ---- internals
 
     def _retry_after(self) -> float:
-        device, slots = self._device, self._slots
-        if device is None or slots is None or device.step_seconds_ewma <= 0:
-            return 1.0
-        # A place in the queue opens when the first queued image enters a slot, that is when the
-        # occupant closest to done finishes: a retry sooner than that would be rejected again, and the
-        # whole queue's work (what the deadline estimate uses) would overstate the wait. Bounded.
-        soonest = min((occupant.remaining for occupant in slots.occupants()), default=0)
-        return float(min(max(device.step_seconds_ewma * soonest, 0.1), 60.0))
+        return self._stats.snapshot().retry_after_seconds
 
     def _not_ready_reason(self) -> str:
         if self._phase == "failed":
@@ -351,7 +367,7 @@ class JaxEngine:
             self._live.discard(request)
 
     def _fail_live(self, error: EngineError) -> None:
-        self._queue.drain()
+        # Every live request, queued ones included, ends here; the queue's contents stay the step loop's.
         with self._live_lock:
             live = list(self._live)
         for request in live:
@@ -371,15 +387,9 @@ class JaxEngine:
         self._publish(ready=False)
 
     def _publish(self, ready: bool | None = None) -> None:
+        """Lifecycle flags only: everything else in the stats is the step loop's to publish."""
         if ready is not None:
             self._stats.counters.ready = ready
-        device, slots = self._device, self._slots
-        self._stats.publish(
-            len(self._queue),
-            slots.busy if slots else 0,
-            device.step_seconds_ewma if device else 0.0,
-            device.busy_ratio() if device else 0.0,
-        )
 
 
 @contextlib.contextmanager

@@ -41,23 +41,58 @@ class LoadedModel:
     def tokenize(self, text: str) -> tuple[np.ndarray, bool]:
         """Token ids int32[2, max_tokens] (one row per text encoder) and whether `text` was truncated.
 
-        Same padding and truncation as `FlaxStableDiffusionXLPipeline.prepare_inputs`.
+        Same padding and truncation as `FlaxStableDiffusionXLPipeline.prepare_inputs`, over a bounded
+        prefix of the text (`readable_prefix`): the tokenizer's cost is bounded whatever a caller sends.
         """
+        prefix, cut = readable_prefix(text, self.max_tokens)
         rows = []
-        truncated = False
+        truncated = cut
         with self._tokenizer_lock:  # the Python CLIP tokenizer keeps a cache that is not thread-safe
             for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
-                full = tokenizer(text, truncation=False, verbose=False)["input_ids"]
+                full = tokenizer(prefix, truncation=False, verbose=False)["input_ids"]
                 truncated = truncated or len(full) > self.max_tokens
                 ids = tokenizer(
-                    text,
+                    prefix,
                     padding="max_length",
                     max_length=self.max_tokens,
                     truncation=True,
                     return_tensors="np",
                 ).input_ids
                 rows.append(ids[0])
+                _bound_word_cache(tokenizer)
         return np.stack(rows).astype(np.int32), truncated
+
+
+# A CLIP token covers at most a few characters of text (15 in the byte-level vocabulary, about as many
+# in CLIP's BPE vocabulary): this many characters per token the model reads is more than any real prompt
+# needs, and bounds what the tokenizer ever sees.
+_CHARACTERS_PER_TOKEN = 16
+# The slow CLIP tokenizer caches the BPE of every distinct word forever: cleared past this many words.
+_WORD_CACHE_LIMIT = 4096
+
+
+def readable_prefix(text: str, max_tokens: int) -> tuple[str, bool]:
+    """The part of `text` the model can read (whitespace collapsed as CLIP's cleaning does, at most
+    max_tokens x 16 characters), and whether anything was cut off.
+
+    CLIP's BPE costs the square of a word's length, so a "word" longer than max_tokens characters (letters
+    or symbols without a space) is split into pieces of that length: a piece still yields at least as many
+    tokens as the model reads in the byte-level vocabulary, so the ids the model sees do not change there;
+    with a BPE vocabulary only such pathological words can tokenize differently after the split."""
+    collapsed = " ".join(text.split())
+    budget = max_tokens * _CHARACTERS_PER_TOKEN
+    cut = len(collapsed) > budget
+    words = collapsed[:budget].split(" ")
+    pieces = [word[i : i + max_tokens] for word in words for i in range(0, len(word), max_tokens)]
+    return " ".join(pieces), cut
+
+
+def _bound_word_cache(tokenizer: Any) -> None:
+    cache = getattr(tokenizer, "cache", None)
+    if isinstance(cache, dict) and len(cache) > _WORD_CACHE_LIMIT:
+        special = {k: v for k, v in cache.items() if k.startswith("<|")}  # the start and end tokens
+        cache.clear()
+        cache.update(special)
 
 
 def load_model(source: str, dtype_name: str, model_configs: str | None = None) -> LoadedModel:

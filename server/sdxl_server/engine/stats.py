@@ -1,4 +1,12 @@
-"""Engine statistics published as immutable snapshots: readers never take the step loop's lock."""
+"""Engine statistics: what the step loop publishes at each boundary, plus counters, as snapshots.
+
+Ownership: only the step loop publishes its view (slots busy, work ahead, estimates); image workers
+only add to `images_total`; the engine sets the lifecycle flags. The board also keeps the admission
+ledger, the number of accepted images not yet in a slot: submitting threads reserve room in it (the
+authoritative queue-full check), and the loop releases what left the queue in the same locked call that
+publishes the view where those images appear as busy, so a snapshot never counts an image twice or not
+at all, and never goes back in time.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,10 @@ import dataclasses
 import threading
 
 from sdxl_server.engine.api import EngineStats
+
+# Bounds of the retry delay suggested when the queue is full (seconds).
+MIN_RETRY_SECONDS = 0.1
+MAX_RETRY_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -18,39 +30,85 @@ class Counters:
     healthy: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopView:
+    """What the step loop saw at a boundary."""
+
+    slots_busy: int = 0
+    step_seconds: float = 0.0  # recent device seconds of one step (all resolutions)
+    step_seconds_by_resolution: tuple[tuple[str, float], ...] = ()
+    decode_seconds: float = 0.0
+    busy_ratio: float = 0.0
+    work_ahead_steps: int = 0  # steps still to run for the images in slots and in the queue
+    soonest_free_steps: int = 0  # steps until the first slot frees (0 when one is free)
+
+
 class StatsBoard:
     def __init__(self, slots_total: int) -> None:
         self.counters = Counters()
         self._slots_total = slots_total
-        self._publish_lock = threading.Lock()  # orders publishers; readers take no lock
-        self._snapshot = self._build(0, 0, 0.0, 0.0)
+        self._lock = threading.Lock()
+        self._view = LoopView()
+        self._waiting = 0  # the admission ledger: accepted images not yet in a slot (nor dropped)
 
     def set_slots_total(self, slots_total: int) -> None:
         self._slots_total = slots_total
 
-    def publish(self, queue_depth: int, slots_busy: int, step_seconds: float, busy_ratio: float) -> None:
-        with self._publish_lock:
-            self._snapshot = self._build(queue_depth, slots_busy, step_seconds, busy_ratio)
+    # ---- the admission ledger (any thread)
+
+    def reserve(self, images: int, max_images: int) -> int | None:
+        """Takes room for `images` in the queue; returns how many wait ahead, or None when it is full."""
+        with self._lock:
+            if self._waiting + images > max_images:
+                return None
+            ahead = self._waiting
+            self._waiting += images
+            return ahead
+
+    def waiting(self) -> int:
+        return self._waiting
+
+    # ---- writers
+
+    def publish(self, view: LoopView, left_queue: int = 0) -> None:
+        """The step loop's view; `left_queue` images left the queue since its last publish."""
+        with self._lock:
+            self._view = view
+            self._waiting -= left_queue
+
+    def count_image(self) -> None:
+        with self._lock:
+            self.counters.images_total += 1
+
+    # ---- readers
 
     def snapshot(self) -> EngineStats:
-        return self._snapshot
+        with self._lock:
+            view, waiting, c, total = self._view, self._waiting, self.counters, self._slots_total
+            return EngineStats(
+                queue_depth=waiting,
+                slots_busy=view.slots_busy,
+                slots_total=total,
+                load=(waiting + view.slots_busy) / total if total else 0.0,
+                steps_total=c.steps_total,
+                images_total=c.images_total,
+                step_seconds_ewma=view.step_seconds,
+                device_busy_ratio=view.busy_ratio,
+                compile_seconds=c.compile_seconds,
+                startup_seconds=c.startup_seconds,
+                ready=c.ready,
+                healthy=c.healthy,
+                decode_seconds_ewma=view.decode_seconds,
+                work_ahead_steps=view.work_ahead_steps,
+                retry_after_seconds=retry_after(view),
+                step_seconds_by_resolution=dict(view.step_seconds_by_resolution),
+            )
 
-    def _build(
-        self, queue_depth: int, slots_busy: int, step_seconds: float, busy_ratio: float
-    ) -> EngineStats:
-        c = self.counters
-        total = self._slots_total
-        return EngineStats(
-            queue_depth=queue_depth,
-            slots_busy=slots_busy,
-            slots_total=total,
-            load=(queue_depth + slots_busy) / total if total else 0.0,
-            steps_total=c.steps_total,
-            images_total=c.images_total,
-            step_seconds_ewma=step_seconds,
-            device_busy_ratio=busy_ratio,
-            compile_seconds=c.compile_seconds,
-            startup_seconds=c.startup_seconds,
-            ready=c.ready,
-            healthy=c.healthy,
-        )
+
+def retry_after(view: LoopView) -> float:
+    """When a queue place opens: the first queued image enters a slot when the occupant closest to done
+    finishes (a retry sooner would be refused again; the whole queue's work would overstate it). Bounded."""
+    if view.step_seconds <= 0:
+        return 1.0
+    seconds = view.step_seconds * view.soonest_free_steps
+    return float(min(max(seconds, MIN_RETRY_SECONDS), MAX_RETRY_SECONDS))

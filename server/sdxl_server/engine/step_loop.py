@@ -19,14 +19,16 @@ Each iteration is one step boundary:
    has the current boundary's work queued while the host prepares the next, and cancellations take
    effect within one step.
 
-Only this thread touches the slot table, the held buffers and the device state.
+Ownership: only this thread touches the slot table, the queue's contents, the held buffers and the device
+state, and only it publishes the stats view. Other threads reach it through messages it handles at the
+next boundary: a submission lands in the queue's arrivals (moved in by `receive`), a cancellation is a
+flag on the request read by `retire`, stop and abort are flags read at the top of each boundary.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +54,7 @@ from sdxl_server.engine.encoding import ImageWorkers, encode_image
 from sdxl_server.engine.programs import Bank, ProgramSet, Rearrangement, SlotUpdate
 from sdxl_server.engine.schedule import ScheduleBook
 from sdxl_server.engine.slots import Occupant, SlotTable
-from sdxl_server.engine.stats import StatsBoard
+from sdxl_server.engine.stats import LoopView, StatsBoard
 from sdxl_server.engine.trace import Trace, TraceEvent
 from sdxl_server.engine.tracking import TrackedRequest, WorkItem
 
@@ -101,9 +103,9 @@ class StepLoop:
         self.steps_dispatched = 0  # denoising steps dispatched so far (K per multi-step dispatch)
         self.host_seconds = 0.0  # time this thread spent working, not waiting on the device or a queue
         self._tracked_this_boundary = 0
+        self._left_queue = 0  # images taken or removed from the queue since the last publish
         self._stopping = False  # finish accepted work, then exit
         self._aborted = False  # exit at the next boundary
-        self._images_lock = threading.Lock()  # image workers count concurrently
 
     # ---- control, from other threads
 
@@ -129,6 +131,7 @@ class StepLoop:
         waited = 0.0
         now = self._clock()
         self._tracked_this_boundary = 0
+        self._queue.receive()
         self._retire(now)
         self._compact()
         self._admit(now)
@@ -165,8 +168,17 @@ class StepLoop:
                 self._note(_retire_kind(error), occupant.item, occupant.slot)
                 if error is not None:
                     failures[id(request)] = (request, error)
-        for item in self._queue.remove_where(lambda i: i.request.terminal or reason(i.request) is not None):
-            error = reason(item.request)
+        queued_errors: dict[int, EngineError | None] = {}
+
+        def doomed(item: WorkItem) -> bool:
+            error = None if item.request.terminal else reason(item.request)
+            queued_errors[id(item)] = error
+            return item.request.terminal or error is not None
+
+        removed = self._queue.remove_where(doomed)
+        self._left_queue += len(removed)
+        for item in removed:
+            error = queued_errors[id(item)]
             self._note(_retire_kind(error), item, -1)
             if error is not None:
                 failures[id(item.request)] = (item.request, error)
@@ -202,7 +214,9 @@ class StepLoop:
 
     def _admit(self, now: float) -> None:
         count = admittable(self._config.policy, self._slots.free, self._slots.busy)
-        for item in self._queue.take(count):
+        taken = self._queue.take(count)
+        self._left_queue += len(taken)
+        for item in taken:
             request = item.request
             occupant = self._slots.assign(item)
             if request.embeddings is None:
@@ -290,7 +304,7 @@ class StepLoop:
             bank = self._banks[resolution]
             latents, step = programs.steps[(k, bucket)](unet, bank.slots)
             self._banks[resolution] = bank._replace(slots=bank.slots._replace(latents=latents, step=step))
-            self._device.track(step, "step", k)
+            self._device.track(step, "step", k, key=str(resolution))
             self._tracked_this_boundary += 1
             batches.append(f"{resolution}:{bucket}")
         self.boundary += 1
@@ -312,11 +326,11 @@ class StepLoop:
                 self._slots.release(occupant)
                 self._finishing[occupant.resolution].append(occupant)
                 self._note("finish", occupant.item, occupant.slot)
+        self._publish()  # before the Progress events: a caller never reads stats older than its progress
         for request in progressed.values():
             request.deliver(
                 Progress(completed_steps=sum(request.steps_done), total_steps=request.total_steps)
             )
-        self._publish()
         started_waiting = time.perf_counter()
         self._device.wait_in_flight(at_most=self._tracked_this_boundary)
         return time.perf_counter() - started_waiting
@@ -350,9 +364,7 @@ class StepLoop:
             request.deliver(
                 ImageReady(item.index, item.seed, data, req.image_format, resolution.width, resolution.height)
             )
-            with self._images_lock:
-                self._stats.counters.images_total += 1
-            self._publish()  # before Finished: a caller that reads stats after it sees its images counted
+            self._stats.count_image()  # before Finished: a caller that reads stats then sees its images
             if request.image_finished():
                 now = self._clock()
                 first = request.first_step_at if request.first_step_at is not None else now
@@ -370,9 +382,27 @@ class StepLoop:
         self._trace.add(TraceEvent(kind, self.boundary, item.request.request_id, item.index, slot, detail))
 
     def _publish(self) -> None:
-        self._stats.publish(
-            len(self._queue), self._slots.busy, self._device.step_seconds_ewma, self._device.busy_ratio()
+        occupants = self._slots.occupants()
+        device = self._device
+        view = LoopView(
+            slots_busy=self._slots.busy,
+            step_seconds=device.step_seconds_ewma,
+            step_seconds_by_resolution=tuple(sorted(device.step_seconds_by_key.items())),
+            decode_seconds=device.decode_seconds_ewma,
+            busy_ratio=device.busy_ratio(),
+            work_ahead_steps=sum(o.remaining for o in occupants) + sum(i.steps for i in self._queue.items()),
+            soonest_free_steps=self._steps_until_a_queued_image_can_enter(occupants),
         )
+        self._stats.publish(view, left_queue=self._left_queue)
+        self._left_queue = 0
+
+
+    def _steps_until_a_queued_image_can_enter(self, occupants: list[Occupant]) -> int:
+        if not occupants:
+            return 0
+        if self._config.policy == "static":  # the next batch starts when the whole batch is done
+            return max(o.remaining for o in occupants)
+        return 0 if self._slots.free > 0 else min(o.remaining for o in occupants)
 
 
 def _retire_kind(error: EngineError | None) -> str:

@@ -48,11 +48,9 @@ _MIN_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.1, 60.0
 class Admission:
     """Used from the event loop's thread only."""
 
-    def __init__(self, engine: Engine, max_queue: int, typical_steps: int) -> None:
-        """``typical_steps``: steps per queued image assumed for retry hints (the server's default)."""
+    def __init__(self, engine: Engine, max_queue: int) -> None:
         self._engine = engine
         self._max_queue = max_queue
-        self._typical_steps = typical_steps
         self._state = ServingState.STARTING
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -111,7 +109,8 @@ class Admission:
         stats = self._engine.stats()  # a lock-free snapshot: overload is answered without touching the engine
         # A deadline too short even for an idle server is final: retrying (the overload answer) cannot help.
         rounds = math.ceil(request.num_images / max(stats.slots_total, 1))
-        own_seconds = stats.step_seconds_ewma * request.steps * rounds
+        step_seconds = stats.step_seconds_by_resolution.get(str(request.resolution), stats.step_seconds_ewma)
+        own_seconds = step_seconds * request.steps * rounds
         if time_remaining is not None and own_seconds > time_remaining:
             raise _deadline_error(
                 f"{request.num_images} x {request.steps} steps take about {own_seconds:.2f}s even on an "
@@ -121,7 +120,7 @@ class Admission:
             raise self._queue_full(stats)
         if time_remaining is None:
             return
-        estimate = self._engine.estimate_seconds(request.num_images, request.steps)
+        estimate = self._engine.estimate_seconds(request.num_images, request.steps, request.resolution)
         if estimate is not None and estimate > time_remaining:
             raise _deadline_error(
                 f"the request would need about {estimate:.2f}s (queue and {request.num_images} x "
@@ -130,12 +129,9 @@ class Admission:
             )
 
     def _queue_full(self, stats: EngineStats) -> ServiceError:
-        # About when the queue ahead will have entered the slots: a fair moment to try again. Computed
-        # from the snapshot alone, so that rejecting costs no engine lock under overload.
-        seconds = (
-            stats.step_seconds_ewma * stats.queue_depth * self._typical_steps / max(stats.slots_total, 1)
-        )
-        retry_seconds = min(max(seconds, _MIN_RETRY_SECONDS), _MAX_RETRY_SECONDS)
+        # When the engine expects a queue place to open (its published estimate, the same one engine.submit
+        # puts in its own QueueFullError): read from the snapshot, so rejecting costs no engine lock.
+        retry_seconds = min(max(stats.retry_after_seconds, _MIN_RETRY_SECONDS), _MAX_RETRY_SECONDS)
         return ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"admission queue full ({stats.queue_depth} of {self._max_queue} images waiting); retry in "

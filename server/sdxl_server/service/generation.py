@@ -134,7 +134,9 @@ class Generations:
             self._admission.check(request, time_remaining)
             call = EngineCall(self.engine, asyncio.get_running_loop())
             try:
-                call.submit(request)
+                # Tokenizing (bounded, but still milliseconds) runs in a worker thread, never on the event
+                # loop that answers health checks and every other caller.
+                await asyncio.to_thread(call.submit, request)
             except api.EngineError as e:
                 raise errors.from_engine_error(e) from None
             trace.request = request
