@@ -251,7 +251,7 @@ class JaxEngine:
             min_guidance_scale=cfg.min_guidance_scale,
             max_guidance_scale=cfg.max_guidance_scale,
             default_guidance_scale=cfg.default_guidance_scale,
-            max_images_per_request=cfg.max_images_per_request,
+            max_images_per_request=min(cfg.max_images_per_request, cfg.max_queue),
             max_prompt_tokens=self._model.max_tokens if self._model else 77,
             max_queue=cfg.max_queue,
         )

@@ -18,11 +18,10 @@ def validate_request(request: GenerationRequest, config: EngineConfig) -> None:
     require(isinstance(request.prompt, str), "prompt", "must be text")
     require(isinstance(request.negative_prompt, str), "negative_prompt", "must be text")
     n = request.num_images
-    require(
-        1 <= n <= config.max_images_per_request,
-        "num_images",
-        f"{n} is outside [1, {config.max_images_per_request}]",
-    )
+    # More images than the whole queue holds could never be admitted: refused as a bad field, not as
+    # overload (which a client would retry forever).
+    most = min(config.max_images_per_request, config.max_queue)
+    require(1 <= n <= most, "num_images", f"{n} is outside [1, {most}]")
     require(
         config.min_steps <= request.steps <= config.max_steps,
         "steps",

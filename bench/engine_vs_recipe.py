@@ -1,0 +1,423 @@
+"""The engine against the seed's recipe, side by side in one run: saturation, a lone request, Poisson load.
+
+Both sides run on the same model (the bench-size SDXL of bench_model.py with its wider VAE: at 128x128
+decoding one image costs more than one guided UNet step of one image, as real SDXL's at 1024x1024 costs
+0.77 of one in FLOPs; the ratio is measured and printed), the same 2 CPU devices, batch, size and steps.
+The machine is shared and its load drifts, so the saturation runs alternate recipe and engine in rounds
+and report the median of the per-round ratios. The recipe is
+`FlaxStableDiffusionXLPipeline(jit=True)` as the blog post writes it (seed_recipe.py).
+
+* saturation: images/s with every request submitted at once, and with staggered arrivals (open loop at
+  2x the recipe's rate, so the queue never empties and slots finish at different boundaries; measured
+  between the first and the last S finished images, while the queue is non-empty), against the recipe's
+  images/s over whole batches;
+* lone request: latency of one request on an engine with 4 slots on 1 device, against the recipe at
+  batch 1 on 1 device (medians);
+* Poisson arrivals at 50%, 70% and 90% of the engine's capacity with mixed step counts (4..14): p50 and
+  p99 for `continuous` and `static`, and a plot of latency against load;
+* two served resolutions: the saturation throughput when half the requests ask for the second one.
+
+Prints tables, writes bench/results/engine_vs_recipe.json and .png. Goals (issue 8): saturation >= 0.95x
+the recipe (both ways), lone <= 1.1x, continuous p99 <= 0.6x static's at 70% load.
+
+    .venv/bin/python bench/engine_vs_recipe.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_model import ensure_bench_model  # noqa: E402
+from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
+from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution  # noqa: E402
+from sdxl_server.engine.quiet import silence_library_noise  # noqa: E402
+from seed_recipe import SeedRecipe  # noqa: E402
+
+CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
+BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
+TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
+COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
+RESULTS = REPO / "bench" / "results" / "engine_vs_recipe.json"
+RESOLUTION = Resolution(128, 128)
+SECOND_RESOLUTION = Resolution(128, 96)
+STEPS = 8
+GUIDANCE = 7.5
+STEP_MIX = (4, 12, 6, 10, 8, 14, 5, 9, 7, 11, 13)
+DEVICES = 2
+SLOTS_PER_DEVICE = 2
+
+
+def engine_config(policy: str = "continuous", **overrides) -> EngineConfig:
+    settings = dict(
+        model=str(BENCH_MODEL_DIR),
+        resolutions=(RESOLUTION, SECOND_RESOLUTION),
+        slots_per_device=SLOTS_PER_DEVICE,
+        max_devices=DEVICES,
+        policy=policy,
+        max_queue=1024,
+        max_steps=16,
+        default_steps=STEPS,
+        compilation_cache_dir=str(COMPILE_CACHE),
+        busy_window_seconds=600.0,
+    )
+    settings.update(overrides)
+    return EngineConfig(**settings)
+
+
+class Tracker:
+    """Submits requests and records each one's latency (submit to Finished)."""
+
+    def __init__(self, engine: JaxEngine) -> None:
+        self.engine = engine
+        self.latencies: list[float] = []
+        self.failures: list[object] = []
+        self.finished_at: list[float] = []
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._count = 0
+
+    def submit(self, i: int, steps: int, resolution: Resolution = RESOLUTION) -> None:
+        submitted = time.perf_counter()
+
+        def listener(event: object) -> None:
+            if isinstance(event, Finished | Failed):
+                with self._done:
+                    now = time.perf_counter()
+                    if isinstance(event, Failed):
+                        self.failures.append(event)
+                    self.latencies.append(now - submitted)
+                    self.finished_at.append(now)
+                    self._count += 1
+                    self._done.notify_all()
+
+        self.engine.submit(
+            GenerationRequest(
+                request_id=f"bench-{i}",
+                prompt=f"a benchmark prompt number {i}",
+                negative_prompt="",
+                seed=i,
+                num_images=1,
+                steps=steps,
+                guidance_scale=GUIDANCE,
+                resolution=resolution,
+            ),
+            listener,
+        )
+
+    def wait(self, count: int) -> None:
+        with self._done:
+            self._done.wait_for(lambda: self._count >= count)
+        if self.failures:
+            raise RuntimeError(f"{len(self.failures)} requests failed: {self.failures[:3]}")
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def recipe_saturation(recipe: SeedRecipe, batches: int) -> dict:
+    recipe.generate(
+        ["warm-up"] * SLOTS_PER_DEVICE, "", 0, STEPS, GUIDANCE, RESOLUTION.height, RESOLUTION.width
+    )
+    began = time.perf_counter()
+    for b in range(batches):
+        prompts = [f"a benchmark prompt number {b * SLOTS_PER_DEVICE + i}" for i in range(SLOTS_PER_DEVICE)]
+        recipe.generate(prompts, "", b, STEPS, GUIDANCE, RESOLUTION.height, RESOLUTION.width)
+    wall = time.perf_counter() - began
+    images = batches * SLOTS_PER_DEVICE * len(recipe.devices)
+    return {"images": images, "wall_seconds": wall, "images_per_second": images / wall}
+
+
+def engine_saturation(engine: JaxEngine, images: int, interval: float, second_share: float = 0.0) -> dict:
+    """All at once (interval 0) or open-loop arrivals every `interval` seconds."""
+    tracker = Tracker(engine)
+    busy_before = engine.device_busy_seconds()
+    host_before = engine._loop.host_seconds
+    began = time.perf_counter()
+    for i in range(images):
+        if interval:
+            target = began + i * interval
+            while (delay := target - time.perf_counter()) > 0:
+                time.sleep(delay)
+        second = second_share and (i % round(1 / second_share) == 0)
+        tracker.submit(i, STEPS, SECOND_RESOLUTION if second else RESOLUTION)
+    tracker.wait(images)
+    wall = max(tracker.finished_at) - began
+    finished = sorted(tracker.finished_at)
+    edge = DEVICES * SLOTS_PER_DEVICE  # the ramp-up and the drain: not every slot busy
+    steady = (len(finished) - 2 * edge) / (finished[-edge - 1] - finished[edge - 1])
+    return {
+        "images": images,
+        "wall_seconds": wall,
+        "images_per_second": images / wall,
+        "steady_images_per_second": steady,
+        "device_busy_ratio": (engine.device_busy_seconds() - busy_before) / wall,
+        "host_seconds": engine._loop.host_seconds - host_before,
+    }
+
+
+def lone(engine: JaxEngine, recipe: SeedRecipe, repeats: int) -> dict:
+    ours, theirs = [], []
+    recipe.generate(["warm-up"], "", 0, STEPS, GUIDANCE, RESOLUTION.height, RESOLUTION.width)
+    for i in range(repeats):  # interleaved, so that the machine's load changes hit both alike
+        tracker = Tracker(engine)
+        tracker.submit(i, STEPS)
+        tracker.wait(1)
+        ours.append(tracker.latencies[0])
+        began = time.perf_counter()
+        recipe.generate(
+            [f"a benchmark prompt number {i}"], "", i, STEPS, GUIDANCE, RESOLUTION.height, RESOLUTION.width
+        )
+        theirs.append(time.perf_counter() - began)
+    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+    return {
+        "engine_seconds": ours,
+        "recipe_seconds": theirs,
+        "engine_median": ours_median,
+        "recipe_median": theirs_median,
+        "ratio": ours_median / theirs_median,
+    }
+
+
+def poisson(engine: JaxEngine, rate: float, requests: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1 / rate, requests)
+    steps = [STEP_MIX[int(i)] for i in rng.integers(0, len(STEP_MIX), requests)]
+    tracker = Tracker(engine)
+    began = time.perf_counter()
+    at = began
+    for i in range(requests):
+        at += gaps[i]
+        while (delay := at - time.perf_counter()) > 0:
+            time.sleep(delay)
+        tracker.submit(i, steps[i])
+    tracker.wait(requests)
+    wall = max(tracker.finished_at) - began
+    latencies = np.array(tracker.latencies)
+    return {
+        "offered_per_second": rate,
+        "served_per_second": requests / wall,
+        "p50": float(np.percentile(latencies, 50)),
+        "p99": float(np.percentile(latencies, 99)),
+        "mean": float(latencies.mean()),
+    }
+
+
+def cost_ratio(engine: JaxEngine) -> dict:
+    """Decode of one image against one guided step of one image, from the engine's own bucket-1 programs."""
+    import jax
+
+    programs = engine._programs.by_resolution[RESOLUTION]
+    params = engine._programs.params
+    bank = programs.empty_bank
+
+    def best(run) -> float:
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(5):
+            began = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    step = best(lambda: programs.steps[(1, 1)](params["unet"], bank.slots))
+    decode = best(lambda: programs.decode[1](params["vae"], bank.held))
+    return {"guided_step_seconds": step, "decode_seconds": decode, "decode_over_step": decode / step}
+
+
+def plot(poisson_runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, runs in poisson_runs.items():
+        loads = [r["load"] for r in runs]
+        ax.plot(loads, [r["p99"] for r in runs], marker="o", label=f"{policy} p99")
+        ax.plot(loads, [r["p50"] for r in runs], marker="x", linestyle="--", label=f"{policy} p50")
+    ax.set_xlabel("offered load (share of the engine's saturated capacity)")
+    ax.set_ylabel("latency, submit to last image (s)")
+    ax.set_title(
+        f"Poisson arrivals, steps {min(STEP_MIX)}..{max(STEP_MIX)}, "
+        f"{DEVICES} devices x {SLOTS_PER_DEVICE} slots"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier figures)")
+    args = parser.parse_args()
+    batches = 3 if args.quick else 5
+    saturation_rounds = 1 if args.quick else 3
+    poisson_requests = 30 if args.quick else 60
+    lone_repeats = 3 if args.quick else 7
+
+    import jax
+
+    silence_library_noise()
+    if jax.local_device_count() < DEVICES:
+        raise SystemExit(
+            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
+        )
+    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    recipe = SeedRecipe(str(BENCH_MODEL_DIR), DEVICES)
+    solo_recipe = SeedRecipe(str(BENCH_MODEL_DIR), 1)
+    images = batches * DEVICES * SLOTS_PER_DEVICE
+
+    continuous = JaxEngine(engine_config("continuous"))
+    continuous.start()
+    ratio = cost_ratio(continuous)
+    say(f"decode / guided step (one image each): {ratio['decode_over_step']:.2f}")
+    rounds = []
+    for r in range(saturation_rounds):
+        theirs = recipe_saturation(recipe, batches)
+        at_once = engine_saturation(continuous, images, 0.0)
+        staggered = engine_saturation(continuous, images, 1 / (2 * theirs["images_per_second"]))
+        rounds.append({"recipe": theirs, "at_once": at_once, "staggered": staggered})
+        say(
+            f"round {r}: recipe {theirs['images_per_second']:.3f}/s, engine at once "
+            f"{at_once['images_per_second']:.3f}/s, "
+            f"staggered steady {staggered['steady_images_per_second']:.3f}/s"
+        )
+    at_once_ratio = statistics.median(
+        x["at_once"]["images_per_second"] / x["recipe"]["images_per_second"] for x in rounds
+    )
+    staggered_ratio = statistics.median(
+        x["staggered"]["steady_images_per_second"] / x["recipe"]["images_per_second"] for x in rounds
+    )
+    recipe_rate = statistics.median(x["recipe"]["images_per_second"] for x in rounds)
+    at_once = rounds[-1]["at_once"]
+    staggered = rounds[-1]["staggered"]
+    interval = 1 / (2 * recipe_rate)
+    one_resolution = engine_saturation(continuous, images, 0.0)
+    two_resolutions = engine_saturation(continuous, images, 0.0, second_share=0.5)
+    say(
+        f"two resolutions {two_resolutions['images_per_second']:.3f}/s vs one "
+        f"{one_resolution['images_per_second']:.3f}/s"
+    )
+
+    # Capacity under the mixed-step Poisson workload: saturated images/s with that mix.
+    tracker = Tracker(continuous)
+    mix_images = 2 * DEVICES * SLOTS_PER_DEVICE * 2
+    began = time.perf_counter()
+    for i in range(mix_images):
+        tracker.submit(i, STEP_MIX[i % len(STEP_MIX)])
+    tracker.wait(mix_images)
+    capacity = mix_images / (max(tracker.finished_at) - began)
+    say(f"capacity with mixed steps: {capacity:.3f} images/s")
+
+    static = JaxEngine(engine_config("static"))
+    static.start()
+    poisson_runs: dict[str, list[dict]] = {"continuous": [], "static": []}
+    for load in (0.5, 0.7, 0.9):
+        for policy, engine in (("continuous", continuous), ("static", static)):
+            run = poisson(engine, load * capacity, poisson_requests, seed=int(load * 100))
+            poisson_runs[policy].append({"load": load, **run})
+            say(f"Poisson {load:.0%} {policy}: p50 {run['p50']:.2f}s p99 {run['p99']:.2f}s")
+    static.stop()
+    continuous.stop()
+
+    lone_engine = JaxEngine(engine_config(slots_per_device=4, max_devices=1, resolutions=(RESOLUTION,)))
+    lone_engine.start()
+    alone = lone(lone_engine, solo_recipe, lone_repeats)
+    lone_engine.stop()
+    say(f"lone: engine {alone['engine_median']:.3f}s, recipe {alone['recipe_median']:.3f}s")
+
+    rows = [
+        ("recipe (blog post), whole batches", recipe_rate, 1.0),
+        ("engine, all at once", at_once["images_per_second"], at_once["images_per_second"] / recipe_rate),
+        (
+            "engine, staggered arrivals",
+            staggered["images_per_second"],
+            staggered["images_per_second"] / recipe_rate,
+        ),
+        (
+            f"engine, half at {SECOND_RESOLUTION}",
+            two_resolutions["images_per_second"],
+            two_resolutions["images_per_second"] / at_once["images_per_second"],
+        ),
+    ]
+    print(
+        f"\nbench-size SDXL at {RESOLUTION}, {STEPS} steps, {DEVICES} CPU devices x {SLOTS_PER_DEVICE} slots"
+    )
+    print(
+        f"decode of 1 image / guided step of 1 image: {ratio['decode_over_step']:.2f} "
+        "(real SDXL 1024x1024: 0.77)"
+    )
+    print(f"\n{'saturation':<40}{'images/s':>10}{'ratio':>8}")
+    for name, rate, rel in rows:
+        print(f"{name:<40}{rate:>10.3f}{rel:>8.2f}")
+    print(
+        f"(median of {saturation_rounds} alternating rounds; the two-resolution row against one resolution)"
+    )
+    print(
+        f"\nlone request, 4 slots on 1 device: engine {alone['engine_median']:.3f}s, recipe batch 1 "
+        f"{alone['recipe_median']:.3f}s, ratio {alone['ratio']:.2f} (goal <= 1.1)"
+    )
+    print(f"\nPoisson, steps {min(STEP_MIX)}..{max(STEP_MIX)}, capacity {capacity:.2f} images/s")
+    print(f"{'load':>6}{'policy':>12}{'offered/s':>11}{'served/s':>10}{'p50 s':>8}{'p99 s':>8}")
+    for i, load in enumerate((0.5, 0.7, 0.9)):
+        for policy in ("continuous", "static"):
+            r = poisson_runs[policy][i]
+            print(
+                f"{load:>6.1f}{policy:>12}{r['offered_per_second']:>11.2f}{r['served_per_second']:>10.2f}"
+                f"{r['p50']:>8.2f}{r['p99']:>8.2f}"
+            )
+    p99_ratio = poisson_runs["continuous"][1]["p99"] / poisson_runs["static"][1]["p99"]
+    print(f"continuous / static p99 at 70% load: {p99_ratio:.2f} (goal <= 0.6)")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": "bench-sdxl (bench/bench_model.py)",
+        "resolution": str(RESOLUTION),
+        "steps": STEPS,
+        "devices": DEVICES,
+        "slots_per_device": SLOTS_PER_DEVICE,
+        "cost_ratio": ratio,
+        "saturation_rounds": rounds,
+        "recipe_images_per_second": recipe_rate,
+        "staggered_arrival_interval_seconds": interval,
+        "engine_one_resolution": one_resolution,
+        "engine_two_resolutions": {**two_resolutions, "second_resolution": str(SECOND_RESOLUTION)},
+        "ratios": {
+            "all_at_once_over_recipe": at_once_ratio,
+            "staggered_over_recipe": staggered_ratio,
+            "two_resolutions_over_one": two_resolutions["images_per_second"]
+            / one_resolution["images_per_second"],
+            "lone_over_recipe_batch1": alone["ratio"],
+            "continuous_over_static_p99_at_70": p99_ratio,
+        },
+        "lone": alone,
+        "poisson": {"capacity_images_per_second": capacity, "step_mix": STEP_MIX, "runs": poisson_runs},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    plot(poisson_runs, RESULTS.with_suffix(".png"))
+    print(f"wrote {RESULTS.relative_to(REPO)} and {RESULTS.with_suffix('.png').relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
