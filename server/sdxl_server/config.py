@@ -75,6 +75,7 @@ class ServerConfig:
     default_steps: int = 30
     max_images_per_request: int = 4
     steps_per_dispatch: int = 1
+    decode_hold_steps: int = 4
     drain_seconds: float = 60.0
     max_connection_age_seconds: float = 300.0
     tls_cert_file: str | None = None
@@ -110,6 +111,7 @@ class ServerConfig:
         require(1 <= self.default_steps <= self.max_steps, "default-steps", "must be within 1..--max-steps")
         require(self.max_images_per_request >= 1, "max-images-per-request", "must be at least 1")
         require(self.steps_per_dispatch >= 1, "steps-per-dispatch", "must be at least 1")
+        require(self.decode_hold_steps >= 0, "decode-hold-steps", "must not be negative")
         require(self.drain_seconds >= 0, "drain-seconds", "must not be negative")
         require(self.max_connection_age_seconds > 0, "max-connection-age-seconds", "must be positive")
         require(
@@ -160,6 +162,7 @@ class ServerConfig:
                 default_steps=self.default_steps,
                 max_images_per_request=self.max_images_per_request,
                 steps_per_dispatch=self.steps_per_dispatch,
+                decode_hold_steps=self.decode_hold_steps,
             )
         except ValueError as e:  # EngineConfig names its field; say which flag sets it
             field, _, message = str(e).partition(": ")
@@ -215,6 +218,11 @@ _OPTIONS = (
     _Option("default-steps", _integer, "steps when a request leaves them at 0 [30]"),
     _Option("max-images-per-request", _integer, "most images per request [4]"),
     _Option("steps-per-dispatch", _integer, "denoising steps per device call when nobody waits [1]"),
+    _Option(
+        "decode-hold-steps",
+        _integer,
+        "most steps a finished image waits to share a decode across devices [4]",
+    ),
     _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
     _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [300]"),
     _Option("tls-cert-file", str, "PEM certificate chain; enables TLS with --tls-key-file"),
