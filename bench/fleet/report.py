@@ -10,6 +10,8 @@
 - ``metric_moved_seconds``: the step to the first scrape where the average ``sdxl_load`` Prometheus holds
   exceeds the target by more than the tolerance; ``desired_reached_seconds``: the step to the first HPA
   sync whose desired replicas reach ``needed_replicas``.
+- ``p99_within_slo_from_seconds``: from the step, the start of the first window after which every
+  window's p99 (by arrival) stays within the SLO until the step ends.
 - ``scale_down.failed``: final non-OK statuses of the requests in flight at any moment between the first
   pod deletion after the scale-down mark and the last such pod's exit ("while pods leave").
 - ``recovery_deadline_seconds``: provisioning delay + mean warm-up + two sync periods, after the step.
@@ -25,7 +27,7 @@ from typing import Any
 
 from bench.fleet.chart import RenderedChart
 from bench.fleet.fleet import Autoscaler, Fleet
-from bench.fleet.scenario import Scenario
+from bench.fleet.scenario import LiveProfile, Scenario
 from bench.fleet.traffic import LOSS_CODES, RequestRecord, TrafficLog
 
 
@@ -42,6 +44,7 @@ def _failures(requests: list[RequestRecord]) -> dict[str, int]:
 
 def build(
     scenario: Scenario,
+    profile: LiveProfile,
     rendered: RenderedChart,
     fleet: Fleet,
     autoscaler: Autoscaler,
@@ -53,8 +56,9 @@ def build(
     requests = log.requests
     lost = [r for r in requests if r.code is None or r.code in LOSS_CODES]
     per_unit = capacity if scenario.rate_unit == "pod_capacity" else 1.0
-    step = scenario.mark_time("step")
-    scale_down = scenario.mark_time("scale_down")
+    step = profile.marks.get("step")
+    scale_down = profile.marks.get("scale_down")
+    traffic_end = profile.end if profile.end is not None else end
     target = hpa.target_average_milli / 1000.0
     pods = fleet.gone + fleet.pods
     warmups = [s - st for p in pods for st, s in zip(p.record.started, p.record.serving, strict=False)]
@@ -96,6 +100,7 @@ def build(
         result.update(
             _step_figures(
                 scenario,
+                traffic_end,
                 autoscaler,
                 requests,
                 step,
@@ -175,6 +180,7 @@ def _behavior(rendered: RenderedChart) -> dict[str, Any] | None:
 
 def _step_figures(
     scenario: Scenario,
+    traffic_end: float,
     autoscaler: Autoscaler,
     requests: list[RequestRecord],
     step: float,
@@ -186,9 +192,10 @@ def _step_figures(
     warmup: float,
     sync_period: float,
 ) -> dict[str, Any]:
-    high_rate = scenario.rate_at(step + 0.01) * per_unit
+    segment = scenario.segment("step")
+    high_rate = (segment.rate if segment else 0.0) * per_unit
     needed = min(autoscaler.hpa.max_replicas, math.ceil(high_rate / capacity))
-    step_end = scale_down if scale_down is not None else scenario.duration
+    step_end = scale_down if scale_down is not None else traffic_end
 
     def first(times: list[float]) -> float | None:
         return round(min(times) - step, 2) if times else None
@@ -211,6 +218,16 @@ def _step_figures(
         if step + deadline <= r.arrived < step_end and r.code == "OK" and r.latency is not None
     ]
     during = [r for r in requests if step <= r.arrived < step_end]
+    width = scenario.window_seconds
+    p99_by_window = []
+    t = step
+    while t < step_end:
+        ok = [r.latency for r in requests if t <= r.arrived < t + width and r.code == "OK" and r.latency]
+        p99_by_window.append((t, percentile(ok, 0.99)))
+        t += width
+    late = [t for t, p in p99_by_window if p is not None and p > scenario.slo_p99_seconds]
+    recovered = None if not p99_by_window else (step if not late else late[-1] + width)
+    recovered = None if recovered is None or recovered >= step_end else round(recovered - step, 1)
     return {
         "step_rate_rps": high_rate,
         "needed_replicas": needed,
@@ -222,6 +239,7 @@ def _step_figures(
         "scale_up_seconds": ready,
         "recovery_deadline_seconds": round(deadline, 2),
         "p99_after_recovery_seconds": percentile(after, 0.99),
+        "p99_within_slo_from_seconds": recovered,
         "p50_after_recovery_seconds": percentile(after, 0.50),
         "requests_after_recovery": len(after),
         "step_failed": _failures(during),

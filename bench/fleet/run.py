@@ -33,7 +33,7 @@ from bench.fleet.dns import Dns
 from bench.fleet.fleet import Autoscaler, Fleet, grpc_target
 from bench.fleet.pods import PodSettings, make_cgroup_parent, remove_cgroup_parent
 from bench.fleet.prometheus import Prometheus
-from bench.fleet.scenario import Scenario, load
+from bench.fleet.scenario import LiveProfile, Scenario, load
 from bench.fleet.traffic import Traffic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,9 +118,10 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
             target, request, scenario.slots_per_device * 2, scenario.calibrate_seconds
         )
         per_unit = capacity if scenario.rate_unit == "pod_capacity" else 1.0
+        profile = LiveProfile(scenario.profile, lambda: len(fleet.ready()))
         traffic = Traffic(
-            target, scenario.callers, scenario.deadline_seconds, scenario.max_attempts, request,
-            lambda t: scenario.rate_at(t) * per_unit, scenario.duration,
+            target, scenario.callers, scenario.deadline_seconds, scenario.max_attempts, request, profile,
+            per_unit,
         )  # fmt: skip
         offset["traffic"] = time.monotonic() - base
         _rebase(fleet, offset["traffic"])
@@ -135,7 +136,7 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         await _settle(scenario, fleet, rendered.hpa.min_replicas)
         stop.set()
         await asyncio.gather(*loops)
-        result = report.build(scenario, rendered, fleet, autoscaler, traffic.log, capacity, clock())
+        result = report.build(scenario, profile, rendered, fleet, autoscaler, traffic.log, capacity, clock())
     finally:
         if traffic is not None:
             await traffic.close()
@@ -185,6 +186,7 @@ async def _measure_capacity(target: str, request: dict[str, Any], concurrency: i
     done = 0
     end = time.monotonic() + seconds
     async with AsyncClient(target, timeout=30.0) as client:
+        await client.wait_until_serving(60.0)  # through DNS: dnsmasq re-reads its hosts file asynchronously
 
         async def worker() -> None:
             nonlocal done

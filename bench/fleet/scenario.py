@@ -9,6 +9,7 @@ minutes of the chart's scale-down behaviour in one; 1 means real time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,19 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """One piece of the traffic profile: a constant rate, or a linear ramp from ``rate`` to ``rate_to``."""
+    """One piece of the traffic profile: a constant rate, or a linear ramp from ``rate`` to ``rate_to``.
+
+    With ``until_ready`` the segment lasts at least ``seconds`` and then until that many pods are ready
+    (at most ``max_seconds``): an event, not a time, so that a slow machine lengthens the run instead of
+    failing it.
+    """
 
     seconds: float
     rate: float
     rate_to: float | None = None
     mark: str | None = None  # names the segment's start for the report: "step", "scale_down"
+    until_ready: int | None = None
+    max_seconds: float | None = None
 
     def rate_at(self, t: float) -> float:
         if self.rate_to is None:
@@ -73,22 +81,58 @@ class Scenario:
     def duration(self) -> float:
         return sum(s.seconds for s in self.profile)
 
-    def mark_time(self, mark: str) -> float | None:
-        t = 0.0
-        for segment in self.profile:
-            if segment.mark == mark:
-                return t
-            t += segment.seconds
-        return None
+    def segment(self, mark: str) -> Segment | None:
+        return next((s for s in self.profile if s.mark == mark), None)
 
-    def rate_at(self, t: float) -> float:
-        """Offered rate at ``t`` seconds into the traffic, in ``rate_unit``."""
-        start = 0.0
-        for segment in self.profile:
-            if t < start + segment.seconds:
-                return segment.rate_at(t - start)
-            start += segment.seconds
-        return 0.0
+
+class LiveProfile:
+    """The profile as it unfolds: segments end at their time, or at their event (``until_ready``)."""
+
+    def __init__(self, segments: tuple[Segment, ...], ready: Callable[[], int]) -> None:
+        self._segments = segments
+        self._ready = ready
+        self._index = 0
+        self._start = 0.0
+        self.marks: dict[str, float] = {}
+        self.end: float | None = None
+        self._enter(0.0)
+
+    @property
+    def peak(self) -> float:
+        return max(max(s.rate, s.rate_to or 0.0) for s in self._segments) or 1.0
+
+    def _enter(self, t: float) -> None:
+        self._start = t
+        if self._index < len(self._segments):
+            mark = self._segments[self._index].mark
+            if mark:
+                self.marks[mark] = t
+        elif self.end is None:
+            self.end = t
+
+    def _advance(self, t: float) -> None:
+        while self._index < len(self._segments):
+            segment = self._segments[self._index]
+            elapsed = t - self._start
+            if elapsed < segment.seconds:
+                return
+            waiting = segment.until_ready is not None and self._ready() < segment.until_ready
+            if waiting and (segment.max_seconds is None or elapsed < segment.max_seconds):
+                return
+            end = t if segment.until_ready is not None else self._start + segment.seconds
+            self._index += 1
+            self._enter(end)
+
+    def rate(self, t: float) -> float:
+        """Offered rate at ``t`` (seconds since the traffic started; call with a time that has come)."""
+        self._advance(t)
+        if self._index >= len(self._segments):
+            return 0.0
+        return self._segments[self._index].rate_at(t - self._start)
+
+    def ended(self, t: float) -> bool:
+        self._advance(t)
+        return self._index >= len(self._segments)
 
 
 def load(path: Path) -> Scenario:
@@ -139,7 +183,7 @@ def parse(data: Any, where: str = "scenario") -> Scenario:
         expect=root.mapping("expect"),
     )
     for kill in kills:
-        if kill.at >= scenario.duration:
+        if kill.at >= scenario.duration:  # the shortest the profile can last
             raise ScenarioError(f"{where}: traffic.kills: at={kill.at} is after the profile ends")
     return scenario
 
@@ -152,7 +196,15 @@ def _segment(item: Any, where: str) -> Segment:
     rate = f.number("rate", None, low=0.0)
     if rate is None:
         raise ScenarioError(f"{where}.rate is required")
-    return Segment(seconds, rate, f.number("rate_to", None, low=0.0), f.get("mark"))
+    until_ready = f.number("until_ready", None, low=1)
+    return Segment(
+        seconds,
+        rate,
+        f.number("rate_to", None, low=0.0),
+        f.get("mark"),
+        None if until_ready is None else int(until_ready),
+        f.number("max_seconds", None, low=seconds),
+    )
 
 
 def _kill(item: Any, where: str) -> Kill:

@@ -13,11 +13,12 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sdxl_client import RetryPolicy, SdxlError
 from sdxl_client.aio import AsyncClient
+
+from bench.fleet.scenario import LiveProfile
 
 # Final statuses that say the fleet dropped work it had accepted (a clean rejection is not a loss).
 LOSS_CODES = frozenset({"CANCELLED", "INTERNAL", "UNKNOWN", "ABORTED", "DATA_LOSS"})
@@ -50,8 +51,8 @@ class Traffic:
         deadline: float,
         max_attempts: int,
         request: dict[str, object],
-        rate_at: Callable[[float], float],
-        duration: float,
+        profile: LiveProfile,
+        per_unit: float,
         seed: int = 0,
     ) -> None:
         self._log = TrafficLog()
@@ -65,8 +66,8 @@ class Traffic:
             for _ in range(callers)
         ]
         self._request = request
-        self._rate_at = rate_at
-        self._duration = duration
+        self._profile = profile
+        self._per_unit = per_unit
         self._random = random.Random(seed)
         self._tasks: set[asyncio.Task[None]] = set()
         self._start = 0.0
@@ -87,18 +88,18 @@ class Traffic:
     async def run(self, start: float) -> None:
         """Sends the whole profile (returns when the last arrival is sent, not answered)."""
         self._start = start
-        peak = max(self._rate_at(t / 10.0) for t in range(int(self._duration * 10) + 1)) or 1.0
+        peak = self._profile.peak * self._per_unit
         t = 0.0
         index = 0
         while True:
             t += self._random.expovariate(peak)
-            if t >= self._duration:
-                break
-            if self._random.random() * peak > self._rate_at(t):
-                continue  # thinning: keep an arrival with probability rate(t) / peak
             delay = t - self.now()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._profile.ended(t):
+                break
+            if self._random.random() * peak > self._profile.rate(t) * self._per_unit:
+                continue  # thinning: keep an arrival with probability rate(t) / peak
             record = RequestRecord(index, self.now())
             self._log.requests.append(record)
             task = asyncio.ensure_future(self._send(record, self._clients[index % len(self._clients)]))

@@ -71,5 +71,5 @@ def test_the_scale_down_removes_pods_without_failures(report: dict) -> None:
     assert scale_down["failed"] == {}
     # Removed one at a time, as the chart's scale-down policy (1 pod per period) allows.
     removed = scale_down["removed_at_seconds"]
-    period = report["hpa"]["behavior"]["scaleDown"]["policies"][0]["periodSeconds"] * report["time_scale"]
+    period = report["hpa"]["behavior"]["scaleDown"]["policies"][0]["period_seconds"] * report["time_scale"]
     assert all(b - a >= period * 0.9 for a, b in itertools.pairwise(removed))

@@ -7,7 +7,7 @@ import pytest
 
 from bench.fleet import chart
 from bench.fleet.horizontal import PERCENT_POLICY, PODS_POLICY, ScalingPolicy
-from bench.fleet.scenario import ScenarioError, parse
+from bench.fleet.scenario import LiveProfile, ScenarioError, parse
 
 
 def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior() -> None:
@@ -70,7 +70,8 @@ def minimal(**changes: object) -> dict:
 def test_a_minimal_scenario_takes_the_defaults() -> None:
     s = parse(minimal())
     assert (s.time_scale, s.sync_period_seconds, s.metric, s.duration) == (1.0, 15.0, "pods", 10.0)
-    assert s.rate_at(5) == 1.0 and s.rate_at(10) == 0.0
+    profile = LiveProfile(s.profile, ready=lambda: 0)
+    assert profile.rate(5) == 1.0 and profile.ended(10) and profile.end == 10
 
 
 @pytest.mark.parametrize(
@@ -92,4 +93,20 @@ def test_a_bad_scenario_names_the_field(scenario: dict, field: str) -> None:
 
 def test_a_ramp_interpolates() -> None:
     s = parse({"traffic": {"profile": [{"seconds": 10, "rate": 1, "rate_to": 3}]}})
-    assert s.rate_at(5) == pytest.approx(2.0)
+    assert LiveProfile(s.profile, ready=lambda: 0).rate(5) == pytest.approx(2.0)
+
+
+def test_a_segment_held_until_pods_are_ready_ends_at_that_event() -> None:
+    s = parse({"traffic": {"profile": [
+        {"seconds": 5, "rate": 1},
+        {"seconds": 10, "rate": 4, "mark": "step", "until_ready": 3, "max_seconds": 100},
+        {"seconds": 5, "rate": 1, "mark": "scale_down"},
+    ]}})  # fmt: skip
+    ready = [1]
+    profile = LiveProfile(s.profile, ready=lambda: ready[0])
+    assert profile.rate(4) == 1 and profile.rate(6) == 4 and profile.marks == {"step": 5.0}
+    assert profile.rate(40) == 4  # past its 10 s, still waiting for 3 ready pods
+    ready[0] = 3
+    assert profile.rate(41) == 1 and profile.marks["scale_down"] == 41
+    assert profile.ended(46)
+    assert profile.end == 46
