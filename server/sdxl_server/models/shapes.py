@@ -6,8 +6,10 @@ and checks that judge what the model drew, which measure images here. numpy and 
 Judging an image: the background colour is the median of a frame of border pixels (shapes never touch
 it); the shape is every pixel closer to the shape's colour than to the background's, where the shape's
 colour is first estimated from the pixels far from the background. Each colour is named by the nearest
-palette entry. The shape is named by its fill ratio: the mask's area over its bounding box's area is
-1 for a square, pi/4 = 0.79 for a circle and 1/2 for an upright triangle.
+palette entry; the shape mask is its largest connected region. The shape is the ideal circle, square or
+upright triangle, drawn to fill the mask's bounding box, that overlaps the mask best (intersection over
+union): a simple measure that, unlike the fill ratio alone, still tells shapes apart when blur rounds a
+square's corners or a triangle's tips.
 """
 
 from __future__ import annotations
@@ -93,19 +95,36 @@ class Judgement:
     colour: str
     shape: str
     background: str
-    fill_ratio: float
+    fill_ratio: float  # the mask's area over its bounding box's
+    overlaps: dict[str, float]  # shape -> intersection over union of the mask and that ideal shape
     shape_pixels: int
 
 
-# Fill-ratio boundaries between triangle (0.5), circle (0.79) and square (1.0).
-TRIANGLE_BELOW = 0.65
-SQUARE_ABOVE = 0.89
+def ideal_shapes(height: int, width: int) -> dict[str, np.ndarray]:
+    """Each shape drawn to fill a `height` x `width` bounding box (bool masks, pixel centres)."""
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    half_width = (y / height) * width / 2  # of the upright triangle, from its tip down to its base
+    return {
+        "circle": ((x - width / 2) / (width / 2)) ** 2 + ((y - height / 2) / (height / 2)) ** 2 <= 1,
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": np.abs(x - width / 2) <= half_width,
+    }
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
     names = list(COLOURS)
     palette = np.array([COLOURS[name] for name in names], dtype=np.float64)
     return names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
+    return labels == 1 + int(np.argmax(sizes))
 
 
 def judge(image: np.ndarray) -> Judgement:
@@ -117,19 +136,24 @@ def judge(image: np.ndarray) -> Judgement:
     distance_to_background = np.linalg.norm(pixels - background_rgb, axis=-1)
     far = distance_to_background > 60
     if far.sum() < 4:
-        return Judgement("none", "none", nearest_colour(background_rgb), 0.0, int(far.sum()))
+        return Judgement("none", "none", nearest_colour(background_rgb), 0.0, {}, int(far.sum()))
     shape_rgb = np.median(pixels[far], axis=0)
-    mask = np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background
+    # Stray specks elsewhere would stretch the bounding box: the shape is the largest connected region.
+    mask = _largest_component(np.linalg.norm(pixels - shape_rgb, axis=-1) < distance_to_background)
     shape_rgb = np.median(pixels[mask], axis=0)
     rows, cols = np.nonzero(mask)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill_ratio = float(mask.sum() / box)
-    if fill_ratio < TRIANGLE_BELOW:
-        shape = "triangle"
-    elif fill_ratio > SQUARE_ABOVE:
-        shape = "square"
-    else:
-        shape = "circle"
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    box = mask[top:bottom, left:right]
+    overlaps = {
+        name: float(np.logical_and(box, ideal).sum() / np.logical_or(box, ideal).sum())
+        for name, ideal in ideal_shapes(*box.shape).items()
+    }
+    shape = max(overlaps, key=overlaps.__getitem__)
     return Judgement(
-        nearest_colour(shape_rgb), shape, nearest_colour(background_rgb), fill_ratio, int(mask.sum())
+        nearest_colour(shape_rgb),
+        shape,
+        nearest_colour(background_rgb),
+        float(box.mean()),
+        overlaps,
+        int(mask.sum()),
     )
