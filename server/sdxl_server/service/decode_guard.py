@@ -14,6 +14,7 @@ The guarded handler of each method is built once and reused: the methods are fix
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -96,8 +97,11 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, Undecodable):
                     await errors.abort(context, self._reject(method, request))
-                async for response in behavior(request, context):
-                    yield response
+                # Closed at once when the stream ends early, so the servicer's cleanup (cancelling the
+                # engine request) runs then, not whenever the garbage collector gets to it.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
             return grpc.unary_stream_rpc_method_handler(stream, **codecs)
         if not inspect.iscoroutinefunction(behavior):
