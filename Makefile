@@ -50,6 +50,7 @@ run: install
 	$(VENV)/bin/sdxl-server serve --model tiny --host 127.0.0.1 --port 50051
 
 bench: install
+	$(PY) bench/engine_vs_recipe.py
 	$(PY) bench/engine.py
 	$(PY) bench/service.py
 
