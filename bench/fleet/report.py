@@ -3,7 +3,8 @@
 - ``lost``: requests that got no answer at all by the end, plus those whose final status says accepted
   work was dropped (CANCELLED, INTERNAL, UNKNOWN, ABORTED, DATA_LOSS). A clean, final rejection the
   caller was told about (RESOURCE_EXHAUSTED after its retries, UNAVAILABLE, DEADLINE_EXCEEDED) is
-  ``failed``, not lost.
+  ``failed``, not lost; so is CANCELLED_AT_DEADLINE, a call that ended CANCELLED within 1 s of its
+  deadline (the server's copy of the deadline fired first).
 - ``failed``: final non-OK statuses, by name (after the client's retries).
 - ``needed_replicas``: pods needed to carry the step's rate at all: ceil(rate / one pod's capacity).
 - ``scale_up_seconds``: the traffic step to the first moment ``needed_replicas`` pods are ready.

@@ -117,6 +117,9 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         capacity = scenario.capacity_per_pod or await _measure_capacity(
             target, request, scenario.slots_per_device * 2, scenario.calibrate_seconds
         )
+        if scenario.capacity_per_pod is None:
+            # Let the calibration's load leave the adapter's averaging window before the HPA reads it.
+            await asyncio.sleep(ADAPTER_WINDOW_SECONDS * ts + 2 * prometheus.scrape_interval)
         per_unit = capacity if scenario.rate_unit == "pod_capacity" else 1.0
         profile = LiveProfile(scenario.profile, lambda: len(fleet.ready()))
         traffic = Traffic(

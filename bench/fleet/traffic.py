@@ -22,6 +22,10 @@ from bench.fleet.scenario import LiveProfile
 
 # Final statuses that say the fleet dropped work it had accepted (a clean rejection is not a loss).
 LOSS_CODES = frozenset({"CANCELLED", "INTERNAL", "UNKNOWN", "ABORTED", "DATA_LOSS"})
+# A call that ends CANCELLED when its deadline has (all but) passed expired: the server's copy of the
+# deadline fired first and grpc cancelled the stream. Counted apart, not as a loss.
+CANCELLED_AT_DEADLINE = "CANCELLED_AT_DEADLINE"
+_DEADLINE_SLACK_SECONDS = 1.0
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Traffic:
             for _ in range(callers)
         ]
         self._request = request
+        self._deadline = deadline
         self._profile = profile
         self._per_unit = per_unit
         self._random = random.Random(seed)
@@ -113,6 +118,11 @@ class Traffic:
             record.code = "OK"
         except SdxlError as e:
             record.code = e.code.name if e.code else type(e).__name__
+            if (
+                record.code == "CANCELLED"
+                and self.now() - record.arrived >= self._deadline - _DEADLINE_SLACK_SECONDS
+            ):
+                record.code = CANCELLED_AT_DEADLINE
         except Exception as e:  # a bug here must show in the report, not vanish with the task
             record.code = f"CLIENT_ERROR:{type(e).__name__}"
         record.ended = self.now()
