@@ -54,5 +54,5 @@ class SeedRecipe:
             width=width,
             jit=True,
         ).images
-        images = images.reshape((images.shape[0] * images.shape[1],) + images.shape[-3:])
+        images = images.reshape((images.shape[0] * images.shape[1], *images.shape[-3:]))
         return self.pipeline.numpy_to_pil(np.array(images))

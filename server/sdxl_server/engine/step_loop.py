@@ -396,7 +396,6 @@ class StepLoop:
         self._stats.publish(view, left_queue=self._left_queue)
         self._left_queue = 0
 
-
     def _steps_until_a_queued_image_can_enter(self, occupants: list[Occupant]) -> int:
         if not occupants:
             return 0
