@@ -21,8 +21,8 @@ def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior(
     assert hpa.behavior.scale_down.stabilization_window_seconds == 600
     assert hpa.behavior.scale_down.policies == (ScalingPolicy(PODS_POLICY, 1, 300),)
     assert hpa.behavior.scale_up.policies == (
-        ScalingPolicy(PERCENT_POLICY, 100, 60),
-        ScalingPolicy(PODS_POLICY, 2, 60),
+        ScalingPolicy(PERCENT_POLICY, 100, 180),
+        ScalingPolicy(PODS_POLICY, 2, 180),
     )
     pods = rendered.pods
     assert (pods.readiness_period, pods.pre_stop_sleep, pods.scrape_interval) == (5.0, 5.0, 15.0)
