@@ -113,10 +113,11 @@ def load_model(source: str, dtype_name: str, model_configs: str | None = None) -
     )
     scheduler_state = params.pop("scheduler")
     # diffusers' to_bf16 calls the removed jax.tree_map; the scheduler state stays float32 regardless.
-    cast = {
-        group: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params[group])
-        for group in PARAM_GROUPS
-    }
+    # One group at a time, dropping the loaded copy as soon as its cast exists: a real SDXL's 2.6 B UNet
+    # parameters must not be held twice over (the host copy and the device copy) longer than needed.
+    cast = {}
+    for group in PARAM_GROUPS:
+        cast[group] = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params.pop(group))
     return LoadedModel(
         pipeline=pipeline,
         params=cast,
