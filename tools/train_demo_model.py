@@ -109,7 +109,9 @@ def make_vae(scaling_factor: float) -> Any:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),  # 4 levels: scale factor 8; narrow at full resolution
+        # 4 levels (scale factor 8), narrow where the resolution is high: the cost of a step is at full
+        # resolution, and the capacity that reconstruction needs is at the bottom.
+        block_out_channels=(8, 16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -130,7 +132,7 @@ def train_vae(vae: Any, params: Any, images: np.ndarray, steps: int, batch: int,
     import jax.numpy as jnp
     import optax
 
-    optimizer = optax.adam(optax.cosine_decay_schedule(2e-3, steps, alpha=0.05))
+    optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 100, steps, end_value=5e-5))
     state = optimizer.init(params)
 
     @jax.jit
@@ -141,7 +143,14 @@ def train_vae(vae: Any, params: Any, images: np.ndarray, steps: int, batch: int,
             recon = vae.apply({"params": params}, z, method=vae.decode).sample
             mse = jnp.mean((recon - x) ** 2)
             kl = jnp.mean(posterior.kl()) / z[0].size
-            return mse + 1e-4 * kl, mse
+            # Latent channels 0-2 are asked to hold the image's colours averaged over each 8 x 8 cell
+            # (channel 3 is free, for where edges cross a cell): the decoder then has the colours at hand
+            # instead of discovering a code for them, which a short training does not manage.
+            n, c, h, w = x.shape
+            cells = x.reshape(n, c, h // 8, 8, w // 8, 8).mean(axis=(3, 5)).transpose(0, 2, 3, 1)
+            aux = jnp.mean((posterior.mean[..., :3] - cells) ** 2)
+            # L1 keeps edges sharp where MSE alone blurs them; the KL term only keeps latents bounded.
+            return mse + jnp.mean(jnp.abs(recon - x)) + aux + 1e-6 * kl, mse
 
         (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, state = optimizer.update(grads, state, params)
@@ -307,11 +316,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="model directory to write (replaced)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images-per-scene", type=int, default=48)
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--reuse-vae", type=Path, help="skip phase 1: take the autoencoder of this model")
+    parser.add_argument(
+        "--resume", type=Path, help="continue phase 3 from this model's UNet and text encoders"
+    )
     args = parser.parse_args(argv)
     command = "python tools/train_demo_model.py " + " ".join(argv)
     silence_library_noise()
@@ -365,9 +377,21 @@ def main(argv: list[str]) -> int:
         save(modules, params, args.out.with_name(args.out.name + ".checkpoint"), command)
 
     checkpoint(params)  # the trained autoencoder, for --reuse-vae
+    unet_seed = args.seed
+    if args.resume:
+        from diffusers import FlaxUNet2DConditionModel
+        from transformers import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+
+        _, params["unet"] = FlaxUNet2DConditionModel.from_pretrained(args.resume / "unet")
+        for name, model_class in (
+            ("text_encoder", FlaxCLIPTextModel),
+            ("text_encoder_2", FlaxCLIPTextModelWithProjection),
+        ):
+            params[name] = model_class.from_pretrained(args.resume / name, _do_init=False)[1]
+        unet_seed = args.seed + 1  # fresh batches and noise, not a replay of the first run's
     phase = time.perf_counter()
     params = train_unet(
-        modules, pipeline, params, latents, scenes, args.unet_steps, args.unet_batch, args.seed, checkpoint
+        modules, pipeline, params, latents, scenes, args.unet_steps, args.unet_batch, unet_seed, checkpoint
     )
     log(f"phase 3 (unet + text encoders) took {time.perf_counter() - phase:.0f} s")
     save(modules, params, args.out, command)
