@@ -17,7 +17,7 @@ export SDXL_TINY_MODEL_DIR ?= $(CURDIR)/.cache/tiny-sdxl
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make run    - install, then serve the tiny model on 127.0.0.1:50051"
+	@echo "make run    - install, then serve the demo model (coloured shapes) on 127.0.0.1:50051"
 	@echo "make test   - install, then run every test"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - benchmarks under bench/ (tables + JSON in bench/results/)"
@@ -44,10 +44,12 @@ lint: install
 	$(PY) -m mypy
 
 run: install
-	@echo "Serving the tiny random SDXL on 127.0.0.1:50051 (Ctrl-C stops it). Once it logs \"ready\", try:"
-	@echo "  $(VENV)/bin/sdxl generate 'a watercolor fox' -o fox.png --steps 4 --target 127.0.0.1:50051"
+	@echo "Serving the demo SDXL (trained here on coloured shapes, 64x64) on 127.0.0.1:50051 (Ctrl-C stops it)."
+	@echo "Once it logs \"ready\", ask for a pair it never saw in training (README: \"The demo model\"):"
+	@echo "  $(VENV)/bin/sdxl generate 'a yellow circle on a purple background' -n 4 --seed 1 -o shapes/ --target 127.0.0.1:50051"
 	@echo "  $(VENV)/bin/sdxl info --target 127.0.0.1:50051"
-	$(VENV)/bin/sdxl-server serve --model tiny --host 127.0.0.1 --port 50051
+	@echo "(The tiny random model: $(VENV)/bin/sdxl-server serve --model tiny)"
+	$(VENV)/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051
 
 bench: install
 	$(PY) bench/engine_vs_recipe.py
