@@ -99,44 +99,32 @@ def _write_heavy_vae(directory: Path) -> None:
     from diffusers import FlaxAutoencoderKL
 
     vae: Any = FlaxAutoencoderKL(**vae_config_with_real_decode_cost())
-    vae.save_pretrained(directory, params=_random_params(vae.init_weights))
+    vae.save_pretrained(directory, params=_random_params(vae.init_weights, seed=1))
 
 
-def _random_params(init_weights: Any) -> Any:
+def _random_params(init_weights: Any, seed: int) -> Any:
+    """Random leaves shaped like `init_weights` gives (traced only): kernels and embeddings scaled to
+    keep unit-scale activations, norms the identity, biases zero."""
     import jax
     from flax.core.frozen_dict import unfreeze
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     shapes = flatten_dict(unfreeze(jax.eval_shape(init_weights, jax.random.PRNGKey(0))))
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     params = {}
     for path, leaf in shapes.items():
         if path[-1] == "scale":
             params[path] = np.ones(leaf.shape, leaf.dtype)
         elif path[-1] == "bias":
             params[path] = np.zeros(leaf.shape, leaf.dtype)
-        else:  # kernels: unit-scale activations
+        else:
             fan_in = math.prod(leaf.shape[:-1]) or 1
             params[path] = (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
     return unflatten_dict(params)
 
 
 def _write_unet(directory: Path) -> None:
-    import jax
     from diffusers import FlaxUNet2DConditionModel
-    from flax.core.frozen_dict import unfreeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
 
-    unet = FlaxUNet2DConditionModel(**unet_config())
-    shapes = flatten_dict(unfreeze(jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))))
-    rng = np.random.default_rng(0)
-    params = {}
-    for path, leaf in shapes.items():
-        if path[-1] == "scale":
-            params[path] = np.ones(leaf.shape, leaf.dtype)
-        elif path[-1] == "bias":
-            params[path] = np.zeros(leaf.shape, leaf.dtype)
-        else:  # kernels and embeddings: unit-scale activations
-            fan_in = math.prod(leaf.shape[:-1]) or 1
-            params[path] = (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
-    unet.save_pretrained(directory, params=unflatten_dict(params))
+    unet: Any = FlaxUNet2DConditionModel(**unet_config())
+    unet.save_pretrained(directory, params=_random_params(unet.init_weights, seed=0))
