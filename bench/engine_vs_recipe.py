@@ -272,11 +272,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, noisier figures)")
+    parser.add_argument(
+        "--scale", type=int, default=1, help="multiply every request count (steadier figures)"
+    )
     args = parser.parse_args()
-    batches = 3 if args.quick else 5
+    batches = (3 if args.quick else 5) * args.scale
     saturation_rounds = 1 if args.quick else 3
-    poisson_requests = 30 if args.quick else 60
-    lone_repeats = 3 if args.quick else 7
+    poisson_requests = (30 if args.quick else 60) * args.scale
+    lone_repeats = (3 if args.quick else 7) * args.scale
 
     import jax
 
