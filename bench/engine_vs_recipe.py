@@ -325,9 +325,14 @@ def main() -> None:
         f"{one_resolution['images_per_second']:.3f}/s"
     )
 
+    continuous.stop()
+    # Latency under Poisson arrivals: K=1 (a request that arrives while the loop runs K steps at once
+    # would wait for them before joining), as a latency-serving deployment would run.
+    continuous = JaxEngine(engine_config("continuous", steps_per_dispatch=1))
+    continuous.start()
     # Capacity under the mixed-step Poisson workload: saturated images/s with that mix.
     tracker = Tracker(continuous)
-    mix_images = 2 * DEVICES * SLOTS_PER_DEVICE * 2
+    mix_images = 4 * DEVICES * SLOTS_PER_DEVICE * 2
     began = time.perf_counter()
     for i in range(mix_images):
         tracker.submit(i, STEP_MIX[i % len(STEP_MIX)])
@@ -335,7 +340,7 @@ def main() -> None:
     capacity = mix_images / (max(tracker.finished_at) - began)
     say(f"capacity with mixed steps: {capacity:.3f} images/s")
 
-    static = JaxEngine(engine_config("static"))
+    static = JaxEngine(engine_config("static", steps_per_dispatch=1))
     static.start()
     poisson_runs: dict[str, list[dict]] = {"continuous": [], "static": []}
     for load in (0.5, 0.7, 0.9):
