@@ -35,6 +35,10 @@ class DeviceClock:
         self._changed = threading.Condition()
         self._last_done = 0.0
         self._busy: collections.deque[tuple[float, float]] = collections.deque()
+        # Busy spans in the window and their total, kept together (one tuple, replaced atomically), so
+        # that busy_ratio, read at every boundary, costs O(spans straddling the horizon), not O(window).
+        self._busy_state: tuple[tuple[tuple[float, float], ...], float] = ((), 0.0)
+        self._busy_total = 0.0  # the watcher thread's running sum of the spans in self._busy
         self._first_start: float | None = None
         self.busy_seconds_total = 0.0
         self.step_seconds_ewma = 0.0
@@ -62,7 +66,12 @@ class DeviceClock:
     def busy_ratio(self) -> float:
         now = time.monotonic()
         horizon = now - self._window
-        busy = sum(max(0.0, min(end, now) - max(start, horizon)) for start, end in list(self._busy))
+        spans, total = self._busy_state
+        busy = total
+        for start, end in spans:  # oldest first: only the few that begin before the horizon are clipped
+            if start >= horizon:
+                break
+            busy -= min(end, horizon) - start
         if self._first_start is None:
             return 0.0
         span = min(self._window, now - self._first_start)
@@ -107,8 +116,12 @@ class DeviceClock:
             self._first_start = started_at
         self.busy_seconds_total += seconds
         self._busy.append((started_at, finished_at))
+        dropped = 0.0
         while self._busy and self._busy[0][1] < finished_at - self._window:
-            self._busy.popleft()
+            start, end = self._busy.popleft()
+            dropped += end - start
+        self._busy_total += seconds - dropped
+        self._busy_state = (tuple(self._busy), self._busy_total)
         if kind == "step":
             per_step = seconds / steps
             old = self.step_seconds_ewma
