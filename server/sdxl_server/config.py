@@ -77,7 +77,7 @@ class ServerConfig:
     steps_per_dispatch: int = 1
     decode_hold_steps: int = 4
     drain_seconds: float = 60.0
-    max_connection_age_seconds: float = 300.0
+    max_connection_age_seconds: float = 10.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     auth_token_file: str | None = None
@@ -217,14 +217,16 @@ _OPTIONS = (
     _Option("max-steps", _integer, "most denoising steps a request may ask for [50]"),
     _Option("default-steps", _integer, "steps when a request leaves them at 0 [30]"),
     _Option("max-images-per-request", _integer, "most images per request [4]"),
-    _Option("steps-per-dispatch", _integer, "denoising steps per device call when nobody waits [1]"),
+    _Option(
+        "steps-per-dispatch", _integer, "steps per device call when no waiting image could join sooner [1]"
+    ),
     _Option(
         "decode-hold-steps",
         _integer,
         "most steps a finished image waits to share a decode across devices [4]",
     ),
     _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
-    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [300]"),
+    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [10]"),
     _Option("tls-cert-file", str, "PEM certificate chain; enables TLS with --tls-key-file"),
     _Option("tls-key-file", str, "PEM private key"),
     _Option("auth-token-file", str, "file holding the bearer token clients must send"),

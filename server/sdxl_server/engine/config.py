@@ -44,8 +44,9 @@ class EngineConfig:
     max_guidance_scale: float = 30.0
     default_guidance_scale: float = 5.0
     max_images_per_request: int = 4
-    # Denoising steps run per device dispatch when no request is waiting to join (amortises the
-    # per-call dispatch overhead; 1 is right on TPU where a step takes ~100 ms).
+    # Denoising steps run per device dispatch when no waiting image could join before they end (none
+    # waits, or every slot is taken for at least K more steps): amortises the per-call dispatch
+    # overhead; 1 is right on TPU where a step takes ~100 ms.
     steps_per_dispatch: int = 1
     # How many denoising steps a finished image may wait for a decode batch that fills more devices
     # (decode_hold.py). It never waits when no other device has an image that could finish in time.

@@ -14,7 +14,8 @@ Each iteration is one step boundary:
    waiting longer cannot fill more devices (decode_hold.py); the pixels go to the image workers, which
    copy only the real images to the host, encode and deliver them;
 5. dispatch: per resolution in use, the step program of the smallest bucket that covers the busiest
-   block, asynchronously (K steps at once when nobody waits to join and every slot has at least K left);
+   block, asynchronously (K steps at once when every slot has at least K left and no waiting image
+   could join sooner: none waits, or every slot is taken);
 6. bound the run-ahead: wait until the previous boundary's dispatches completed, so the device always
    has the current boundary's work queued while the host prepares the next, and cancellations take
    effect within one step.
@@ -336,8 +337,19 @@ class StepLoop:
         return time.perf_counter() - started_waiting
 
     def _steps_this_dispatch(self, occupants: list[Occupant]) -> int:
+        """K steps when no waiting image could have joined before they end, else 1.
+
+        Admission ran just before, so an image still waiting has no slot it may take (every slot is
+        taken, or the static policy waits for the whole batch); while every occupant has K steps left no
+        slot frees (short of a cancellation) and the waiting image loses nothing. Under saturation this
+        is most boundaries, where the per-dispatch cost matters most.
+        """
         k = self._multi_step
-        if k > 1 and len(self._queue) == 0 and min(o.remaining for o in occupants) >= k:
+        slots = self._slots
+        nobody_could_join = (
+            len(self._queue) == 0 or admittable(self._config.policy, slots.free, slots.busy) == 0
+        )
+        if k > 1 and nobody_could_join and min(o.remaining for o in occupants) >= k:
             return k
         return 1
 

@@ -122,3 +122,16 @@ def test_a_request_alone_runs_several_steps_per_dispatch(engine):
         e for e in engine.trace() if e.kind == "step" and admitted.boundary < e.boundary <= finished.boundary
     ]
     assert [e.detail.split()[0] for e in steps] == ["k=2"] * 3
+
+
+def test_a_full_bank_runs_several_steps_per_dispatch_while_an_image_waits(engine):
+    """4 images on 3 slots: the fourth waits, but no slot can free before K=2 steps, so K=2 still runs."""
+    run(engine, request("full-k", seed=22, steps=6, num_images=4))
+    admits = events_of(engine, "full-k", "admit")
+    finishes = events_of(engine, "full-k", "finish")
+    assert len(admits) == 4 and len({e.boundary for e in admits}) == 2, "no image ever waited for a slot"
+    first, last = min(e.boundary for e in admits), max(e.boundary for e in finishes)
+    steps = [e for e in engine.trace() if e.kind == "step" and first < e.boundary <= last]
+    waited_steps = [e for e in steps if e.boundary <= max(e.boundary for e in admits)]
+    assert waited_steps and all(e.detail.startswith("k=2") for e in waited_steps), waited_steps
+    assert [e.detail.split()[0] for e in steps] == ["k=2"] * 6
