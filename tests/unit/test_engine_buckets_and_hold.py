@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sdxl_server.engine.buckets import bucket_sizes, covering_bucket
+from sdxl_server.engine.buckets import bucket_sizes, covering_bucket, largest_fitting
 from sdxl_server.engine.decode_hold import decode_now
 
 
@@ -25,6 +25,12 @@ def test_covering_bucket_rounds_up_and_refuses_more_than_the_block():
 def hold(held, waited=0, budget=4, soonest=None, arriving=None, capacity=2) -> bool:
     devices = len(held)
     return decode_now(held, waited, budget, soonest or [None] * devices, arriving or [0] * devices, capacity)
+
+
+def test_a_dispatch_runs_the_most_steps_no_slot_overshoots():
+    sizes = bucket_sizes(4)  # K = 4: 1, 2 and 4 steps per dispatch are compiled
+    assert [largest_fitting(sizes, left) for left in (1, 2, 3, 4, 9)] == [1, 2, 2, 4, 4]
+    assert largest_fitting((1,), 7) == 1
 
 
 def test_nothing_held_nothing_to_decode():

@@ -3,7 +3,8 @@
 A boundary runs the smallest compiled size that covers its work (busy slots for a step, finished images
 for a decode), so that a lone request costs what a batch of one costs and a full bank what the recipe's
 batch costs. Powers of two keep the count logarithmic in the slots per device (1, 2, 4, ..., and the
-slots per device itself), which bounds warm-up compile time.
+slots per device itself), which bounds warm-up compile time. Steps per dispatch use the same sizes up to
+K, and a dispatch runs the largest that no slot overshoots.
 """
 
 from __future__ import annotations
@@ -27,3 +28,8 @@ def covering_bucket(sizes: tuple[int, ...], needed: int) -> int:
         if size >= needed:
             return size
     raise ValueError(f"{needed} rows exceed the largest bucket {sizes[-1]}")
+
+
+def largest_fitting(sizes: tuple[int, ...], limit: int) -> int:
+    """The largest size in `sizes` (ascending, starting at 1) not above `limit`; 1 if none is."""
+    return max((size for size in sizes if size <= limit), default=1)

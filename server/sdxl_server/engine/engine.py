@@ -39,6 +39,7 @@ from sdxl_server.engine.api import (
     Resolution,
     Ticket,
 )
+from sdxl_server.engine.buckets import bucket_sizes
 from sdxl_server.engine.config import EngineConfig
 from sdxl_server.engine.device_clock import DeviceClock
 from sdxl_server.engine.encoding import ImageWorkers
@@ -99,7 +100,7 @@ class JaxEngine:
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
         mesh = make_mesh(cfg.max_devices)
         slots = cfg.slots_per_device * mesh.size
-        ks = tuple(sorted({1, cfg.steps_per_dispatch}))
+        ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
         saved = ProgramCache(
             cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name), list(mesh.devices.flat)
         )

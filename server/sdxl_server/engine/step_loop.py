@@ -14,8 +14,8 @@ Each iteration is one step boundary:
    waiting longer cannot fill more devices (decode_hold.py); the pixels go to the image workers, which
    copy only the real images to the host, encode and deliver them;
 5. dispatch: per resolution in use, the step program of the smallest bucket that covers the busiest
-   block, asynchronously (K steps at once when every slot has at least K left and no waiting image
-   could join sooner: none waits, or every slot is taken);
+   block, asynchronously (k steps at once, k in 1, 2, 4, ..., K, the most that no slot overshoots, when
+   no waiting image could join sooner: none waits, or every slot is taken);
 6. bound the run-ahead: wait until the previous boundary's dispatches completed, so the device always
    has the current boundary's work queued while the host prepares the next, and cancellations take
    effect within one step.
@@ -47,7 +47,7 @@ from sdxl_server.engine.api import (
     Progress,
     Resolution,
 )
-from sdxl_server.engine.buckets import covering_bucket
+from sdxl_server.engine.buckets import covering_bucket, largest_fitting
 from sdxl_server.engine.config import EngineConfig
 from sdxl_server.engine.decode_hold import HeldImages, decode_now
 from sdxl_server.engine.device_clock import DeviceClock
@@ -99,7 +99,12 @@ class StepLoop:
             "text_encoder": params["text_encoder"],
             "text_encoder_2": params["text_encoder_2"],
         }
-        self._multi_step = max(k for k, _ in programs.by_resolution[config.default_resolution].steps)
+        # Steps per dispatch compiled (1, 2, 4, ..., K; buckets.py): a dispatch runs the largest that no
+        # occupant overshoots.
+        self._dispatch_sizes = tuple(
+            sorted({k for k, _ in programs.by_resolution[config.default_resolution].steps})
+        )
+        self._multi_step = self._dispatch_sizes[-1]
         self.boundary = 0
         self.steps_dispatched = 0  # denoising steps dispatched so far (K per multi-step dispatch)
         self.host_seconds = 0.0  # time this thread spent working, not waiting on the device or a queue
@@ -337,21 +342,21 @@ class StepLoop:
         return time.perf_counter() - started_waiting
 
     def _steps_this_dispatch(self, occupants: list[Occupant]) -> int:
-        """K steps when no waiting image could have joined before they end, else 1.
+        """The most compiled steps per dispatch (up to K) that no occupant overshoots, when no waiting
+        image could have joined before they end; else 1.
 
         Admission ran just before, so an image still waiting has no slot it may take (every slot is
-        taken, or the static policy waits for the whole batch); while every occupant has K steps left no
+        taken, or the static policy waits for the whole batch); while every occupant has k steps left no
         slot frees (short of a cancellation) and the waiting image loses nothing. Under saturation this
         is most boundaries, where the per-dispatch cost matters most.
         """
-        k = self._multi_step
         slots = self._slots
         nobody_could_join = (
             len(self._queue) == 0 or admittable(self._config.policy, slots.free, slots.busy) == 0
         )
-        if k > 1 and nobody_could_join and min(o.remaining for o in occupants) >= k:
-            return k
-        return 1
+        if not nobody_could_join:
+            return 1
+        return largest_fitting(self._dispatch_sizes, min(o.remaining for o in occupants))
 
     # ---- image workers (other threads)
 
