@@ -25,17 +25,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.slow
 WARM_UP_TIMEOUT_SECONDS = 300
-Served = tuple[str, str, "subprocess.Popen[str]"]  # gRPC target, hook script, server process
+Served = tuple[str, dict[str, str], "subprocess.Popen[str]"]  # gRPC target, hook scripts, server process
 
 
-def _pod_environment() -> tuple[dict[str, str], str]:
-    """The server's environment from the rendered CPU example, and the helm test hook's script."""
+def _pod_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The server's environment from the rendered CPU example, and the helm test hooks' scripts by name."""
     manifests = render(yaml.safe_load((EXAMPLES / "cpu.yaml").read_text()))
     env = server_settings(manifests)
     env.update({e["name"]: e["value"] for e in server_container(manifests)["env"] if "value" in e})
-    hook = next(m for m in manifests if is_helm_test(m))
-    assert one(manifests, "ConfigMap")["data"]["SDXL_MODEL"] == "tiny"
-    return env, hook["spec"]["containers"][0]["args"][0]
+    hooks = {
+        m["spec"]["containers"][0]["name"]: m["spec"]["containers"][0]["args"][0]
+        for m in manifests
+        if is_helm_test(m)
+    }
+    assert one(manifests, "ConfigMap")["data"]["SDXL_MODEL"] == "demo"
+    assert set(hooks) == {"grpc-health", "image-meaning"}
+    return env, hooks
 
 
 def _wait_until_serving(target: str) -> None:
@@ -94,15 +99,40 @@ def served_cpu_example(
             process.wait()
 
 
-def test_helm_test_hook_passes_against_the_served_example(
+def _run_hook(script: str, target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script, target], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_helm_test_health_hook_passes_against_the_served_example(
     served_cpu_example: Served,
 ) -> None:
-    target, hook_script, _ = served_cpu_example
-    result = subprocess.run(
-        [sys.executable, "-c", hook_script, target], capture_output=True, text=True, timeout=120, check=False
-    )
+    target, hooks, _ = served_cpu_example
+    result = _run_hook(hooks["grpc-health"], target)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == f"{target}: SERVING"
+
+
+def test_helm_test_image_hook_sees_the_colours_and_shape_asked(served_cpu_example: Served) -> None:
+    target, hooks, _ = served_cpu_example
+    result = _run_hook(hooks["image-meaning"], target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    right = int(result.stdout.splitlines()[-1].removeprefix(f"{target}: ").split()[0])
+    assert right >= 3, result.stdout
+
+
+def test_the_image_hook_fails_when_the_image_is_not_what_it_asked(served_cpu_example: Served) -> None:
+    """The hook tells images apart: given images of another scene to judge, it fails."""
+    target, hooks, _ = served_cpu_example
+    other = "'a red circle on a green background'"
+    script = hooks["image-meaning"].replace(
+        "client.generate(shapes.prompt(asked)", f"client.generate({other}", 1
+    )
+    assert script != hooks["image-meaning"]
+    result = _run_hook(script, target)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "images as asked" in result.stdout.splitlines()[-1], result.stdout + result.stderr
 
 
 def test_example_generates_with_its_configured_defaults_and_drains_on_sigterm(
@@ -115,7 +145,7 @@ def test_example_generates_with_its_configured_defaults_and_drains_on_sigterm(
         result = client.generate("a red cube on a table", seed=1, format="png")
     [image] = result.images
     assert (image.width, image.height) == (64, 64)  # server.resolutions of the example
-    assert result.steps == 4  # server.defaultSteps of the example
+    assert result.steps == 10  # server.defaultSteps of the example
     assert image.data.startswith(b"\x89PNG")
     # What Kubernetes sends after the preStop hook: the server drains and exits cleanly.
     process.send_signal(signal.SIGTERM)

@@ -47,7 +47,7 @@ def test_cpu_pod_schedules_anywhere() -> None:
     assert "nodeSelector" not in spec
     assert "tolerations" not in spec
     assert set(resources["limits"]) == {"memory"}
-    assert server_settings(manifests)["SDXL_MODEL"] == "tiny"
+    assert server_settings(manifests)["SDXL_MODEL"] == "demo"
 
 
 def test_extra_selectors_and_tolerations_add_to_the_accelerator_ones() -> None:

@@ -101,8 +101,8 @@ nvidia.com/gpu: {{ .Values.accelerator.gpu.count }}
 {{- define "sdxl-serve.modelArgument" -}}
 {{- if eq .Values.model.source "hub" }}
 {{- .Values.model.hub.id }}
-{{- else if eq .Values.model.source "tiny" }}
-{{- "tiny" }}
+{{- else if has .Values.model.source (list "tiny" "demo") }}
+{{- .Values.model.source }}
 {{- else }}
 {{- .Values.model.mountPath }}
 {{- end }}
