@@ -176,27 +176,58 @@ def _not_a_tiny_model(directory: Path) -> FileExistsError:
     )
 
 
-def _write_tokenizer(directory: Path) -> Any:
-    """Write and load a CLIP tokenizer over a byte-level vocabulary with no merges.
+def _write_tokenizer(directory: Path, words: tuple[str, ...] = ()) -> Any:
+    """Write and load a CLIP tokenizer over a byte-level vocabulary, with BPE merges for `words`.
 
-    Every text tokenizes to one token per byte (the last byte of a word carries CLIP's `</w>` suffix),
-    so any prompt is representable without a trained vocabulary.
+    Without `words` every text tokenizes to one token per byte (the last byte of a word carries CLIP's
+    `</w>` suffix), so any prompt is representable without a trained vocabulary. Each of `words` (lower
+    case letters) becomes one token, as a real CLIP vocabulary's merges make whole tokens of common words;
+    any other word still falls back to its bytes.
     """
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     byte_symbols = list(bytes_to_unicode().values())
-    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols] + [START_TOKEN, END_TOKEN]
+    merges, merged = _whole_word_merges(words)
+    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols] + merged
+    tokens += [START_TOKEN, END_TOKEN]  # the end token keeps the highest id: Flax CLIP pools at it
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(
         vocab_file=str(directory / "vocab.json"),
         merges_file=str(directory / "merges.txt"),
         model_max_length=MAX_TOKENS,
     )
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        if pieces != [word + "</w>"]:
+            raise ValueError(f"the merges for {word!r} give {pieces}, not one token")
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def _whole_word_merges(words: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """BPE merges (in rank order) that build each word left to right, and the tokens they make.
+
+    BPE applies the lowest-ranked merge found anywhere in a word first, so a merge made for one word can
+    fire inside another ("gr" of "green" inside "background"): longer words' chains rank first, and
+    _write_tokenizer checks that every word ends as one token.
+    """
+    merges: list[tuple[str, str]] = []
+    merged: list[str] = []
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        if len(word) < 2:
+            continue  # a one-letter word is one byte token already
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in merges:
+                merges.append(pair)
+                merged.append(left)
+    return merges, merged
 
 
 def _text_encoder(vocab_size: int, *, with_projection: bool) -> Any:

@@ -32,6 +32,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Every word of every prompt in this world (see prompt()): the demo model's tokenizer has one token each.
+WORDS = (*COLOURS, *SHAPES, "a", "on", "background")
 # Never drawn in training, in any prompt: generating them measures generalisation, not memory.
 HELD_BACK: frozenset[tuple[str, str]] = frozenset(
     {
