@@ -60,3 +60,9 @@ def test_every_device_holding_an_image_decodes_now():
 
 def test_decodes_before_the_buffer_could_overflow():
     assert hold([2, 0], soonest=[1, 1], arriving=[1, 0], capacity=2)
+
+
+def test_nothing_waiting_in_the_queue_decodes_now():
+    """Spare capacity: filling more devices buys no throughput, the wait would only add latency."""
+    assert not decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, queue_waiting=True)
+    assert decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, queue_waiting=False)

@@ -6,7 +6,10 @@ step). The seed's recipe decodes a whole batch on every device at once. So a fin
 moved out of its slot into its device's held buffer (the slot is free for the next image at once), and
 the decode waits, within a budget of `hold_steps` denoising steps, for as long as a device that holds
 nothing has an image that will finish in time. It never waits when waiting cannot help: one device, no
-other work in flight, or every device already holding an image.
+other work in flight, or every device already holding an image. Nor when nothing waits in the queue:
+then the devices have time to spare, filling them buys no throughput, and the wait would only add up to
+`hold_steps` steps to the image's latency (measured: at 70% Poisson load the hold cost more p99 than
+it saved, docs/PERFORMANCE.md). Under saturation the queue is never empty and the hold works as before.
 """
 
 from __future__ import annotations
@@ -58,15 +61,17 @@ def decode_now(
     soonest_finish: list[int | None],
     arriving: list[int],
     capacity: int,
+    queue_waiting: bool = True,
 ) -> bool:
     """Whether to decode a bank's held images at this boundary.
 
     held[d]: images held on device d; waited_steps: steps since the oldest was finished; soonest_finish[d]:
     the fewest steps any image in device d's block still needs (None if the block is empty); arriving[d]:
-    images that may finish on device d at the next dispatch (they need room in its buffer)."""
+    images that may finish on device d at the next dispatch (they need room in its buffer);
+    queue_waiting: whether any image waits in the queue for a slot."""
     if not any(held):
         return False
-    if waited_steps >= hold_steps:
+    if waited_steps >= hold_steps or not queue_waiting:
         return True
     if any(h + a > capacity for h, a in zip(held, arriving, strict=True)):
         return True
