@@ -5,7 +5,9 @@
   caller was told about (RESOURCE_EXHAUSTED after its retries, UNAVAILABLE, DEADLINE_EXCEEDED) is
   ``failed``, not lost; so is CANCELLED_AT_DEADLINE, a call that ended CANCELLED within 1 s of its
   deadline (the server's copy of the deadline fired first).
-- ``failed``: final non-OK statuses, by name (after the client's retries).
+- ``failed``: final non-OK statuses, by name (after the client's retries); ``lost_messages`` and
+  ``failed_messages``: the commonest "STATUS: grpc details" texts among them, which say who ended a call.
+- ``retries_refused_by_budget``: overload answers the clients' retry budget did not retry.
 - ``needed_replicas``: pods needed to carry the step's rate at all: ceil(rate / one pod's capacity).
 - ``scale_up_seconds``: the traffic step to the first moment ``needed_replicas`` pods are ready.
 - ``metric_moved_seconds``: the step to the first scrape where the average ``sdxl_load`` Prometheus holds
@@ -41,6 +43,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def _failures(requests: list[RequestRecord]) -> dict[str, int]:
     return dict(Counter(r.code or "NO_ANSWER" for r in requests if r.code != "OK"))
+
+
+def _messages(requests: list[RequestRecord], most: int = 10) -> dict[str, int]:
+    """The commonest error texts among ``requests`` (status and grpc's details), to say why calls ended."""
+    texts = Counter(f"{r.code or 'NO_ANSWER'}: {r.message or ''}" for r in requests)
+    return dict(texts.most_common(most))
 
 
 def build(
@@ -92,8 +100,12 @@ def build(
         "requests": len(requests),
         "ok": sum(1 for r in requests if r.code == "OK"),
         "lost": len(lost),
+        "lost_messages": _messages(lost),
         "failed": _failures(requests),
+        "failed_messages": _messages([r for r in requests if r.code not in (None, "OK")]),
         "retries_by_code": dict(log.retries_by_code),
+        "retry_budget": None if scenario.retry_budget is None else vars(scenario.retry_budget),
+        "retries_refused_by_budget": log.retries_refused_by_budget,
         "max_ready_replicas": max((s.ready for s in autoscaler.samples), default=0),
         "max_desired_replicas": max((s.desired_replicas for s in autoscaler.syncs), default=0),
     }
@@ -319,10 +331,12 @@ def format_summary(result: dict[str, Any]) -> str:
         f"scenario {r['scenario']} (time_scale {r['time_scale']}, metric {r['metric']}, capacity "
         f"{r['capacity_per_pod_rps']:.2f} req/s per pod, cpu limit applied: {r['cpu_limit_applied']})",
         f"requests {r['requests']}  ok {r['ok']}  lost {r['lost']}  failed {r['failed']}  "
-        f"retries {r['retries_by_code']}",
+        f"retries {r['retries_by_code']} (refused by the retry budget: {r['retries_refused_by_budget']})",
         f"max ready replicas {result['max_ready_replicas']}  max desired {result['max_desired_replicas']}  "
         f"warm-up {result['warmup_seconds']['mean']:.1f} s",
     ]
+    if r["lost_messages"]:
+        lines.append(f"lost, by message: {r['lost_messages']}")
     if "needed_replicas" in result:
         lines.append(
             f"step: needed {result['needed_replicas']}  metric moved +{result['metric_moved_seconds']} s  "

@@ -123,8 +123,8 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         per_unit = capacity if scenario.rate_unit == "pod_capacity" else 1.0
         profile = LiveProfile(scenario.profile, lambda: len(fleet.ready()))
         traffic = Traffic(
-            target, scenario.callers, scenario.deadline_seconds, scenario.max_attempts, request, profile,
-            per_unit,
+            target, scenario.callers, scenario.deadline_seconds, scenario.max_attempts,
+            scenario.retry_budget, request, profile, per_unit,
         )  # fmt: skip
         offset["traffic"] = time.monotonic() - base
         _rebase(fleet, offset["traffic"])

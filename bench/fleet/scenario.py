@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sdxl_client import RetryBudget
 
 
 class ScenarioError(ValueError):
@@ -69,6 +70,7 @@ class Scenario:
     callers: int
     deadline_seconds: float
     max_attempts: int  # the client's RetryPolicy.max_attempts (its default is 5)
+    retry_budget: RetryBudget | None  # the client's RetryPolicy.budget; None: every overload retried
     rate_unit: str  # "pod_capacity" or "requests_per_second"
     profile: tuple[Segment, ...]
     kills: tuple[Kill, ...]
@@ -174,6 +176,7 @@ def parse(data: Any, where: str = "scenario") -> Scenario:
         callers=int(traffic.number("callers", 4, low=1)),
         deadline_seconds=traffic.number("deadline_seconds", 60.0, low=0.1),
         max_attempts=int(traffic.number("max_attempts", 5, low=1)),
+        retry_budget=_retry_budget(traffic, f"{where}: traffic.retry_budget"),
         rate_unit=traffic.choice("rate_unit", "pod_capacity", ("pod_capacity", "requests_per_second")),
         profile=profile,
         kills=kills,
@@ -186,6 +189,19 @@ def parse(data: Any, where: str = "scenario") -> Scenario:
         if kill.at >= scenario.duration:  # the shortest the profile can last
             raise ScenarioError(f"{where}: traffic.kills: at={kill.at} is after the profile ends")
     return scenario
+
+
+def _retry_budget(traffic: _Fields, where: str) -> RetryBudget | None:
+    """The client's default budget when absent; ``none`` (or null) for no budget; else its fields."""
+    value = traffic.get("retry_budget", {})
+    if value is None or value == "none":
+        return None
+    f = _Fields(value, where)
+    default = RetryBudget()
+    return RetryBudget(
+        ratio=f.number("ratio", default.ratio, low=0.0, high=1.0),
+        min_retrying=int(f.number("min_retrying", default.min_retrying, low=0)),
+    )
 
 
 def _segment(item: Any, where: str) -> Segment:

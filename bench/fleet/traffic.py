@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sdxl_client import RetryPolicy, SdxlError
+from sdxl_client import RetryBudget, RetryPolicy, SdxlError
 from sdxl_client.aio import AsyncClient
 
 from bench.fleet.scenario import LiveProfile
@@ -34,6 +34,7 @@ class RequestRecord:
     arrived: float  # seconds since the traffic started
     ended: float | None = None
     code: str | None = None  # "OK" or the final gRPC status name
+    message: str | None = None  # the final error's text (grpc's details say who ended a call and why)
 
     @property
     def latency(self) -> float | None:
@@ -45,6 +46,7 @@ class TrafficLog:
     requests: list[RequestRecord] = field(default_factory=list)
     retries_by_code: Counter[str] = field(default_factory=Counter)
     retries: list[tuple[float, str]] = field(default_factory=list)  # (when, status that caused it)
+    retries_refused_by_budget: int = 0  # overload answers the clients' retry budgets did not retry
 
 
 class Traffic:
@@ -54,6 +56,7 @@ class Traffic:
         callers: int,
         deadline: float,
         max_attempts: int,
+        retry_budget: RetryBudget | None,
         request: dict[str, object],
         profile: LiveProfile,
         per_unit: float,
@@ -64,7 +67,7 @@ class Traffic:
             AsyncClient(
                 target,
                 timeout=deadline,
-                retry=RetryPolicy(max_attempts=max_attempts),
+                retry=RetryPolicy(max_attempts=max_attempts, budget=retry_budget),
                 on_retry=self._count_retry,
             )
             for _ in range(callers)
@@ -118,6 +121,7 @@ class Traffic:
             record.code = "OK"
         except SdxlError as e:
             record.code = e.code.name if e.code else type(e).__name__
+            record.message = e.message
             if (
                 record.code == "CANCELLED"
                 and self.now() - record.arrived >= self._deadline - _DEADLINE_SLACK_SECONDS
@@ -125,12 +129,14 @@ class Traffic:
                 record.code = CANCELLED_AT_DEADLINE
         except Exception as e:  # a bug here must show in the report, not vanish with the task
             record.code = f"CLIENT_ERROR:{type(e).__name__}"
+            record.message = str(e)
         record.ended = self.now()
 
     async def drain(self, timeout: float) -> None:
         """Waits for every request sent to end (each has its deadline, so this is bounded)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+        self._log.retries_refused_by_budget = sum(c.retries_refused_by_budget for c in self._clients)
 
     async def close(self) -> None:
         for client in self._clients:

@@ -27,7 +27,7 @@ from sdxl_client._errors import (
     Unavailable,
     Unimplemented,
 )
-from sdxl_client._retry import RetryPolicy
+from sdxl_client._retry import RetryBudget, RetryPolicy
 from sdxl_client._types import (
     Done,
     GeneratedImage,
@@ -66,6 +66,7 @@ __all__ = [
     "Progress",
     "Queued",
     "Resolution",
+    "RetryBudget",
     "RetryPolicy",
     "SdxlError",
     "ServerInfo",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from sdxl_client._channel import DEFAULT_TARGET, ChannelSettings
 from sdxl_client._errors import SdxlError
-from sdxl_client._retry import RetryPolicy, RetryState
+from sdxl_client._retry import CallsInProgress, RetryPolicy, RetryState
 
 RetryHook = Callable[[SdxlError, int, float], None]
 """Called before each retry with the error, the number of the attempt that failed, and the wait."""
@@ -44,7 +44,8 @@ class ClientBase:
             tls_server_name: Name to check the server certificate against when it differs from the target.
             timeout: Default overall deadline of a call in seconds, retries included; None for none.
             retry: Retry policy for UNAVAILABLE and RESOURCE_EXHAUSTED; ``RetryPolicy(max_attempts=1)``
-                disables retries. Defaults to ``RetryPolicy()``.
+                disables retries. Defaults to ``RetryPolicy()``, whose retry budget this client's calls
+                share.
             keepalive_seconds: Interval of keepalive pings during calls (see ChannelSettings: a server
                 must allow pings that often).
             load_balancing: ``round_robin`` (default) or ``pick_first``.
@@ -63,6 +64,7 @@ class ClientBase:
         self.retry_policy = retry if retry is not None else RetryPolicy()
         self._metadata = self.settings.call_metadata()
         self._on_retry = on_retry
+        self._calls = CallsInProgress()
         self._open()
 
     def _open(self) -> None:
@@ -74,14 +76,25 @@ class ClientBase:
         """The gRPC target this client calls."""
         return self.settings.target
 
+    @property
+    def retries_refused_by_budget(self) -> int:
+        """Overload answers not retried because the retry budget was spent (see ``RetryBudget``)."""
+        return self._calls.refused
+
     def _retry_state(self, timeout: float | None) -> RetryState:
-        return RetryState(self.retry_policy, self.default_timeout if timeout == _USE_DEFAULT else timeout)
+        return RetryState(
+            self.retry_policy,
+            self.default_timeout if timeout == _USE_DEFAULT else timeout,
+            calls=self._calls,
+        )
 
     def _single_timeout(self, timeout: float | None) -> float | None:
         return self.default_timeout if timeout == _USE_DEFAULT else timeout
 
     def _retry_delay(self, state: RetryState, error: SdxlError) -> float | None:
         delay = state.delay_before_retry(error)
+        if state.refused_by_budget:
+            error.message += " (not retried: the client's retry budget for overload is spent)"
         if delay is not None and self._on_retry is not None:
             self._on_retry(error, state.attempts, delay)
         return delay

@@ -174,25 +174,26 @@ class AsyncClient(ClientBase):
         self, request: sdxl_pb2.GenerateRequest, state: RetryState
     ) -> AsyncIterator[StreamEvent]:
         stub, _ = self._stubs()
-        while True:
-            attempt_timeout = state.start_attempt()
-            call = stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
-            received_any = False
-            try:
-                async for message in call:
-                    event = stream_event_from_proto(message)
-                    if event is not None:
-                        received_any = True
-                        yield event
-                return
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = None if received_any else self._retry_delay(state, error)
-                if delay is None:
-                    raise error from rpc_error
-            finally:
-                call.cancel()  # no-op when finished; frees the server's slot when the caller stopped early
-            await asyncio.sleep(delay)
+        with state:
+            while True:
+                attempt_timeout = state.start_attempt()
+                call = stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
+                received_any = False
+                try:
+                    async for message in call:
+                        event = stream_event_from_proto(message)
+                        if event is not None:
+                            received_any = True
+                            yield event
+                    return
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = None if received_any else self._retry_delay(state, error)
+                    if delay is None:
+                        raise error from rpc_error
+                finally:
+                    call.cancel()  # no-op when finished; frees the server's slot if the caller stopped early
+                await asyncio.sleep(delay)
 
     async def server_info(self, *, timeout: float | None = _USE_DEFAULT) -> ServerInfo:
         """Describes the served model and the bounds a request must respect.
@@ -276,14 +277,14 @@ class AsyncClient(ClientBase):
     async def _with_retries(
         self, invoke: Callable[[float | None], Awaitable[_T]], timeout: float | None
     ) -> _T:
-        state = self._retry_state(timeout)
-        while True:
-            attempt_timeout = state.start_attempt()
-            try:
-                return await invoke(attempt_timeout)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = self._retry_delay(state, error)
-                if delay is None:
-                    raise error from rpc_error
-            await asyncio.sleep(delay)
+        with self._retry_state(timeout) as state:
+            while True:
+                attempt_timeout = state.start_attempt()
+                try:
+                    return await invoke(attempt_timeout)
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = self._retry_delay(state, error)
+                    if delay is None:
+                        raise error from rpc_error
+                await asyncio.sleep(delay)

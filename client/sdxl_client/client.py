@@ -160,25 +160,26 @@ class Client(ClientBase):
         return self._stream(request, self._retry_state(timeout))
 
     def _stream(self, request: sdxl_pb2.GenerateRequest, state: RetryState) -> Iterator[StreamEvent]:
-        while True:
-            attempt_timeout = state.start_attempt()
-            call = self._stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
-            received_any = False
-            try:
-                for message in call:
-                    event = stream_event_from_proto(message)
-                    if event is not None:
-                        received_any = True
-                        yield event
-                return
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = None if received_any else self._retry_delay(state, error)
-                if delay is None:
-                    raise error from rpc_error
-            finally:
-                call.cancel()  # no-op when finished; frees the server's slot when the caller stopped early
-            time.sleep(delay)
+        with state:
+            while True:
+                attempt_timeout = state.start_attempt()
+                call = self._stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
+                received_any = False
+                try:
+                    for message in call:
+                        event = stream_event_from_proto(message)
+                        if event is not None:
+                            received_any = True
+                            yield event
+                    return
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = None if received_any else self._retry_delay(state, error)
+                    if delay is None:
+                        raise error from rpc_error
+                finally:
+                    call.cancel()  # no-op when finished; frees the server's slot if the caller stopped early
+                time.sleep(delay)
 
     def server_info(self, *, timeout: float | None = _USE_DEFAULT) -> ServerInfo:
         """Describes the served model and the bounds a request must respect.
@@ -256,14 +257,14 @@ class Client(ClientBase):
         self.close()
 
     def _with_retries(self, invoke: Callable[[float | None], _T], timeout: float | None) -> _T:
-        state = self._retry_state(timeout)
-        while True:
-            attempt_timeout = state.start_attempt()
-            try:
-                return invoke(attempt_timeout)
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = self._retry_delay(state, error)
-                if delay is None:
-                    raise error from rpc_error
-            time.sleep(delay)
+        with self._retry_state(timeout) as state:
+            while True:
+                attempt_timeout = state.start_attempt()
+                try:
+                    return invoke(attempt_timeout)
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = self._retry_delay(state, error)
+                    if delay is None:
+                        raise error from rpc_error
+                time.sleep(delay)

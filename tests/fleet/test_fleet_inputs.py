@@ -4,6 +4,7 @@ and scenario files (every error names its field). Fast: no pods are started."""
 from __future__ import annotations
 
 import pytest
+from sdxl_client import RetryBudget
 
 from bench.fleet import chart
 from bench.fleet.horizontal import PERCENT_POLICY, PODS_POLICY, ScalingPolicy
@@ -72,6 +73,14 @@ def test_a_minimal_scenario_takes_the_defaults() -> None:
     assert (s.time_scale, s.sync_period_seconds, s.metric, s.duration) == (1.0, 15.0, "pods", 10.0)
     profile = LiveProfile(s.profile, ready=lambda: 0)
     assert profile.rate(5) == 1.0 and profile.ended(10) and profile.end == 10
+    assert s.retry_budget == RetryBudget()  # the client library's default
+
+
+def test_the_retry_budget_can_be_set_or_turned_off() -> None:
+    traffic = {"profile": [{"seconds": 10, "rate": 1}]}
+    assert parse({"traffic": {**traffic, "retry_budget": "none"}}).retry_budget is None
+    budget = parse({"traffic": {**traffic, "retry_budget": {"ratio": 0.5}}}).retry_budget
+    assert budget == RetryBudget(ratio=0.5, min_retrying=RetryBudget().min_retrying)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +93,10 @@ def test_a_minimal_scenario_takes_the_defaults() -> None:
         ({"traffic": {"profile": [{"seconds": 5, "rate": 1}], "kills": [{"at": 9}]}}, "traffic.kills"),
         ({}, "traffic"),
         (minimal(pod={"cpu_limit": 0}), "pod.cpu_limit"),
+        (
+            {"traffic": {"profile": [{"seconds": 5, "rate": 1}], "retry_budget": {"ratio": 2}}},
+            "traffic.retry_budget.ratio",
+        ),
     ],
 )
 def test_a_bad_scenario_names_the_field(scenario: dict, field: str) -> None:

@@ -27,6 +27,7 @@ from sdxl_client import (
     Overloaded,
     Progress,
     Queued,
+    RetryBudget,
     RetryPolicy,
     Unauthenticated,
 )
@@ -228,6 +229,45 @@ def test_overloaded_requests_are_retried_until_they_succeed(client, server, file
     assert all(isinstance(error, Overloaded) for error, _, _ in retries)
     # Each wait honoured the server's RetryInfo delay (up to the policy's max_backoff of 0.2 s).
     assert all(wait >= min(error.retry_after, 0.2) for error, _, wait in retries)
+
+
+def test_the_retry_budget_lets_few_overloaded_calls_retry_and_fails_the_rest_fast(client, server, files):
+    """Six calls of one client meet a full server: the budget's two places retry until the server has
+    room, the other four get the server's Overloaded answer at once instead of joining a retry backlog."""
+    budget = RetryBudget(ratio=0.0, min_retrying=2)
+    policy = RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.2, budget=budget)
+
+    async def calls(patient: AsyncClient) -> list[GenerateResult | BaseException]:
+        tasks = [asyncio.ensure_future(patient.generate("budget", steps=1, seed=i)) for i in range(6)]
+        deadline = time.monotonic() + 60
+        while patient.retries_refused_by_budget < 4:
+            assert time.monotonic() < deadline, [t.done() for t in tasks]
+            await asyncio.sleep(0.02)
+        finished = [t for t in tasks if t.done()]
+        # The four refused calls ended; the two with places are still retrying against the full server.
+        assert len(finished) == 4 and all(isinstance(t.exception(), Overloaded) for t in finished)
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    release = threading.Event()
+    outcome: list[list[GenerateResult | BaseException]] = []
+
+    async def run() -> None:
+        async with _async_client(server, files, retry=policy) as patient:
+            outcome.append(await calls(patient))
+            assert patient.retries_refused_by_budget == 4
+
+    worker = threading.Thread(target=lambda: asyncio.run(run()))
+    with _full_server(client):
+        worker.start()
+        while not release.wait(0.05):
+            assert worker.is_alive(), outcome
+    worker.join(120)
+    [results] = outcome
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    served = [r for r in results if isinstance(r, GenerateResult)]
+    assert len(refused) == 4 and len(served) == 2, results
+    assert all("retry budget" in str(error) and error.retryable for error in refused)
 
 
 def test_non_retryable_error_is_raised_at_once_without_retries(server, files):

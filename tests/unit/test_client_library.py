@@ -18,7 +18,7 @@ from sdxl_client._channel import ChannelSettings
 from sdxl_client._errors import from_rpc_error
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_client._requests import build_generate_request
-from sdxl_client._retry import RetryPolicy, RetryState
+from sdxl_client._retry import CallsInProgress, RetryBudget, RetryPolicy, RetryState
 from sdxl_client._types import stream_event_from_proto
 
 
@@ -253,9 +253,51 @@ def test_each_attempt_gets_the_time_left_and_no_wait_ends_past_the_deadline():
         state.start_attempt()
 
 
+def test_retry_budget_is_a_share_of_the_calls_in_progress_with_a_floor():
+    budget = RetryBudget(ratio=0.2, min_retrying=3)
+    assert budget.allows(retrying=2, in_progress=3) and not budget.allows(retrying=3, in_progress=3)
+    assert budget.allows(retrying=19, in_progress=100) and not budget.allows(retrying=20, in_progress=100)
+
+
+def _calls_in_progress(policy: RetryPolicy, count: int) -> tuple[CallsInProgress, list[RetryState]]:
+    calls = CallsInProgress()
+    states = [RetryState(policy, None, calls=calls, uniform=lambda: 1.0).__enter__() for _ in range(count)]
+    for state in states:
+        state.start_attempt()
+    return calls, states
+
+
+def test_overload_retries_beyond_the_budget_are_refused_until_a_place_frees():
+    calls, states = _calls_in_progress(RetryPolicy(budget=RetryBudget(ratio=0.0, min_retrying=2)), 4)
+    full = sdxl_client.Overloaded("full", retry_after=0.5)
+    delays = [state.delay_before_retry(full) for state in states]
+    assert delays == [0.5, 0.5, None, None]
+    assert [s.refused_by_budget for s in states] == [False, False, True, True]
+    assert (calls.retrying, calls.refused) == (2, 2)
+    # A call that holds a place keeps it for its next retries.
+    states[0].start_attempt()
+    assert states[0].delay_before_retry(full) is not None and calls.retrying == 2
+    states[0].__exit__(None, None, None)
+    assert (calls.in_progress, calls.retrying) == (3, 1)
+    late = RetryState(states[1].policy, None, calls=calls).__enter__()
+    late.start_attempt()
+    assert late.delay_before_retry(full) is not None and calls.retrying == 2
+
+
+def test_unavailable_is_never_budgeted_and_no_budget_retries_everything():
+    _, states = _calls_in_progress(RetryPolicy(budget=RetryBudget(ratio=0.0, min_retrying=0)), 3)
+    assert all(s.delay_before_retry(sdxl_client.Unavailable("gone")) is not None for s in states)
+    assert all(s.delay_before_retry(sdxl_client.Overloaded("full", retry_after=0.1)) is None for s in states)
+    calls, unbudgeted = _calls_in_progress(RetryPolicy(budget=None), 3)
+    full = sdxl_client.Overloaded("full", retry_after=0.1)
+    assert all(s.delay_before_retry(full) is not None for s in unbudgeted) and calls.refused == 0
+
+
 def test_policy_rejects_nonsense():
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError):
+        RetryBudget(ratio=1.5)
 
 
 # --- results --------------------------------------------------------------------------------------
