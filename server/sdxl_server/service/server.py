@@ -38,6 +38,13 @@ HEALTH_NAMES = ("", IMAGE_SERVICE)
 # An accepted request must be able to finish on an aged connection; 10 minutes covers a full queue
 # of 1024x1024 SDXL requests on one v5e chip.
 CONNECTION_AGE_GRACE_SECONDS = 600
+# gRPC core holds a call that has arrived until the server asks for the next one, and cancels it once it
+# has waited this long (default 30 s), with a bare CANCELLED that no client retries and that no handler,
+# metric or log of ours ever sees. A server whose event loop is starved (measured: a 0.3-CPU pod under a
+# retry storm, docs/AUTOSCALING.md) reaches that; a call that reached the server should instead get the
+# server's answer (served, refused with a retry delay, or expired at its deadline). Bounded by count
+# anyway: past 1,000 waiting calls gRPC refuses new ones with RESOURCE_EXHAUSTED.
+MAX_UNREQUESTED_SECONDS = CONNECTION_AGE_GRACE_SECONDS
 # The largest request is two 16,384-character prompts of 4-byte UTF-8 (128 KiB) plus small fields.
 MAX_REQUEST_BYTES = 1 << 20
 # Server pings: often enough to notice a vanished client within a couple of minutes (its queued and
@@ -71,6 +78,7 @@ def server_options(options: ServerOptions) -> list[tuple[str, int]]:
     return [
         ("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
         ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000),
+        ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_SECONDS),
         # Without this a second server could silently share a fixed port with a running one.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
