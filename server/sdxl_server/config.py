@@ -77,7 +77,7 @@ class ServerConfig:
     steps_per_dispatch: int = 1
     decode_hold_steps: int = 4
     drain_seconds: float = 60.0
-    max_connection_age_seconds: float = 30.0
+    max_connection_age_seconds: float = 10.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     auth_token_file: str | None = None
@@ -226,7 +226,7 @@ _OPTIONS = (
         "most steps a finished image waits to share a decode across devices [4]",
     ),
     _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
-    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [30]"),
+    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [10]"),
     _Option("tls-cert-file", str, "PEM certificate chain; enables TLS with --tls-key-file"),
     _Option("tls-key-file", str, "PEM private key"),
     _Option("auth-token-file", str, "file holding the bearer token clients must send"),

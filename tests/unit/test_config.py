@@ -11,7 +11,7 @@ def test_defaults_serve_the_tiny_model_on_the_contract_ports() -> None:
     config = parse_serve_config([], env={})
     assert (config.model, config.port, config.metrics_port, config.host) == ("tiny", 50051, 8000, "0.0.0.0")
     assert (config.max_steps, config.default_steps, config.max_images_per_request) == (50, 30, 4)
-    assert config.drain_seconds == 60 and config.max_connection_age_seconds == 30
+    assert config.drain_seconds == 60 and config.max_connection_age_seconds == 10
     assert not config.log_prompts and config.auth_token_file is None and not config.tls_enabled
 
 
