@@ -312,7 +312,14 @@ def main() -> None:
     parser.add_argument(
         "--poisson-rounds", type=int, default=1, help="Poisson rounds per load, pooled (steadier tails)"
     )
+    parser.add_argument(
+        "--decode-hold-steps",
+        type=int,
+        default=None,
+        help="the engines' decode hold (default: the engine's own default)",
+    )
     args = parser.parse_args()
+    hold = {} if args.decode_hold_steps is None else {"decode_hold_steps": args.decode_hold_steps}
     batches = (3 if args.quick else 5) * args.scale
     saturation_rounds = 1 if args.quick else 3
     poisson_requests = (30 if args.quick else 60) * args.scale
@@ -330,7 +337,7 @@ def main() -> None:
     solo_recipe = SeedRecipe(str(BENCH_MODEL_DIR), 1)
     images = batches * DEVICES * SLOTS_PER_DEVICE
 
-    continuous = JaxEngine(engine_config("continuous"))
+    continuous = JaxEngine(engine_config("continuous", **hold))
     continuous.start()
     ratio = cost_ratio(continuous)
     say(f"decode / guided step (one image each): {ratio['decode_over_step']:.2f}")
@@ -366,7 +373,7 @@ def main() -> None:
     continuous.stop()
     # Latency under Poisson arrivals: K=1 (a request that arrives while the loop runs K steps at once
     # would wait for them before joining), as a latency-serving deployment would run.
-    continuous = JaxEngine(engine_config("continuous", steps_per_dispatch=1))
+    continuous = JaxEngine(engine_config("continuous", steps_per_dispatch=1, **hold))
     continuous.start()
     # Capacity under the mixed-step Poisson workload: the steady images/s of a saturated engine with
     # that mix (the ramp-up and the drain left out: with mixed steps the drain is long), the median of
@@ -381,7 +388,7 @@ def main() -> None:
     shown = ", ".join(f"{c:.3f}" for c in capacities)
     say(f"capacity with mixed steps: {capacity:.3f} images/s (rounds {shown})")
 
-    static = JaxEngine(engine_config("static", steps_per_dispatch=1))
+    static = JaxEngine(engine_config("static", steps_per_dispatch=1, **hold))
     static.start()
     # Each round draws new arrivals and step counts (its own seed) and runs both policies on the same
     # ones, one after the other; a load's figures pool every round's requests, because the p99 of one
@@ -404,7 +411,9 @@ def main() -> None:
     static.stop()
     continuous.stop()
 
-    lone_engine = JaxEngine(engine_config(slots_per_device=4, max_devices=1, resolutions=(RESOLUTION,)))
+    lone_engine = JaxEngine(
+        engine_config(slots_per_device=4, max_devices=1, resolutions=(RESOLUTION,), **hold)
+    )
     lone_engine.start()
     alone = lone(lone_engine, solo_recipe, lone_repeats)
     lone_engine.stop()
@@ -468,6 +477,7 @@ def main() -> None:
         "devices": DEVICES,
         "slots_per_device": SLOTS_PER_DEVICE,
         "cost_ratio": ratio,
+        "decode_hold_steps": args.decode_hold_steps,
         "saturation_rounds": rounds,
         "recipe_images_per_second": recipe_rate,
         "staggered_arrival_interval_seconds": interval,
