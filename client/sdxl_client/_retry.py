@@ -19,8 +19,9 @@ full, every rejected call that keeps retrying stays in a backlog that competes w
 the same queues, and each rejection costs the servers work; the backlog then outlives the overload by
 (backlog / spare capacity) and keeps p99 high long after capacity is back. Measured in the fleet harness
 (docs/AUTOSCALING.md): without a budget, 52,000-78,000 rejected retries in a 5-minute step and a p99
-that never recovered. With it, at most ``max(min_retrying, ratio * calls in progress)`` calls of one
-client retry after RESOURCE_EXHAUSTED at a time; the others fail fast with the server's answer. A lone
+that did not recover before the step ended. With it, at most
+``max(min_retrying, ratio * calls in progress)`` calls of one client retry after RESOURCE_EXHAUSTED at a
+time; the others fail fast with the server's answer. A lone
 caller, or a few, always retry (the floor). UNAVAILABLE is not budgeted: it means one server went away
 (killed, draining, warming up) and a retry reaches another, which is what keeps a pod's death or a
 scale-down free of failures.
