@@ -223,7 +223,7 @@ _OPTIONS = (
     _Option(
         "decode-hold-steps",
         _integer,
-        "most steps a finished image waits to share a decode across devices [4]",
+        "most steps a finished image waits to share a decode across devices, with a deep backlog [4]",
     ),
     _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
     _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [10]"),

@@ -62,7 +62,7 @@ def test_decodes_before_the_buffer_could_overflow():
     assert hold([2, 0], soonest=[1, 1], arriving=[1, 0], capacity=2)
 
 
-def test_nothing_waiting_in_the_queue_decodes_now():
-    """Spare capacity: filling more devices buys no throughput, the wait would only add latency."""
-    assert not decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, queue_waiting=True)
-    assert decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, queue_waiting=False)
+def test_without_a_deep_backlog_the_hold_is_pure_latency_and_decodes_now():
+    """The hold buys throughput; it engages only while enough images wait to refill every slot."""
+    assert not decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, backlog_deep=True)
+    assert decode_now([1, 0], 0, 4, [None, 3], [0, 0], 2, backlog_deep=False)

@@ -49,7 +49,8 @@ class EngineConfig:
     # overhead; 1 is right on TPU where a step takes ~100 ms.
     steps_per_dispatch: int = 1
     # How many denoising steps a finished image may wait for a decode batch that fills more devices
-    # (decode_hold.py). It never waits when no other device has an image that could finish in time.
+    # (decode_hold.py). It never waits when no other device has an image that could finish in time, nor
+    # without a deep backlog (fewer images queued than slots): then the wait is latency, not throughput.
     decode_hold_steps: int = 4
     # Decoded batches waiting for or in the image workers before the step loop waits (backpressure).
     max_pending_decodes: int = 8

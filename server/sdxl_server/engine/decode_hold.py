@@ -4,12 +4,17 @@ A decode is one SPMD program over every device: if only one device has a finishe
 decode padding and sit idle for the length of a VAE pass (on real SDXL at 1024x1024, about one guided
 step). The seed's recipe decodes a whole batch on every device at once. So a finished image's latents are
 moved out of its slot into its device's held buffer (the slot is free for the next image at once), and
-the decode waits, within a budget of `hold_steps` denoising steps, for as long as a device that holds
+the decode may wait, within a budget of `hold_steps` denoising steps, for as long as a device that holds
 nothing has an image that will finish in time. It never waits when waiting cannot help: one device, no
-other work in flight, or every device already holding an image. Nor when nothing waits in the queue:
-then the devices have time to spare, filling them buys no throughput, and the wait would only add up to
-`hold_steps` steps to the image's latency (measured: at 70% Poisson load the hold cost more p99 than
-it saved, docs/PERFORMANCE.md). Under saturation the queue is never empty and the hold works as before.
+other work in flight, or every device already holding an image.
+
+The hold trades the held image's latency (up to `hold_steps` steps) for throughput (fewer, fuller
+decodes), so it engages only when throughput is what the server lacks: when the backlog is deep, i.e. at
+least as many images wait in the queue as there are slots, enough to refill every slot that frees during
+the hold. With a shallow queue (Poisson load below capacity: a few images wait now and then) the devices
+catch up anyway and the wait is pure latency; measured at 70% Poisson load, a hold that engaged whenever
+anything was queued cost more p99 (2.64 s) than deciding at once (2.27 s), while without any hold a
+saturated burst fell from 1.01 to 0.91 of the recipe's throughput (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -61,17 +66,18 @@ def decode_now(
     soonest_finish: list[int | None],
     arriving: list[int],
     capacity: int,
-    queue_waiting: bool = True,
+    backlog_deep: bool = True,
 ) -> bool:
     """Whether to decode a bank's held images at this boundary.
 
     held[d]: images held on device d; waited_steps: steps since the oldest was finished; soonest_finish[d]:
     the fewest steps any image in device d's block still needs (None if the block is empty); arriving[d]:
     images that may finish on device d at the next dispatch (they need room in its buffer);
-    queue_waiting: whether any image waits in the queue for a slot."""
+    backlog_deep: whether enough images wait in the queue to refill every slot that frees during the
+    hold (the step loop: queued images >= slots); without such a backlog the hold is pure latency."""
     if not any(held):
         return False
-    if waited_steps >= hold_steps or not queue_waiting:
+    if waited_steps >= hold_steps or not backlog_deep:
         return True
     if any(h + a > capacity for h, a in zip(held, arriving, strict=True)):
         return True

@@ -11,8 +11,9 @@ Each iteration is one step boundary:
    with the static one) at the end of the least-loaded device's block: the request's prompts are encoded
    once and `insert` writes the slot's latents, embeddings and schedule on the device;
 4. decode: a bank's held images are decoded, in the smallest compiled batch that holds them, when
-   waiting longer cannot fill more devices or nothing waits in the queue (decode_hold.py); the pixels
-   go to the image workers, which copy only the real images to the host, encode and deliver them;
+   waiting longer cannot fill more devices or fewer images are queued than there are slots
+   (decode_hold.py); the pixels go to the image workers, which copy only the real images to the host,
+   encode and deliver them;
 5. dispatch: per resolution in use, the step program of the smallest bucket that covers the busiest
    block, asynchronously (k steps at once, k in 1, 2, 4, ..., K, the most that no slot overshoots, when
    no waiting image could join sooner: none waits, or every slot is taken);
@@ -277,7 +278,7 @@ class StepLoop:
                 soonest,
                 arriving,
                 held.capacity,
-                queue_waiting=len(self._queue) > 0,
+                backlog_deep=len(self._queue) >= self._slots.total,
             ):
                 waited += self._decode(resolution)
         return waited

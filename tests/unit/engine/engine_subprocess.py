@@ -5,6 +5,7 @@ Used where a process-wide setting must differ from the test process: the simulat
 
     python engine_subprocess.py devices MODEL_DIR CACHE_DIR   # 1 vs all devices: images and step HLO
     python engine_subprocess.py start MODEL_DIR CACHE_DIR     # one start: cache hits, images
+    python engine_subprocess.py hold MODEL_DIR CACHE_DIR      # the decode hold, shallow vs deep backlog
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import threading
 
 import jax
-from engine_helpers import Recorder, request
+from engine_helpers import WAIT_SECONDS, Recorder, request
 from sdxl_server.engine import EngineConfig, JaxEngine
 from sdxl_server.engine.api import Finished, Resolution
 
@@ -79,6 +81,37 @@ def start(model_dir: str, cache_dir: str) -> dict:
     }
 
 
+def hold(model_dir: str, cache_dir: str) -> dict:
+    """The decode's images per batch when the first image finishes while another device's image is 2
+    steps from its end, with 1 image (shallow) or 2 images (deep: as many as slots) left in the queue.
+
+    2 devices x 1 slot, decode hold 4 steps. The step loop is held inside the first image's first Progress
+    until everything else is submitted, so that admission is the same in every run: "first" (3 steps) on
+    device 0 at boundary 1, "second" (4 steps) on device 1 at boundary 2, the rest queued; "first"
+    finishes at dispatch 3, "second" at dispatch 5, and a queued image takes "first"'s slot at boundary 4.
+    """
+    engine = JaxEngine(config(model_dir, cache_dir, slots_per_device=1, decode_hold_steps=4))
+    engine.start()
+    result: dict = {"devices": jax.local_device_count()}
+    for name, queued in (("shallow", 2), ("deep", 3)):
+        start_boundary = engine._loop.boundary
+        release = threading.Event()
+        recorders = [Recorder(on_progress=lambda _, gate=release: gate.wait(WAIT_SECONDS))]
+        engine.submit(request(f"{name}-first", seed=1, steps=3), recorders[0])
+        while not any(e.kind == "step" and e.boundary > start_boundary for e in engine.trace()):
+            release.wait(0.01)  # polls the trace until the first step was dispatched
+        for i, steps in enumerate([4] + [8] * queued):
+            recorders.append(Recorder())
+            engine.submit(request(f"{name}-{i}", seed=10 + i, steps=steps), recorders[-1])
+        release.set()
+        for recorder in recorders:
+            assert isinstance(recorder.wait(), Finished)
+        decodes = [e for e in engine.trace() if e.kind == "decode" and e.boundary > start_boundary]
+        result[name] = [int(e.detail.split("images=")[1]) for e in decodes]
+    engine.stop()
+    return result
+
+
 if __name__ == "__main__":
     command, model_dir, cache_dir = sys.argv[1:4]
-    print(json.dumps({"devices": devices, "start": start}[command](model_dir, cache_dir)))
+    print(json.dumps({"devices": devices, "start": start, "hold": hold}[command](model_dir, cache_dir)))

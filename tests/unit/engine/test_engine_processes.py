@@ -63,3 +63,18 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(tiny_model
     # batch 2 may round the last bit differently, as the pipeline's own batch-1 oracle does.)
     for a, b in zip(cold["images"], warm["images"], strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+@pytest.mark.slow
+def test_the_decode_hold_waits_for_a_second_device_only_with_a_deep_backlog(
+    tiny_model_dir, compilation_cache_dir
+):
+    """The hold trades a finished image's latency for fuller decodes: worth it only when images queue up
+    beyond the slots (saturation), pure latency when a few wait now and then (load below capacity)."""
+    result = run_engine_process("hold", tiny_model_dir, compilation_cache_dir, devices=2)
+    assert result["devices"] == 2
+    # One image queued beyond the slots: the first image is decoded alone, at once.
+    assert result["shallow"][0] == 1, result
+    # As many queued as slots: it waits 2 steps for the other device's image; one decode of both.
+    assert result["deep"][0] == 2, result
+    assert sum(result["shallow"]) == sum(result["deep"]) - 1 == 4
