@@ -15,7 +15,9 @@ and report the median of the per-round ratios. The recipe is
   batch 1 on 1 device (medians);
 * Poisson arrivals at 50%, 70% and 90% of the engine's capacity with mixed step counts (4..14): p50 and
   p99 for `continuous` and `static`, and a plot of latency against load;
-* two served resolutions: the saturation throughput when half the requests ask for the second one.
+* two served resolutions: the saturation throughput when half the requests ask for the second one, and
+  what fixed per-resolution slot pools would change (one engine per resolution on the same devices, the
+  same slots in all, under that load and under a load at one resolution).
 
 Prints tables, writes bench/results/engine_vs_recipe.json and .png. Goals (issue 8): saturation >= 0.95x
 the recipe (both ways), lone <= 1.1x, continuous p99 <= 0.6x static's at 70% load.
@@ -91,6 +93,7 @@ class Tracker:
         self.latencies: list[float] = []
         self.failures: list[object] = []
         self.finished_at: list[float] = []
+        self.latency_of: dict[int, float] = {}  # by request number
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._count = 0
@@ -105,6 +108,7 @@ class Tracker:
                     if isinstance(event, Failed):
                         self.failures.append(event)
                     self.latencies.append(now - submitted)
+                    self.latency_of[i] = now - submitted
                     self.finished_at.append(now)
                     self._count += 1
                     self._done.notify_all()
@@ -182,6 +186,40 @@ def engine_saturation(
     }
 
 
+def pools_saturation(pools: dict[Resolution, JaxEngine], images: int, second_share: float) -> dict:
+    """All at once, like engine_saturation, but each resolution's requests go to its own engine: fixed
+    per-resolution slot pools on the same devices (each pool's step loop dispatches independently)."""
+    trackers = {resolution: Tracker(engine) for resolution, engine in pools.items()}
+    counts = dict.fromkeys(pools, 0)
+    began = time.perf_counter()
+    for i in range(images):
+        second = second_share and (i % round(1 / second_share) == 0)
+        resolution = SECOND_RESOLUTION if second else RESOLUTION
+        trackers[resolution].submit(i, STEPS, resolution)
+        counts[resolution] += 1
+    for resolution, tracker in trackers.items():
+        tracker.wait(counts[resolution])
+    wall = max(max(t.finished_at, default=began) for t in trackers.values()) - began
+    return {"images": images, "wall_seconds": wall, "images_per_second": images / wall}
+
+
+def slot_pools(images: int, hold: dict) -> dict:
+    """What fixed per-resolution slot pools would change: the shared engine's 2 slots per device split
+    into one engine per resolution with 1 slot per device each, under the two-resolution load (half and
+    half) and under a load at one resolution only (the other pool's slots idle). Returns images/s."""
+    pools = {
+        resolution: JaxEngine(engine_config(resolutions=(resolution,), slots_per_device=1, **hold))
+        for resolution in (RESOLUTION, SECOND_RESOLUTION)
+    }
+    for engine in pools.values():
+        engine.start()
+    half = pools_saturation(pools, images, second_share=0.5)
+    one = pools_saturation(pools, images, second_share=0.0)
+    for engine in pools.values():
+        engine.stop()
+    return {"half_and_half": half, "one_resolution": one}
+
+
 def lone(engine: JaxEngine, recipe: SeedRecipe, repeats: int) -> dict:
     ours, theirs = [], []
     recipe.generate(["warm-up"], "", 0, STEPS, GUIDANCE, RESOLUTION.height, RESOLUTION.width)
@@ -220,7 +258,12 @@ def poisson(engine: JaxEngine, rate: float, requests: int, seed: int) -> dict:
     tracker.wait(requests)
     wall = max(tracker.finished_at) - began
     latencies = np.array(tracker.latencies)
+    by_arrival = np.array([tracker.latency_of[i] for i in range(requests)])
+    quarter = max(1, requests // 4)
     return {
+        # Whether the server kept up: a queue that grows through the run shows as a rising latency (the
+        # served rate of a finite run also counts its final drain, so it reads low even when stable).
+        "late_over_early_p50": float(np.median(by_arrival[-quarter:]) / np.median(by_arrival[:quarter])),
         "offered_per_second": rate,
         "served_per_second": requests / wall,
         "p50": float(np.percentile(latencies, 50)),
@@ -241,6 +284,7 @@ def pooled(runs: list[dict]) -> dict:
         "mean": float(latencies.mean()),
         "requests": len(latencies),
         "p99_by_round": [run["p99"] for run in runs],
+        "late_over_early_p50": statistics.median(run["late_over_early_p50"] for run in runs),
     }
 
 
@@ -313,6 +357,12 @@ def main() -> None:
         "--poisson-rounds", type=int, default=1, help="Poisson rounds per load, pooled (steadier tails)"
     )
     parser.add_argument(
+        "--poisson-requests",
+        type=int,
+        default=None,
+        help="requests per Poisson round and load (default 60 x scale; 30 with --quick)",
+    )
+    parser.add_argument(
         "--decode-hold-steps",
         type=int,
         default=None,
@@ -322,7 +372,7 @@ def main() -> None:
     hold = {} if args.decode_hold_steps is None else {"decode_hold_steps": args.decode_hold_steps}
     batches = (3 if args.quick else 5) * args.scale
     saturation_rounds = 1 if args.quick else 3
-    poisson_requests = (30 if args.quick else 60) * args.scale
+    poisson_requests = args.poisson_requests or (30 if args.quick else 60) * args.scale
     lone_repeats = (3 if args.quick else 7) * args.scale
 
     import jax
@@ -371,6 +421,11 @@ def main() -> None:
     )
 
     continuous.stop()
+    pools = slot_pools(images, hold)
+    say(
+        f"per-resolution pools: half and half {pools['half_and_half']['images_per_second']:.3f}/s, "
+        f"one resolution {pools['one_resolution']['images_per_second']:.3f}/s"
+    )
     # Latency under Poisson arrivals: K=1 (a request that arrives while the loop runs K steps at once
     # would wait for them before joining), as a latency-serving deployment would run.
     continuous = JaxEngine(engine_config("continuous", steps_per_dispatch=1, **hold))
@@ -442,19 +497,41 @@ def main() -> None:
     print(
         f"(median of {saturation_rounds} alternating rounds; the two-resolution row against one resolution)"
     )
+    print(f"\n{'slots per resolution (same devices, same total slots)':<56}{'images/s':>10}{'ratio':>8}")
+    pool_rows = [
+        ("shared slots, half at each resolution", two_resolutions, two_resolutions),
+        ("fixed pools, half at each resolution", pools["half_and_half"], two_resolutions),
+        ("shared slots, one resolution", one_resolution, one_resolution),
+        ("fixed pools, one resolution (other pool idle)", pools["one_resolution"], one_resolution),
+    ]
+    for name, run, against in pool_rows:
+        rate = run["images_per_second"]
+        print(f"{name:<56}{rate:>10.3f}{rate / against['images_per_second']:>8.2f}")
     print(
         f"\nlone request, 4 slots on 1 device: engine {alone['engine_median']:.3f}s, recipe batch 1 "
         f"{alone['recipe_median']:.3f}s, ratio {alone['ratio']:.2f} (goal <= 1.1)"
     )
     print(f"\nPoisson, steps {min(STEP_MIX)}..{max(STEP_MIX)}, capacity {capacity:.2f} images/s")
-    print(f"{'load':>6}{'policy':>12}{'offered/s':>11}{'served/s':>10}{'p50 s':>8}{'p99 s':>8}")
+    print(
+        f"{'load':>6}{'policy':>12}{'requests':>10}{'offered/s':>11}{'served/s':>10}"
+        f"{'served/offered':>16}{'late/early p50':>16}{'p50 s':>8}{'p99 s':>8}"
+    )
     for i, load in enumerate((0.5, 0.7, 0.9)):
         for policy in ("continuous", "static"):
             r = poisson_runs[policy][i]
             print(
-                f"{load:>6.1f}{policy:>12}{r['offered_per_second']:>11.2f}{r['served_per_second']:>10.2f}"
+                f"{load:>6.1f}{policy:>12}{r['requests']:>10}{r['offered_per_second']:>11.2f}"
+                f"{r['served_per_second']:>10.2f}{r['served_per_second'] / r['offered_per_second']:>16.2f}"
+                f"{r['late_over_early_p50']:>16.2f}"
                 f"{r['p50']:>8.2f}{r['p99']:>8.2f}"
             )
+    # A check on the capacity estimate: below capacity the latency of the last quarter's requests is
+    # like the first quarter's; a 90% point whose latency keeps rising means the estimate was too high.
+    kept_up = poisson_runs["continuous"][2]["late_over_early_p50"]
+    print(
+        f"continuous at 90%: p50 of the last quarter's requests / the first quarter's {kept_up:.2f} "
+        "(near 1: the server kept up, the capacity estimate holds)"
+    )
     p99_ratio = poisson_runs["continuous"][1]["p99"] / poisson_runs["static"][1]["p99"]
     by_round = [
         c / s
@@ -483,6 +560,7 @@ def main() -> None:
         "staggered_arrival_interval_seconds": interval,
         "engine_one_resolution": one_resolution,
         "engine_two_resolutions": {**two_resolutions, "second_resolution": str(SECOND_RESOLUTION)},
+        "per_resolution_pools": pools,
         "ratios": {
             "all_at_once_over_recipe": at_once_ratio,
             "staggered_over_recipe": staggered_ratio,
@@ -491,6 +569,11 @@ def main() -> None:
             "lone_over_recipe_batch1": alone["ratio"],
             "continuous_over_static_p99_at_70": p99_ratio,
             "continuous_over_static_p99_at_70_by_round": by_round,
+            "pools_over_shared_half_and_half": pools["half_and_half"]["images_per_second"]
+            / two_resolutions["images_per_second"],
+            "pools_over_shared_one_resolution": pools["one_resolution"]["images_per_second"]
+            / one_resolution["images_per_second"],
+            "continuous_late_over_early_p50_at_90": kept_up,
         },
         "lone": alone,
         "poisson": {
