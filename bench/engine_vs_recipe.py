@@ -363,6 +363,12 @@ def main() -> None:
         help="requests per Poisson round and load (default 60 x scale; 30 with --quick)",
     )
     parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="draws other Poisson arrivals and step counts (a second run on new arrivals)",
+    )
+    parser.add_argument(
         "--decode-hold-steps",
         type=int,
         default=None,
@@ -452,7 +458,7 @@ def main() -> None:
     for round_index in range(args.poisson_rounds):
         for load in (0.5, 0.7, 0.9):
             for policy, engine in (("continuous", continuous), ("static", static)):
-                seed = int(load * 100) + 1000 * round_index
+                seed = int(load * 100) + 1000 * round_index + args.seed_offset
                 run = poisson(engine, load * capacity, poisson_requests, seed=seed)
                 rounds_by_load[policy].setdefault(load, []).append(run)
                 say(
@@ -525,13 +531,11 @@ def main() -> None:
                 f"{r['late_over_early_p50']:>16.2f}"
                 f"{r['p50']:>8.2f}{r['p99']:>8.2f}"
             )
-    # A check on the capacity estimate: below capacity the latency of the last quarter's requests is
-    # like the first quarter's; a 90% point whose latency keeps rising means the estimate was too high.
+    # Whether each point was below capacity: a server that keeps up serves what it is offered (less the
+    # last requests' drain) and its late requests wait like its early ones. Near saturation a run that
+    # starts empty has not reached its steady queue, so late/early > 1 there does not by itself mean
+    # overload; served/offered well below 1 does.
     kept_up = poisson_runs["continuous"][2]["late_over_early_p50"]
-    print(
-        f"continuous at 90%: p50 of the last quarter's requests / the first quarter's {kept_up:.2f} "
-        "(near 1: the server kept up, the capacity estimate holds)"
-    )
     p99_ratio = poisson_runs["continuous"][1]["p99"] / poisson_runs["static"][1]["p99"]
     by_round = [
         c / s
@@ -543,7 +547,8 @@ def main() -> None:
     ]
     print(
         f"continuous / static p99 at 70% load: {p99_ratio:.2f} over {poisson_runs['static'][1]['requests']} "
-        f"requests each (rounds {', '.join(f'{r:.2f}' for r in by_round)}; goal <= 0.6)"
+        f"requests each (rounds {', '.join(f'{r:.2f}' for r in by_round)}, median "
+        f"{statistics.median(by_round):.2f}; goal <= 0.6)"
     )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -555,6 +560,7 @@ def main() -> None:
         "slots_per_device": SLOTS_PER_DEVICE,
         "cost_ratio": ratio,
         "decode_hold_steps": args.decode_hold_steps,
+        "poisson_seed_offset": args.seed_offset,
         "saturation_rounds": rounds,
         "recipe_images_per_second": recipe_rate,
         "staggered_arrival_interval_seconds": interval,
