@@ -4,7 +4,8 @@ Builds the model once with `sdxl-server build-random-model --arch sdxl-base` (ra
 about 7 GB on disk), then starts the engine on it at a small resolution (CPU) and reports time to ready,
 the device seconds of one guided step and of one decode (each program's second run in warm-up, then the
 device clock's figures over a real request), and the peak resident memory. On an accelerator the same
-script takes --resolution 1024x1024 --dtype bfloat16.
+script takes --resolution 1024x1024 --dtype bfloat16; bench/real_size_accelerator.py adds throughput by
+slot count, MFU and the seed's recipe on the same chip.
 
     .venv/bin/python bench/real_size.py [--resolution 256x256] [--steps 2]
 """
@@ -27,15 +28,8 @@ MODEL_DIR = CACHE_ROOT / "sdxl-base-random"
 RESULTS = REPO / "bench" / "results" / "real_size.json"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--resolution", default="256x256")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
-
+def ensure_random_sdxl_base() -> Path:
+    """SDXL 1.0 base's architecture with random weights in MODEL_DIR, built on first use."""
     if not (MODEL_DIR / ".random-model-complete").exists():
         began = time.perf_counter()
         subprocess.run(
@@ -51,7 +45,19 @@ def main() -> None:
             check=True,
         )
         print(f"built {MODEL_DIR} in {time.perf_counter() - began:.0f}s")
+    return MODEL_DIR
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--resolution", default="256x256")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+
+    ensure_random_sdxl_base()
     from sdxl_server.engine import EngineConfig, JaxEngine
     from sdxl_server.engine.api import Finished, GenerationRequest, Resolution
 
