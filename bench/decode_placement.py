@@ -1,0 +1,90 @@
+"""Where a lone finished image should be decoded: the next lever of issue 8, measured before it is built.
+
+The engine decodes with one SPMD program over every device (`decode[b]`, a `shard_map`): when only one
+device holds a finished image, the others decode padding in step with it. The alternative is to decode
+where the slot lives, with a program on that device alone, so the other devices can run their next step
+meanwhile. This times, on the bench model (2 CPU devices, 128x128), best of 7 each:
+
+* the engine's SPMD decode of bucket 1 (one real image, padding on the other device), then bucket 2;
+* the same decode as a program on device 0 alone (1 and 2 images);
+* an SPMD step of bucket 1 dispatched right after each kind of decode of one image: how much of the
+  decode the other device's step hides.
+
+    .venv/bin/python bench/decode_placement.py
+
+Prints a table, writes bench/results/decode_placement.json. Not a goal of its own: a figure to decide by.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import engine_vs_recipe as bench
+import jax
+from sdxl_server.engine import JaxEngine
+from sdxl_server.engine.denoise import decode_latents
+from sdxl_server.engine.quiet import silence_library_noise
+
+RESULTS = bench.REPO / "bench" / "results" / "decode_placement.json"
+
+
+def best(run, repeats: int = 7) -> float:
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def main() -> None:
+    silence_library_noise()
+    bench.ensure_bench_model(bench.BENCH_MODEL_DIR, bench.TINY_MODEL_DIR, heavy_vae=True)
+    engine = JaxEngine(bench.engine_config("continuous", steps_per_dispatch=1))
+    engine.start()
+    programs = engine._programs.by_resolution[bench.RESOLUTION]
+    params = engine._programs.params
+    bank = programs.empty_bank
+    model = engine._model
+    device = jax.local_devices()[0]
+    vae_here = jax.device_put(params["vae"], device)
+    held_here = jax.device_put(bank.held[:2], device)
+    decode_here = jax.jit(lambda p, h, n: decode_latents(model, p, h[:n]), static_argnums=2)
+
+    def step():
+        return programs.steps[(1, 1)](params["unet"], bank.slots)
+
+    figures = {
+        "spmd_decode_1": best(lambda: programs.decode[1](params["vae"], bank.held)),
+        "spmd_decode_2": best(lambda: programs.decode[2](params["vae"], bank.held)),
+        "one_device_decode_1": best(lambda: decode_here(vae_here, held_here, 1)),
+        "one_device_decode_2": best(lambda: decode_here(vae_here, held_here, 2)),
+        "spmd_step_1": best(step),
+        "spmd_decode_1_then_step": best(lambda: (programs.decode[1](params["vae"], bank.held), step())),
+        "one_device_decode_1_then_step": best(lambda: (decode_here(vae_here, held_here, 1), step())),
+    }
+    engine.stop()
+    print(f"bench model, {bench.RESOLUTION}, 2 CPU devices; best of 7, seconds")
+    for name, seconds in figures.items():
+        print(f"{name:<36}{seconds:>8.4f}")
+    saved = figures["spmd_decode_1_then_step"] - figures["one_device_decode_1_then_step"]
+    print(
+        f"decoding a lone image on its own device saves {saved:.4f} s per finished image "
+        f"({saved / figures['spmd_step_1']:.2f} of a step) when a step follows it"
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"seconds": figures, "saved_per_lone_decode": saved}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
