@@ -39,8 +39,8 @@ test: install $(TEST_PREREQS)
 	$(PY) -m pytest
 
 lint: install
-	$(PY) -m ruff check client server tests bench
-	$(PY) -m ruff format --check client server tests bench
+	$(PY) -m ruff check client server tests bench tools
+	$(PY) -m ruff format --check client server tests bench tools
 	$(PY) -m mypy
 
 run: install
