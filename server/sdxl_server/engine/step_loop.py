@@ -109,6 +109,9 @@ class StepLoop:
         self.boundary = 0
         self.steps_dispatched = 0  # denoising steps dispatched so far (K per multi-step dispatch)
         self.host_seconds = 0.0  # time this thread spent working, not waiting on the device or a queue
+        # Time this thread waited for room in the image workers' bounded queue: host work (copies to the
+        # host, encoding) delaying the next dispatch. Benchmarks read it; it should stay near zero.
+        self.backpressure_seconds = 0.0
         self._tracked_this_boundary = 0
         self._left_queue = 0  # images taken or removed from the queue since the last publish
         self._stopping = False  # finish accepted work, then exit
@@ -135,14 +138,15 @@ class StepLoop:
 
     def _iterate(self) -> bool:
         began = time.perf_counter()
-        waited = 0.0
+        blocked_before = self.backpressure_seconds
         now = self._clock()
         self._tracked_this_boundary = 0
         self._queue.receive()
         self._retire(now)
         self._compact()
         self._admit(now)
-        waited += self._decode_due()
+        self._decode_due()
+        waited = self.backpressure_seconds - blocked_before
         # Published before this boundary's events: a caller that saw its Progress never reads stats that
         # still count its images as queued (the service's overload check reads this snapshot).
         self._publish()
@@ -254,9 +258,8 @@ class StepLoop:
                 request.embeddings = None  # every image has its copy in a slot
             self._note("admit", item, occupant.slot, str(resolution))
 
-    def _decode_due(self) -> float:
-        """Decodes the banks whose held images should not wait; returns seconds spent blocked."""
-        waited = 0.0
+    def _decode_due(self) -> None:
+        """Decodes the banks whose held images should not wait."""
         for resolution, held in self._held.items():
             if not held:
                 continue
@@ -280,12 +283,11 @@ class StepLoop:
                 held.capacity,
                 backlog_deep=len(self._queue) >= self._slots.total,
             ):
-                waited += self._decode(resolution)
-        return waited
+                self._decode(resolution)
 
-    def _decode(self, resolution: Resolution) -> float:
-        """Dispatches the decode of every image held for `resolution`; returns seconds spent blocked on
-        the image workers' bounded queue (backpressure)."""
+    def _decode(self, resolution: Resolution) -> None:
+        """Dispatches the decode of every image held for `resolution` and hands it to the image workers
+        (waiting for room in their bounded queue counts as backpressure)."""
         held = self._held[resolution]
         counts = held.counts()
         rows = held.take_all()
@@ -298,7 +300,9 @@ class StepLoop:
         self._trace.add(
             TraceEvent("decode", self.boundary, detail=f"{resolution} batch={bucket} images={len(jobs)}")
         )
-        return self._workers.submit(self._deliver_images, images, bucket, jobs, resolution)
+        self.backpressure_seconds += self._workers.submit(
+            self._deliver_images, images, bucket, jobs, resolution
+        )
 
     def _dispatch(self) -> float:
         occupants = self._slots.occupants()
