@@ -23,7 +23,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,18 +32,13 @@ import jax
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.denoise import decode_latents
 from sdxl_server.engine.quiet import silence_library_noise
+from timing import best_seconds as timed
 
 RESULTS = bench.REPO / "bench" / "results" / "decode_placement.json"
 
 
-def best(run, repeats: int = 7) -> float:
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - began)
-    return min(times)
+def best(run) -> float:
+    return timed(run, repeats=7)
 
 
 def main() -> None:

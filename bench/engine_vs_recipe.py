@@ -50,6 +50,7 @@ from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution  # noqa: E402
 from sdxl_server.engine.quiet import silence_library_noise  # noqa: E402
 from seed_recipe import SeedRecipe  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
 CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
 BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
@@ -293,26 +294,16 @@ def pooled(runs: list[dict]) -> dict:
 
 def cost_ratio(engine: JaxEngine) -> dict:
     """Decode of one image against one guided step of one image, from the engine's own bucket-1 programs."""
-    import jax
-
     programs = engine._programs.by_resolution[RESOLUTION]
     params = engine._programs.params
     bank = programs.empty_bank
 
-    def best(run) -> float:
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(5):
-            began = time.perf_counter()
-            jax.block_until_ready(run())
-            times.append(time.perf_counter() - began)
-        return min(times)
-
     by_bucket = {
-        b: best(lambda b=b: programs.steps[(1, b)](params["unet"], bank.slots)) for b in programs.buckets
+        b: best_seconds(lambda b=b: programs.steps[(1, b)](params["unet"], bank.slots))
+        for b in programs.buckets
     }
     step = by_bucket[1]
-    decode = best(lambda: programs.decode[1](params["vae"], bank.held))
+    decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held))
     largest = max(by_bucket)
     return {
         "guided_step_seconds": step,

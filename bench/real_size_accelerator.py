@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+
+from timing import best_seconds  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "real_size_accelerator.json"
 SEED_SECONDS_PER_IMAGE_PER_CHIP = 2.33  # the blog post's v5e-4: 4 images of 20 steps in 2.33 s
 # The chip's dense bf16 peak, TFLOP/s, by a part of jax's device_kind (vendor data sheets).
@@ -47,18 +50,6 @@ def flops_of(compiled) -> float:
     if isinstance(analysis, list | tuple):
         analysis = analysis[0]
     return float(analysis.get("flops", 0.0))
-
-
-def best_seconds(run, repeats: int = 5) -> float:
-    import jax
-
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def engine_images_per_second(engine, busy: int, waves: int, steps: int, resolution) -> float:
