@@ -26,10 +26,10 @@ help:
 
 # Idempotent: re-runs pip only when a dependency list changed.
 install: $(INSTALLED)
-$(INSTALLED): client/pyproject.toml server/pyproject.toml requirements/dev.txt $(CONSTRAINTS)
+$(INSTALLED): pyproject.toml client/pyproject.toml server/pyproject.toml requirements/dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e ./client -e ./server
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e ./client -e ./server -e .
 	touch $@
 
 proto: install

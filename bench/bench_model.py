@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sdxl_server.engine.tiny_model import ensure_tiny_model
+from sdxl_server.engine.models.tiny_model import ensure_tiny_model
 
 COMPLETION_MARKER = ".bench-sdxl-v1-complete"
 COPIED = (

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import engine_vs_recipe as bench
 import jax
 from sdxl_server.engine import JaxEngine
-from sdxl_server.engine.denoise import decode_latents
-from sdxl_server.engine.quiet import silence_library_noise
+from sdxl_server.engine.device.denoise import decode_latents
+from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 from timing import best_seconds as timed
 
 RESULTS = bench.REPO / "bench" / "results" / "decode_placement.json"

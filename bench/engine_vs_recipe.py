@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import ensure_bench_model  # noqa: E402
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution  # noqa: E402
-from sdxl_server.engine.quiet import silence_library_noise  # noqa: E402
+from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
 from seed_recipe import SeedRecipe  # noqa: E402
 from timing import best_seconds  # noqa: E402
 

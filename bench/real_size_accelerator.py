@@ -159,7 +159,7 @@ def main() -> None:
     import jax
     from real_size import ensure_random_sdxl_base
     from sdxl_server.engine.api import Resolution
-    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
     from seed_recipe import SeedRecipe
 
     silence_library_noise()

@@ -78,7 +78,7 @@ def _message(args: argparse.Namespace, i: int) -> sdxl_pb2.GenerateRequest:
 
 def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     from sdxl_server.engine import JaxEngine
-    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
     engine = JaxEngine(_engine_config(args))

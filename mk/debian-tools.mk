@@ -1,5 +1,5 @@
 # Debian's Prometheus (prometheus, promtool) and dnsmasq, unpacked into .tools/debian/ without installing
-# them (no service starts, no system file changes): the fleet harness (bench/fleet/, tests/fleet/) runs a
+# them (no service starts, no system file changes): the fleet harness (fleet/, tests/fleet/) runs a
 # real Prometheus and a real DNS server, and the alert rules are checked with promtool.
 # See mk/debian-tools.sh for how (apt-get download + dpkg -x, with dnsmasq's missing shared libraries).
 DEBIAN_TOOLS_DIR := $(CURDIR)/.tools/debian

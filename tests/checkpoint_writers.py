@@ -1,6 +1,6 @@
 """Checkpoints in the layouts users have, written from the tiny Flax model with numpy only.
 
-The inverse of what server/sdxl_server/engine/checkpoints/ reads, written independently of it (from the
+The inverse of what server/sdxl_server/engine/models/checkpoints/ reads, written independently of it (from the
 layouts' definitions, not from its code), so that a naming or transposition mistake there does not
 cancel out here:
 - `write_pytorch_folder`: a diffusers folder as PyTorch pipelines save it (`*.safetensors`, OIHW

@@ -32,6 +32,6 @@ def compilation_cache_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> pathlib.Path:
     """The tiny random SDXL in diffusers format, built once (see docs/ARCHITECTURE.md)."""
-    from sdxl_server.engine.tiny_model import ensure_tiny_model
+    from sdxl_server.engine.models.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(TINY_MODEL_DIR)

@@ -1,10 +1,10 @@
 """Train the demo SDXL (`sdxl-server serve --model demo`): a tiny SDXL that draws coloured shapes.
 
 The model has SDXL's architecture, built from the same tokenizer (plus whole-word merges for the world's
-words) and text-encoder configs as the tiny random model (server/sdxl_server/engine/tiny_model.py): two
+words) and text-encoder configs as the tiny random model (server/sdxl_server/engine/models/tiny_model.py): two
 CLIP text encoders whose penultimate hidden states are concatenated, a UNet with text-time conditioning,
 an AutoencoderKL with scale factor 8 and SDXL's Euler schedule. Its world is
-server/sdxl_server/models/shapes.py: one flat shape of one colour on a background of another, 64 x 64
+server/sdxl_server/engine/models/shapes.py: one flat shape of one colour on a background of another, 64 x 64
 pixels; the (colour, shape) pairs in shapes.HELD_BACK are never drawn.
 
 Three phases, all on the CPU in under an hour (the printed log says how long each took):
@@ -22,7 +22,7 @@ Everything is drawn from one seed (numpy for data, JAX keys for noise). The resu
 `FlaxStableDiffusionXLPipeline.save_pretrained`. The shipped model is this command with its defaults
 (47 minutes on the 2-core development machine; the model's TRAINING.md has the figures):
 
-    .venv/bin/python tools/train_demo_model.py --out server/sdxl_server/models/demo
+    .venv/bin/python tools/train_demo_model.py --out server/sdxl_server/engine/models/demo
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sdxl_server.engine.quiet import silence_library_noise
-from sdxl_server.engine.tiny_model import (
+from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+from sdxl_server.engine.models.tiny_model import (
     PROJECTION_WIDTH,
     TEXT_WIDTH,
     _random_params,
     _text_encoder,
     _write_tokenizer,
 )
-from sdxl_server.models import shapes
+from sdxl_server.engine.models import shapes
 
 TIME_EMBED_WIDTH = 8
 TIME_IDS = (shapes.SIZE, shapes.SIZE, 0, 0, shapes.SIZE, shapes.SIZE)  # what the engine passes

@@ -121,7 +121,7 @@ class ChannelSettings:
         min_reresolution_seconds: Shortest time between two DNS resolutions of a ``dns:`` target. gRPC
             re-resolves when a connection closes (the server ages them), but by default at most every
             30 s, so a new replica behind a headless Service waited up to 30 s more for traffic (measured
-            with ``python -m bench.fleet.reresolution``: 30.1 s at a 5 s connection age; 5.3 s with 1 s).
+            with ``python -m fleet.reresolution``: 30.1 s at a 5 s connection age; 5.3 s with 1 s).
     """
 
     target: str = DEFAULT_TARGET

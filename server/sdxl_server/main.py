@@ -27,16 +27,16 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from sdxl_server.config import ConfigError, ServerConfig, add_serve_arguments, config_from
+from sdxl_server.server_settings import ConfigError, ServerConfig, add_serve_arguments, config_from
 from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, default_log_format, fields
 from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
-from sdxl_server.service.admission import Admission, ServingState
+from sdxl_server.service.serving_gate import Admission, ServingState
 from sdxl_server.service.auth import TokenFile
 from sdxl_server.service.generation import Generations
 from sdxl_server.service.http.images_api import ImagesApi
-from sdxl_server.service.http.server import HttpServer
-from sdxl_server.service.server import (
+from sdxl_server.service.http.http_server import HttpServer
+from sdxl_server.service.grpc_server import (
     BindError,
     CallArrivals,
     ServerOptions,
@@ -117,7 +117,7 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
 
 async def serve(config: ServerConfig) -> int:
     from sdxl_server.engine import JaxEngine
-    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
     engine = JaxEngine(config.engine_config())
@@ -244,8 +244,8 @@ async def _serve_until_stopped(engine: Engine, stopping: asyncio.Future[bool]) -
 
 
 def _build_tiny_model(directory: str) -> int:
-    from sdxl_server.engine.quiet import silence_library_noise
-    from sdxl_server.engine.tiny_model import ensure_tiny_model
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+    from sdxl_server.engine.models.tiny_model import ensure_tiny_model
 
     silence_library_noise()
     path = ensure_tiny_model(Path(directory))
@@ -254,8 +254,8 @@ def _build_tiny_model(directory: str) -> int:
 
 
 def _build_random_model(arch: str, directory: str) -> int:
-    from sdxl_server.engine.quiet import silence_library_noise
-    from sdxl_server.engine.random_model import build_random_model
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+    from sdxl_server.engine.models.random_model import build_random_model
 
     silence_library_noise()
     path = build_random_model(arch, Path(directory))

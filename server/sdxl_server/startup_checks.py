@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 
-from sdxl_server.config import ConfigError, ServerConfig
+from sdxl_server.server_settings import ConfigError, ServerConfig
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -50,13 +50,13 @@ def check_model(model: str, model_configs: str | None = None) -> None:
             f"--model: {model} does not exist; give a diffusers model directory, "
             "a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'tiny'"
         )
-    from sdxl_server.engine.checkpoints import (  # file names only: no JAX, no weights read
+    from sdxl_server.engine.models.checkpoints import (  # file names only: no JAX, no weights read
         SINGLE_FILE,
         CheckpointError,
         check_model_configs,
         check_model_files,
     )
-    from sdxl_server.engine.model_source import DEMO, TINY
+    from sdxl_server.engine.models.model_source import DEMO, TINY
 
     if model in (TINY, DEMO):
         return

@@ -39,7 +39,7 @@ def test_k8s_manifests_leave_out_the_helm_test_pod() -> None:
 def test_server_accepts_the_rendered_settings(value_set: str) -> None:
     # The server's own parser reads the ConfigMap's SDXL_* variables exactly as the pod would; an unknown
     # variable would be silently ignored, so every key must be one the server knows.
-    from sdxl_server.config import add_serve_arguments, config_from
+    from sdxl_server.server_settings import add_serve_arguments, config_from
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

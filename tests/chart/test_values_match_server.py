@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from chart_render import CHART, VALUE_SETS, HelmError, render, server_settings
-from sdxl_server.config import ConfigError, ServerConfig, parse_resolutions, parse_serve_config
+from sdxl_server.server_settings import ConfigError, ServerConfig, parse_resolutions, parse_serve_config
 
 ACCEPTED: dict[str, dict[str, Any]] = {
     "defaults": {},

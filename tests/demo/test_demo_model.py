@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from sdxl_client import Client
-from sdxl_server.models import shapes
-from sdxl_server.models.shapes import Judgement
+from sdxl_server.engine.models import shapes
+from sdxl_server.engine.models.shapes import Judgement
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The fleet harness lives in bench/fleet (a benchmark tool); its tests import it from the repository root."""
+"""The fleet harness lives in fleet (a benchmark tool); its tests import it from the repository root."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sdxl_client._channel import ChannelSettings
 
-from bench.fleet.ports import free_port
-from bench.fleet.reresolution import measure
+from fleet.ports import free_port
+from fleet.reresolution import measure
 
 REPO = Path(__file__).resolve().parents[2]
 GRPC_DEFAULT_INTERVAL_SECONDS = 30.0

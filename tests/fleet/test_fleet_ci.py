@@ -1,4 +1,4 @@
-"""The fleet harness end to end on its short scenario (bench/fleet/scenarios/ci.yaml), with every real part:
+"""The fleet harness end to end on its short scenario (fleet/scenarios/ci.yaml), with every real part:
 `sdxl-server serve` pods on 127.0.0.2.., dnsmasq answering the headless name, Prometheus scraping the
 pods through file-based discovery, the ported HPA reading the chart's rendered HorizontalPodAutoscaler,
 and open-loop traffic through the project's client. Chart and controller durations are compressed 33x
@@ -37,7 +37,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _tools_present()
     out = tmp_path_factory.mktemp("fleet")
     result = subprocess.run(
-        [sys.executable, "-m", "bench.fleet.run", "--scenario", str(SCENARIO), "--out", str(out)],
+        [sys.executable, "-m", "fleet.run", "--scenario", str(SCENARIO), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sdxl_client import RetryBudget
 
-from bench.fleet import chart
-from bench.fleet.horizontal import PERCENT_POLICY, PODS_POLICY, ScalingPolicy
-from bench.fleet.scenario import LiveProfile, ScenarioError, parse
+from fleet import chart
+from fleet.horizontal import PERCENT_POLICY, PODS_POLICY, ScalingPolicy
+from fleet.scenario import LiveProfile, ScenarioError, parse
 
 
 def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior() -> None:

@@ -1,4 +1,4 @@
-"""The HPA port (bench/fleet/replica_calculator.py, horizontal.py) against cases ported from the upstream Go
+"""The HPA port (fleet/replica_calculator.py, horizontal.py) against cases ported from the upstream Go
 tests in kubernetes/kubernetes pkg/controller/podautoscaler: each test or case is named after its Go
 original (``TestReplicaCalcScaleUpCM`` -> ``test_replica_calc_scale_up_cm``), with the same inputs and
 expected outputs. Values are milli-units, as upstream. A pod list of ``n`` pods is named
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fleet.horizontal import (
+from fleet.horizontal import (
     PERCENT_POLICY,
     PODS_POLICY,
     Behavior,
@@ -21,7 +21,7 @@ from bench.fleet.horizontal import (
     TimestampedScaleEvent,
     convert_desired_replicas_with_rules,
 )
-from bench.fleet.replica_calculator import (
+from fleet.replica_calculator import (
     MetricsUnavailable,
     PodInfo,
     PodPhase,

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
+from fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
 
 
 def _scrape(port: int) -> dict[str, float]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet.prometheus import Prometheus, external_metric_query, pods_metric_query, to_milli
-from bench.fleet.replica_calculator import (
+from fleet.prometheus import Prometheus, external_metric_query, pods_metric_query, to_milli
+from fleet.replica_calculator import (
     PodInfo,
     PodPhase,
     get_external_per_pod_metric_replicas,

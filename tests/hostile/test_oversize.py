@@ -9,7 +9,7 @@ from sdxl_client import Client, MessageTooLarge, RetryPolicy
 from sdxl_client._channel import ChannelSettings
 from sdxl_client._errors import from_rpc_error
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from sdxl_server.service.server import MAX_REQUEST_BYTES
+from sdxl_server.service.grpc_server import MAX_REQUEST_BYTES
 from service_helpers import metric_samples
 
 

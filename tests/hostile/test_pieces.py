@@ -12,7 +12,7 @@ from sdxl_client import MessageTooLarge, Overloaded, RetryPolicy
 from sdxl_client._errors import from_rpc_error
 from sdxl_client._retry import RetryState
 from sdxl_server.service.auth import TokenFile, TokenFileError
-from sdxl_server.service.server import CallArrivals
+from sdxl_server.service.grpc_server import CallArrivals
 
 
 class _Clock:

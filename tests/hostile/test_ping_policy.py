@@ -4,7 +4,7 @@ and gRPC core never cancels calls that wait for a busy server."""
 from __future__ import annotations
 
 from sdxl_client._channel import ChannelSettings
-from sdxl_server.service.server import ServerOptions, server_options
+from sdxl_server.service.grpc_server import ServerOptions, server_options
 
 
 def test_the_server_allows_client_pings_far_more_often_than_the_client_sends_them() -> None:
@@ -22,7 +22,7 @@ def test_the_server_allows_client_pings_far_more_often_than_the_client_sends_the
 
 def test_calls_waiting_for_a_starved_server_are_answered_not_cancelled_by_grpc() -> None:
     """gRPC core cancels a call that waited this long for the server to request it (default 30 s) with a
-    bare CANCELLED nobody retries (bench/fleet/unrequested_calls.py reproduces it); the server keeps such
+    bare CANCELLED nobody retries (fleet/unrequested_calls.py reproduces it); the server keeps such
     calls as long as an accepted call may take, so that they get the server's own answer."""
     server = dict(server_options(ServerOptions("127.0.0.1", 0, max_connection_age_seconds=30)))
     waited = server["grpc.server_max_unrequested_time_in_server"]

@@ -7,7 +7,7 @@ import json
 import grpc
 import pytest
 from sdxl_server.engine import api
-from sdxl_server.service import errors
+from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.http.error_responses import error_response
 from sdxl_server.service.http.images_request import field_name
 

@@ -17,7 +17,7 @@ from sdxl_client._channel import ChannelSettings, TargetError, parse_target
 from sdxl_client.cli._generate import plan_output
 from sdxl_client.cli._image_metadata import Parameters, embed
 from sdxl_client.cli._messages import UsageError
-from sdxl_server.service.errors import ServiceError, invalid_argument
+from sdxl_server.service.status_mapping import ServiceError, invalid_argument
 from sdxl_server.service.request_log import RejectionLog
 
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sdxl_server.engine.config import EngineConfig
+from sdxl_server.engine.settings import EngineConfig
 
 if TYPE_CHECKING:
-    from sdxl_server.engine.engine import JaxEngine
+    from sdxl_server.engine.jax_engine import JaxEngine
 
 __all__ = ["EngineConfig", "JaxEngine"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "JaxEngine":
-        from sdxl_server.engine.engine import JaxEngine
+        from sdxl_server.engine.jax_engine import JaxEngine
 
         return JaxEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from sdxl_server.engine.admission import AdmissionQueue, admittable
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue, admittable
 from sdxl_server.engine.api import (
     CancelledError,
     DeadlineUnreachableError,
@@ -48,17 +48,17 @@ from sdxl_server.engine.api import (
     Progress,
     Resolution,
 )
-from sdxl_server.engine.buckets import covering_bucket, largest_fitting
-from sdxl_server.engine.config import EngineConfig
-from sdxl_server.engine.decode_hold import HeldImages, decode_now
+from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting
+from sdxl_server.engine.settings import EngineConfig
+from sdxl_server.engine.batching.decode_hold import HeldImages, decode_now
 from sdxl_server.engine.device_clock import DeviceClock
-from sdxl_server.engine.encoding import ImageWorkers, encode_image
-from sdxl_server.engine.programs import Bank, ProgramSet, Rearrangement, SlotUpdate
-from sdxl_server.engine.schedule import ScheduleBook
-from sdxl_server.engine.slots import Occupant, SlotTable
+from sdxl_server.engine.image_workers import ImageWorkers, encode_image
+from sdxl_server.engine.device.programs import Bank, ProgramSet, Rearrangement, SlotUpdate
+from sdxl_server.engine.device.noise_schedule import ScheduleBook
+from sdxl_server.engine.batching.slot_table import Occupant, SlotTable
 from sdxl_server.engine.stats import LoopView, StatsBoard
-from sdxl_server.engine.trace import Trace, TraceEvent
-from sdxl_server.engine.tracking import TrackedRequest, WorkItem
+from sdxl_server.engine.event_trace import Trace, TraceEvent
+from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from sdxl_server.engine.api import GenerationRequest, ImageFormat, InvalidRequestError
-from sdxl_server.engine.config import EngineConfig
+from sdxl_server.engine.settings import EngineConfig
 
 _MAX_SEED = 2**64 - 1  # the API's seed is a uint64
 

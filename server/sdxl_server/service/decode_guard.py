@@ -24,7 +24,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from sdxl_server.service import errors
+from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.request_log import RejectionLog
 
 

@@ -21,11 +21,11 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_server.engine import api
 from sdxl_server.logs import fields
 from sdxl_server.metrics import ServiceMetrics
-from sdxl_server.service import errors
-from sdxl_server.service.admission import Admission
+from sdxl_server.service import status_mapping as errors
+from sdxl_server.service.serving_gate import Admission
 from sdxl_server.service.bridge import EngineCall
 from sdxl_server.service.request_log import RejectionLog, log_done
-from sdxl_server.service.validation import ValidationError, to_generation_request
+from sdxl_server.service.request_conversion import ValidationError, to_generation_request
 
 log = logging.getLogger(__name__)
 

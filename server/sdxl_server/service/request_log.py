@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 
 from sdxl_server.engine import api
 from sdxl_server.logs import fields
-from sdxl_server.service.errors import ServiceError
+from sdxl_server.service.status_mapping import ServiceError
 
 log = logging.getLogger("sdxl_server.requests")
 

@@ -18,10 +18,10 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 
 from sdxl_server.engine import api
 from sdxl_server.metrics import ServiceMetrics
-from sdxl_server.service import errors
-from sdxl_server.service.admission import Admission
+from sdxl_server.service import status_mapping as errors
+from sdxl_server.service.serving_gate import Admission
 from sdxl_server.service.generation import Generations, Outcome, as_service_error
-from sdxl_server.service.validation import FORMAT_TO_PROTO
+from sdxl_server.service.request_conversion import FORMAT_TO_PROTO
 from sdxl_server.version import server_version
 
 

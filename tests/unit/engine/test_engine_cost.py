@@ -11,7 +11,7 @@ import threading
 
 from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, request, run
 from sdxl_server.engine.api import Finished
-from sdxl_server.engine.buckets import covering_bucket
+from sdxl_server.engine.batching.buckets import covering_bucket
 
 
 def trace_between(engine, after_boundary: int, kind: str):

@@ -9,11 +9,11 @@ import threading
 
 import pytest
 from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, request
-from sdxl_server.engine.admission import AdmissionQueue
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue
 from sdxl_server.engine.api import Failed, QueueFullError
-from sdxl_server.engine.model import readable_prefix
+from sdxl_server.engine.models.loader import readable_prefix
 from sdxl_server.engine.stats import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS, StatsBoard
-from sdxl_server.engine.tracking import TrackedRequest
+from sdxl_server.engine.batching.tracked_request import TrackedRequest
 
 
 def test_a_huge_prompt_reaches_the_tokenizer_as_a_bounded_prefix_with_the_same_ids(engine):

@@ -16,7 +16,7 @@ from engine_helpers import SQUARE, WIDE, max_level_difference, request, run
 def oracle(tiny_model_dir, engine):  # after the engine: it turns the persistent compilation cache on
     import jax
     from diffusers import FlaxStableDiffusionXLPipeline
-    from sdxl_server.engine.quiet import silence_library_noise
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
     pipeline, params = FlaxStableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sdxl_server.engine.schedule import ScheduleBook
+from sdxl_server.engine.device.noise_schedule import ScheduleBook
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])

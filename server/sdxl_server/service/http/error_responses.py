@@ -17,7 +17,7 @@ import grpc
 from aiohttp import web
 from google.rpc import error_details_pb2
 
-from sdxl_server.service.errors import ServiceError
+from sdxl_server.service.status_mapping import ServiceError
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

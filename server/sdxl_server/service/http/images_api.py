@@ -27,12 +27,12 @@ from aiohttp import web
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
 from sdxl_server.engine import api
-from sdxl_server.service import errors
+from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.auth import bearer_token
 from sdxl_server.service.generation import Generations, as_service_error
 from sdxl_server.service.http.error_responses import error_json, error_response
 from sdxl_server.service.http.images_request import field_name, to_generate_request
-from sdxl_server.service.validation import FieldViolation, ValidationError
+from sdxl_server.service.request_conversion import FieldViolation, ValidationError
 
 CREATE_IMAGE = "CreateImage"
 LIST_MODELS = "ListModels"

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
-from sdxl_server.service.validation import FieldViolation, ValidationError
+from sdxl_server.service.request_conversion import FieldViolation, ValidationError
 
 RESPONSE_FORMAT = "b64_json"
 FORMATS = {"png": sdxl_pb2.PNG, "jpeg": sdxl_pb2.JPEG, "webp": sdxl_pb2.WEBP}

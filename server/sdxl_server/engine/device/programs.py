@@ -1,0 +1,303 @@
+"""The compiled device programs, fixed shapes, one set per served resolution.
+
+State lives on the device, its leading axis the slot, sharded over the mesh: device d holds the block of
+slots [d*P, (d+1)*P) (P slots per device). The step loop keeps each block's busy slots packed at its front,
+so that every per-device program works on a prefix of its own block:
+
+* `insert`: writes one slot (its initial noise, embeddings and schedule);
+* `steps[(k, b)]`: k denoising steps of the first b slots of every block (b a bucket, buckets.py);
+* `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
+  permutes the slots so that the busy ones come first again (a gather with local indices);
+* `decode[b]`: the VAE over the first b held latents of every block, uint8 pixels out.
+
+The per-device programs are `shard_map`s: each device computes on its own block and nothing in them moves
+data between devices (tests check the compiled step and decode for collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
+from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
+from sdxl_server.engine.models.loader import LoadedModel
+from sdxl_server.engine.device.program_cache import ProgramCache
+
+# Two rows per encode call: the negative prompt (the unconditional row) and the prompt.
+ENCODE_ROWS = 2
+
+_BLOCK = PartitionSpec(DATA_AXIS)  # each device's own block of the leading axis
+_WHOLE = PartitionSpec()  # replicated
+
+
+class SlotUpdate(NamedTuple):
+    """What `insert` writes into one slot (host values and the encode program's output)."""
+
+    slot: Any  # int32 scalar
+    seed: Any  # uint32 scalar: PRNGKey(seed) equals PRNGKey of the request's 64-bit seed + i
+    prompt_embeds: Any  # [2, tokens, width] from encode
+    pooled: Any  # [2, pooled width] from encode
+    zero_negative: Any  # bool: an empty negative prompt means zero unconditional embeddings
+    guidance: Any  # float32
+    timesteps: Any  # int32[max_steps]
+    sigmas: Any  # float32[max_steps]
+    next_sigmas: Any  # float32[max_steps]
+    num_steps: Any  # int32
+    init_noise_sigma: Any  # float32
+
+
+class Rearrangement(NamedTuple):
+    """Host-built indices for `rearrange`, local to each block (values in 0..P-1), sharded like the slots."""
+
+    order: Any  # int32[S]: new position i of a block takes the slot at order[i]
+    live: Any  # bool[S]: False where the new position holds no image (its num_steps becomes 0)
+    held_source: Any  # int32[D*P]: held row r of a block takes the latents of slot held_source[r] ...
+    held_take: Any  # bool[D*P]: ... where held_take[r]
+
+
+class Bank(NamedTuple):
+    """One resolution's device state: the slots and the finished latents waiting for a decode."""
+
+    slots: SlotState
+    held: Any  # float32[D*P, C, h/8, w/8]
+
+
+@dataclasses.dataclass
+class ResolutionPrograms:
+    resolution: Resolution
+    buckets: tuple[int, ...]  # per-device batch sizes compiled
+    insert: Any  # (SlotState, SlotUpdate) -> SlotState
+    steps: dict[tuple[int, int], Any]  # (k, b) -> (unet params, SlotState) -> (latents, step)
+    rearrange: Any  # (Bank, Rearrangement) -> Bank
+    decode: dict[int, Any]  # b -> (vae params, held) -> uint8[D*b, h, w, 3]
+    empty_bank: Bank
+
+
+@dataclasses.dataclass
+class ProgramSet:
+    params: dict[str, Any]  # replicated on the mesh
+    encode: Any  # (text encoder params, int32[2, 2, tokens]) -> (embeds[2, tokens, width], pooled[2, P])
+    by_resolution: dict[Resolution, ResolutionPrograms]
+    compile_seconds: float
+    programs_compiled: int  # programs built at start (compiled, or loaded from the cache directory)
+
+
+def _steps_of_prefix(
+    model: LoadedModel, resolution: Resolution, k: int, b: int, unet_params: Any, block: SlotState
+) -> Any:
+    """One device's block: k steps of its first b slots; the rest of the block is left as it was."""
+    prefix = SlotState(*(field[:b] for field in block))
+    latents, step = denoise_steps(model, resolution, k, unet_params, prefix)
+    if b == block.latents.shape[0]:
+        return latents, step
+    return block.latents.at[:b].set(latents), block.step.at[:b].set(step)
+
+
+def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
+    """One device's block: finished latents into the held rows first (from their current slots), then the
+    slots permuted so that busy ones are packed at the front."""
+    slots = bank.slots
+    stashed = slots.latents[plan.held_source]
+    held = jnp.where(per_slot(plan.held_take, bank.held), stashed, bank.held)
+    moved = SlotState(*(field[plan.order] for field in slots))
+    moved = moved._replace(num_steps=jnp.where(plan.live, moved.num_steps, 0))
+    return Bank(moved, held)
+
+
+def _decode_prefix(model: LoadedModel, b: int, vae_params: Any, held: jax.Array) -> jax.Array:
+    return decode_latents(model, vae_params, held[:b])
+
+
+def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update: SlotUpdate) -> SlotState:
+    slots = state.latents.shape[0]
+    here = jnp.arange(slots) == update.slot
+    latent_shape = (
+        1,
+        model.latent_channels,
+        resolution.height // model.vae_scale_factor,
+        resolution.width // model.vae_scale_factor,
+    )
+    noise = jax.random.normal(jax.random.PRNGKey(update.seed), shape=latent_shape, dtype=jnp.float32)
+    latents = (noise * update.init_noise_sigma)[0]
+    uncond = jnp.where(update.zero_negative, jnp.zeros_like(update.prompt_embeds[0]), update.prompt_embeds[0])
+    uncond_pooled = jnp.where(update.zero_negative, jnp.zeros_like(update.pooled[0]), update.pooled[0])
+    embeds = jnp.stack([uncond, update.prompt_embeds[1]]).astype(state.prompt_embeds.dtype)
+    pooled = jnp.stack([uncond_pooled, update.pooled[1]]).astype(state.pooled.dtype)
+
+    def put(old: jax.Array, new: Any) -> jax.Array:
+        new = jnp.asarray(new, dtype=old.dtype)
+        return jnp.where(per_slot(here, old), jnp.broadcast_to(new, old.shape), old)
+
+    return SlotState(
+        latents=put(state.latents, latents),
+        prompt_embeds=put(state.prompt_embeds, embeds),
+        pooled=put(state.pooled, pooled),
+        guidance=put(state.guidance, update.guidance),
+        timesteps=put(state.timesteps, update.timesteps),
+        sigmas=put(state.sigmas, update.sigmas),
+        next_sigmas=put(state.next_sigmas, update.next_sigmas),
+        num_steps=put(state.num_steps, update.num_steps),
+        step=put(state.step, 0),
+    )
+
+
+def _encode(model: LoadedModel, text_params: Any, token_ids: jax.Array) -> Any:
+    return model.pipeline.get_embeddings(token_ids, text_params)
+
+
+def _per_device(mesh: Mesh, fn: Any, in_specs: Any, out_specs: Any) -> Any:
+    # check_vma off: the UNet's Flax code mixes replicated and per-device values in ways the checker
+    # cannot type; the in/out specs still say exactly which arrays are per device.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def build_programs(
+    model: LoadedModel,
+    mesh: Mesh,
+    resolutions: tuple[Resolution, ...],
+    slots_per_device: int,
+    max_steps: int,
+    steps_per_dispatch: tuple[int, ...],
+    cache: ProgramCache | None = None,
+) -> ProgramSet:
+    """Places the parameters and compiles (or loads from `cache`) every program for every resolution."""
+    rep, sharded = replicated(mesh), slot_sharded(mesh)
+    slots = slots_per_device * mesh.size
+    buckets = bucket_sizes(slots_per_device)
+    params = jax.device_put(model.params, rep)
+    text_params = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
+    compile_seconds = 0.0
+    compiled_count = 0
+
+    def compile_(name: str, fn: Any, in_shardings: Any, out_shardings: Any, *args: Any) -> Any:
+        nonlocal compile_seconds, compiled_count
+        started = time.perf_counter()
+
+        def compile_program() -> Any:
+            jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+            return jitted.lower(*args).compile()
+
+        compiled = cache.get_or_compile(name, args, compile_program) if cache else compile_program()
+        compile_seconds += time.perf_counter() - started
+        compiled_count += 1
+        return compiled
+
+    token_spec = jax.ShapeDtypeStruct((ENCODE_ROWS, 2, model.max_tokens), jnp.int32, sharding=rep)
+    encode = compile_("encode", functools.partial(_encode, model), (rep, rep), rep, text_params, token_spec)
+    embeds_spec, pooled_spec = jax.eval_shape(functools.partial(_encode, model), text_params, token_spec)
+
+    by_resolution = {}
+    for resolution in resolutions:
+        bank = _empty_bank(model, resolution, slots, max_steps, embeds_spec, pooled_spec, sharded)
+        state = bank.slots
+        state_shardings = SlotState(*([sharded] * len(SlotState._fields)))
+        bank_shardings = Bank(state_shardings, sharded)
+        block_specs = SlotState(*([_BLOCK] * len(SlotState._fields)))
+        update = SlotUpdate(
+            slot=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+            seed=jax.ShapeDtypeStruct((), jnp.uint32, sharding=rep),
+            prompt_embeds=jax.ShapeDtypeStruct(embeds_spec.shape, embeds_spec.dtype, sharding=rep),
+            pooled=jax.ShapeDtypeStruct(pooled_spec.shape, pooled_spec.dtype, sharding=rep),
+            zero_negative=jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep),
+            guidance=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+            timesteps=jax.ShapeDtypeStruct((max_steps,), jnp.int32, sharding=rep),
+            sigmas=jax.ShapeDtypeStruct((max_steps,), jnp.float32, sharding=rep),
+            next_sigmas=jax.ShapeDtypeStruct((max_steps,), jnp.float32, sharding=rep),
+            num_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+            init_noise_sigma=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+        )
+        update_shardings = SlotUpdate(*([rep] * len(SlotUpdate._fields)))
+        insert = compile_(
+            f"insert-{resolution}",
+            functools.partial(_insert, model, resolution),
+            (state_shardings, update_shardings),
+            state_shardings,
+            state,
+            update,
+        )
+        steps = {
+            (k, b): compile_(
+                f"step{k}x{b}-{resolution}",
+                _per_device(
+                    mesh,
+                    functools.partial(_steps_of_prefix, model, resolution, k, b),
+                    (_WHOLE, block_specs),
+                    (_BLOCK, _BLOCK),
+                ),
+                (rep, state_shardings),
+                (sharded, sharded),
+                params["unet"],
+                state,
+            )
+            for k in steps_per_dispatch
+            for b in buckets
+        }
+        plan = Rearrangement(
+            order=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
+            live=jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded),
+            held_source=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
+            held_take=jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded),
+        )
+        rearrange = compile_(
+            f"rearrange-{resolution}",
+            _per_device(
+                mesh,
+                _rearrange,
+                (Bank(block_specs, _BLOCK), Rearrangement(*[_BLOCK] * 4)),
+                Bank(block_specs, _BLOCK),
+            ),
+            (bank_shardings, Rearrangement(*[sharded] * 4)),
+            bank_shardings,
+            bank,
+            plan,
+        )
+        decode = {
+            b: compile_(
+                f"decode{b}-{resolution}",
+                _per_device(mesh, functools.partial(_decode_prefix, model, b), (_WHOLE, _BLOCK), _BLOCK),
+                (rep, sharded),
+                sharded,
+                params["vae"],
+                bank.held,
+            )
+            for b in buckets
+        }
+        by_resolution[resolution] = ResolutionPrograms(
+            resolution, buckets, insert, steps, rearrange, decode, bank
+        )
+    return ProgramSet(params, encode, by_resolution, compile_seconds, compiled_count)
+
+
+def _empty_bank(
+    model: LoadedModel,
+    resolution: Resolution,
+    slots: int,
+    max_steps: int,
+    embeds_spec: Any,
+    pooled_spec: Any,
+    sharding: Any,
+) -> Bank:
+    h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
+    zeros = functools.partial(jnp.zeros, device=sharding)
+    latent_shape = (slots, model.latent_channels, h, w)
+    state = SlotState(
+        latents=zeros(latent_shape, jnp.float32),
+        prompt_embeds=zeros((slots, 2, *embeds_spec.shape[1:]), embeds_spec.dtype),
+        pooled=zeros((slots, 2, pooled_spec.shape[1]), pooled_spec.dtype),
+        guidance=zeros((slots,), jnp.float32),
+        timesteps=zeros((slots, max_steps), jnp.int32),
+        sigmas=zeros((slots, max_steps), jnp.float32),
+        next_sigmas=zeros((slots, max_steps), jnp.float32),
+        num_steps=zeros((slots,), jnp.int32),
+        step=zeros((slots,), jnp.int32),
+    )
+    return Bank(state, zeros(latent_shape, jnp.float32))

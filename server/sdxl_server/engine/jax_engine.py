@@ -1,0 +1,410 @@
+"""`JaxEngine`: the `api.Engine` the service uses, over the step loop (see step_loop.py).
+
+Threads: the caller's (submit, cancel, stats: never wait on the device), the step loop, the device
+clock's watcher, and the image workers. Requests are validated and tokenized in the caller's thread, so
+that bad input fails at once and the loop only computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from sdxl_server.engine.device import xla_cache as compile_cache
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue
+from sdxl_server.engine.api import (
+    CancelledError,
+    DeadlineUnreachableError,
+    EngineError,
+    EngineFatalError,
+    EngineInfo,
+    EngineStats,
+    Failed,
+    GenerationRequest,
+    Limits,
+    Listener,
+    NotReadyError,
+    Queued,
+    QueueFullError,
+    Resolution,
+    Ticket,
+)
+from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.settings import EngineConfig
+from sdxl_server.engine.device_clock import DeviceClock
+from sdxl_server.engine.image_workers import ImageWorkers
+from sdxl_server.engine.device.mesh import make_mesh
+from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
+from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.engine.device.program_cache import ProgramCache, architecture
+from sdxl_server.engine.device.programs import ProgramSet, Rearrangement, build_programs
+from sdxl_server.engine.device.noise_schedule import ScheduleBook
+from sdxl_server.engine.batching.slot_table import SlotTable
+from sdxl_server.engine.stats import LoopView, StatsBoard
+from sdxl_server.engine.step_loop import StepLoop
+from sdxl_server.engine.event_trace import Trace, TraceEvent
+from sdxl_server.engine.batching.tracked_request import TrackedRequest
+from sdxl_server.engine.validation import validate_request
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("jax", "jaxlib", "flax", "diffusers", "transformers")
+
+
+class JaxEngine:
+    def __init__(self, config: EngineConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` gives the time deadlines are measured in (time.monotonic; tests pass their own)."""
+        self.config = config
+        self._clock = clock
+        self._phase = "new"  # new | starting | ready | draining | stopped | failed
+        self._failure: BaseException | None = None
+        self._stats = StatsBoard(slots_total=0)
+        self._queue = AdmissionQueue(config.max_queue, self._stats)
+        self._trace = Trace(config.trace_capacity)
+        self._live: set[TrackedRequest] = set()
+        self._live_lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._programs: ProgramSet | None = None
+        self._slots: SlotTable | None = None
+        self._device: DeviceClock | None = None
+        self._workers: ImageWorkers | None = None
+        self._loop: StepLoop | None = None
+        self._thread: threading.Thread | None = None
+        # Programs start() loaded from the compilation cache directory instead of compiling them.
+        self.compilation_cache_hits = 0
+        self.startup_phases: dict[str, float] = {}  # seconds spent in each part of start()
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        if self._phase != "new":
+            raise RuntimeError(f"engine already {self._phase}")
+        self._phase = "starting"
+        started = time.monotonic()
+        cfg = self.config
+        phases = self.startup_phases
+        if cfg.compilation_cache_dir:
+            compile_cache.enable(cfg.compilation_cache_dir)
+        hits_before = compile_cache.hits()
+        with _timed(phases, "load"):
+            model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
+        mesh = make_mesh(cfg.max_devices)
+        slots = cfg.slots_per_device * mesh.size
+        ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
+        saved = ProgramCache(
+            cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name), list(mesh.devices.flat)
+        )
+        with _timed(phases, "trace_and_compile"):
+            programs = build_programs(
+                model, mesh, cfg.resolutions, cfg.slots_per_device, cfg.max_steps, ks, saved
+            )
+        self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
+        with _timed(phases, "schedules"):
+            schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
+        self._model, self._programs = model, programs
+        self._slots = SlotTable(cfg.resolutions, mesh.size, cfg.slots_per_device)
+        self._stats.set_slots_total(slots)
+        self._device = DeviceClock(cfg.busy_window_seconds, on_error=self._fail)
+        with _timed(phases, "warm_up"):
+            self._device.seed_estimates(*self._warm_up(programs))
+        self._stats.publish(
+            LoopView(
+                step_seconds=self._device.step_seconds_ewma,
+                step_seconds_by_resolution=tuple(sorted(self._device.step_seconds_by_key.items())),
+                decode_seconds=self._device.decode_seconds_ewma,
+            )
+        )  # the warm-up's estimates, before the step loop publishes its first view
+        self._workers = ImageWorkers(cfg.encode_workers, self._fail, cfg.max_pending_decodes)
+        self._loop = StepLoop(
+            config=cfg,
+            programs=programs,
+            schedules=schedules,
+            slots=self._slots,
+            queue=self._queue,
+            device=self._device,
+            workers=self._workers,
+            trace=self._trace,
+            stats=self._stats,
+            clock=self._clock,
+            on_fatal=self._fail,
+        )
+        self._thread = threading.Thread(target=self._loop.run, name="sdxl-step-loop", daemon=True)
+        self._thread.start()
+        counters = self._stats.counters
+        counters.compile_seconds = programs.compile_seconds
+        counters.startup_seconds = time.monotonic() - started
+        counters.ready = True
+        self._phase = "ready"
+        self._publish()
+        log.info(
+            "engine ready: %d slots on %d devices in %.1fs (%s); %d programs (batch buckets %s per "
+            "device) built in %.1fs, %d compilation cache hits",
+            slots,
+            mesh.size,
+            counters.startup_seconds,
+            ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items()),
+            programs.programs_compiled,
+            "/".join(str(b) for b in programs.by_resolution[cfg.default_resolution].buckets),
+            programs.compile_seconds,
+            self.compilation_cache_hits,
+        )
+
+    def _warm_up(self, programs: ProgramSet) -> tuple[float, float, dict[str, float]]:
+        """Runs each program twice and returns the second runs' step and decode seconds (a first run
+        has one-time costs: a fresh server that trusted it would refuse work it can do in time), the
+        estimates before any traffic: a full bank's step per resolution, and one image's decode."""
+        params = programs.params
+        text = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
+        assert self._model is not None
+        ids = np.zeros((2, 2, self._model.max_tokens), np.int32)
+        jax.block_until_ready(programs.encode(text, ids))
+
+        def second_run(run: Callable[[], object]) -> float:
+            jax.block_until_ready(run())
+            began = time.perf_counter()
+            jax.block_until_ready(run())
+            return time.perf_counter() - began
+
+        by_resolution: dict[str, float] = {}
+        decode_seconds = 0.0
+        for resolution, res_programs in programs.by_resolution.items():
+            bank = res_programs.empty_bank
+            largest = res_programs.buckets[-1]
+            for (k, bucket), step in sorted(res_programs.steps.items()):
+                seconds = second_run(functools.partial(step, params["unet"], bank.slots)) / k
+                if bucket == largest:
+                    by_resolution[str(resolution)] = max(by_resolution.get(str(resolution), 0.0), seconds)
+            for bucket, decode in sorted(res_programs.decode.items()):
+                seconds = second_run(functools.partial(decode, params["vae"], bank.held))
+                if bucket == 1:  # one finished image at a time is the common case under staggered load
+                    decode_seconds = max(decode_seconds, seconds)
+            per = self.config.slots_per_device
+            devices = bank.held.shape[0] // per
+            unchanged = np.tile(np.arange(per, dtype=np.int32), devices)
+            nothing = np.zeros(per * devices, bool)
+            plan = Rearrangement(unchanged, nothing, np.zeros_like(unchanged), nothing)
+            jax.block_until_ready(res_programs.rearrange(bank, plan))
+        return max(by_resolution.values()), decode_seconds, by_resolution
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        if self._phase == "stopped":
+            return
+        if self._phase in ("new", "starting"):
+            self._phase = "stopped"
+            return
+        if self._phase == "ready":
+            self._phase = "draining"
+            self._publish(ready=False)
+        if self._loop is not None and self._thread is not None:
+            self._loop.finish_and_exit()
+            self._thread.join(timeout=max(drain_seconds, 0.0))
+            if self._thread.is_alive():
+                self._loop.abort()
+                self._thread.join(timeout=60)
+            self._queue.drain()  # the loop has ended: what it left queued is failed below
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)  # images already decoding still reach their callers
+        self._fail_live(NotReadyError("the engine stopped before the request finished"))
+        if self._device is not None:
+            self._device.stop()
+        if self._phase != "failed":
+            self._phase = "stopped"
+        self._publish(ready=False)
+
+    # ---- the interface
+
+    def info(self) -> EngineInfo:
+        cfg = self.config
+        devices = self._slots.total // cfg.slots_per_device if self._slots else len(jax.local_devices())
+        if cfg.max_devices is not None:
+            devices = min(devices, cfg.max_devices)
+        platform_name = jax.default_backend()
+        return EngineInfo(
+            model=cfg.model,
+            limits=self.limits(),
+            slots=cfg.slots_per_device * devices,
+            devices=devices,
+            device_kind=jax.local_devices()[0].device_kind,
+            policy=cfg.policy,
+            dtype=self._model.dtype_name
+            if self._model
+            else str(np.dtype(resolve_dtype(cfg.dtype, platform_name))),
+            versions=_versions(),
+        )
+
+    def limits(self) -> Limits:
+        cfg = self.config
+        return Limits(
+            resolutions=cfg.resolutions,
+            min_steps=cfg.min_steps,
+            max_steps=cfg.max_steps,
+            default_steps=cfg.default_steps,
+            min_guidance_scale=cfg.min_guidance_scale,
+            max_guidance_scale=cfg.max_guidance_scale,
+            default_guidance_scale=cfg.default_guidance_scale,
+            max_images_per_request=min(cfg.max_images_per_request, cfg.max_queue),
+            max_prompt_tokens=self._model.max_tokens if self._model else 77,
+            max_queue=cfg.max_queue,
+        )
+
+    def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
+        if self._phase != "ready" or self._model is None:
+            raise NotReadyError(self._not_ready_reason())
+        validate_request(request, self.config)
+        now = self._clock()
+        if request.deadline is not None:
+            if request.deadline <= now:
+                raise DeadlineUnreachableError("the deadline has already passed")
+            needed = self.estimate_seconds(request.num_images, request.steps, request.resolution)
+            if needed is not None and now + needed > request.deadline:
+                raise DeadlineUnreachableError(
+                    f"needs about {needed:.1f}s but the deadline is in {request.deadline - now:.1f}s"
+                )
+        # Overload fast path: a full queue says so before the tokenizer runs (~1 ms per prompt, taken from
+        # the step loop's share of the GIL); put() below re-checks under the queue's lock.
+        waiting = self._stats.waiting()
+        if waiting + request.num_images > self._queue.max_images:
+            raise QueueFullError(
+                f"admission queue full ({waiting} of {self._queue.max_images} images waiting)",
+                self._retry_after(),
+            )
+        prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
+        negative_ids, _ = self._model.tokenize(request.negative_prompt)
+        tracked = TrackedRequest(
+            request,
+            listener,
+            token_ids=np.stack([negative_ids, prompt_ids]),
+            zero_negative=request.negative_prompt == "",
+            submitted_at=now,
+            on_terminal=self._forget,
+        )
+        with self._live_lock:
+            self._live.add(tracked)
+
+        def queued(ahead: int) -> None:
+            boundary = self._loop.boundary if self._loop else 0
+            self._trace.add(TraceEvent("submit", boundary, request.request_id))
+            tracked.deliver(Queued(position=ahead, prompt_truncated=prompt_truncated))
+
+        try:
+            self._queue.put(tracked, self._retry_after, queued)
+        except Exception:
+            self._forget(tracked)
+            raise
+        if self._phase in ("failed", "stopped"):  # it failed or stopped while this request was admitted
+            tracked.deliver(Failed(NotReadyError(self._not_ready_reason())))
+        return tracked
+
+    def cancel(self, ticket: Ticket) -> None:
+        if not isinstance(ticket, TrackedRequest) or ticket.terminal:
+            return
+        ticket.cancel_requested = True
+        if self._phase in ("ready", "draining"):
+            self._queue.wake()  # the step loop frees its slots at the next boundary and reports Failed
+        else:
+            ticket.deliver(Failed(CancelledError("cancelled by the caller")))
+
+    def stats(self) -> EngineStats:
+        return self._stats.snapshot()
+
+    def estimate_seconds(
+        self, num_images: int, steps: int, resolution: Resolution | None = None
+    ) -> float | None:
+        """Seconds a request would take from now, from the step loop's last published view: the work
+        ahead of it spread over the slots, then its own steps at the measured step time of its
+        resolution, and a decode. None before the engine has measured anything."""
+        stats = self._stats.snapshot()
+        step = stats.step_seconds_ewma
+        if resolution is not None:
+            step = stats.step_seconds_by_resolution.get(str(resolution), step)
+        if step <= 0 or stats.slots_total == 0:
+            return None
+        # No wait when free slots can take it now.
+        idle_room = stats.queue_depth == 0 and stats.slots_total - stats.slots_busy >= num_images
+        wait = 0.0 if idle_room else step * stats.work_ahead_steps / stats.slots_total
+        rounds = math.ceil(num_images / stats.slots_total)
+        return wait + step * steps * rounds + stats.decode_seconds_ewma
+
+    def trace(self) -> list[TraceEvent]:
+        """What the step loop did, in order (admissions, step boundaries, finishes, cancellations)."""
+        return self._trace.events()
+
+    def device_busy_seconds(self, since: float | None = None) -> float:
+        """Device time measured since start, or since the time.monotonic() `since` (within the busy
+        window), for benchmarks: the busy ratio over any interval."""
+        if self._device is None:
+            return 0.0
+        return self._device.busy_seconds_total if since is None else self._device.busy_seconds_since(since)
+
+    def step_histogram(self) -> tuple[list[tuple[float, int]], float] | None:
+        """Device seconds per batched step (cumulative buckets ending with +inf, and their sum), for the
+        metric sdxl_step_duration_seconds; None before start."""
+        return self._device.step_histogram() if self._device else None
+
+    # ---- internals
+
+    def _retry_after(self) -> float:
+        return self._stats.snapshot().retry_after_seconds
+
+    def _not_ready_reason(self) -> str:
+        if self._phase == "failed":
+            return f"the engine failed and will not recover: {self._failure}"
+        return {"new": "the engine is not started", "starting": "the engine is warming up"}.get(
+            self._phase, f"the engine is {self._phase}"
+        )
+
+    def _forget(self, request: TrackedRequest) -> None:
+        with self._live_lock:
+            self._live.discard(request)
+
+    def _fail_live(self, error: EngineError) -> None:
+        # Every live request, queued ones included, ends here; the queue's contents stay the step loop's.
+        with self._live_lock:
+            live = list(self._live)
+        for request in live:
+            request.deliver(Failed(error))
+
+    def _fail(self, error: BaseException) -> None:
+        """A fatal error (device or step loop): unhealthy from now on, every waiting caller is told."""
+        if self._phase == "failed":
+            return
+        log.error("engine failed: %s", error, exc_info=error)
+        self._failure = error
+        self._phase = "failed"
+        self._stats.counters.healthy = False
+        if self._loop is not None:
+            self._loop.abort()
+        self._fail_live(EngineFatalError(f"device or step loop failure: {type(error).__name__}"))
+        self._publish(ready=False)
+
+    def _publish(self, ready: bool | None = None) -> None:
+        """Lifecycle flags only: everything else in the stats is the step loop's to publish."""
+        if ready is not None:
+            self._stats.counters.ready = ready
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    begun = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - begun
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: server processes, a fake engine, parsers of the server's output."""
