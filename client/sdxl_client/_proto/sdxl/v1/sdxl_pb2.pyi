@@ -52,6 +52,60 @@ WEBP: ImageFormat.ValueType  # 3
 """WebP, quality from GenerateRequest.quality."""
 Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
 
+class _Sampler:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SamplerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sampler.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SAMPLER_UNSPECIFIED: _Sampler.ValueType  # 0
+    """The server's default (ServerInfo.default_sampler)."""
+    EULER: _Sampler.ValueType  # 1
+    """Euler (EulerDiscreteScheduler)."""
+    DDIM: _Sampler.ValueType  # 2
+    """DDIM (DDIMScheduler, eta 0)."""
+    DPMPP_2M: _Sampler.ValueType  # 3
+    """DPM-Solver++ 2M (DPMSolverMultistepScheduler)."""
+    LCM: _Sampler.ValueType  # 4
+    """Latent consistency sampling (LCMScheduler)."""
+
+class Sampler(_Sampler, metaclass=_SamplerEnumTypeWrapper):
+    """Denoising samplers; each reproduces diffusers' scheduler of that name."""
+
+SAMPLER_UNSPECIFIED: Sampler.ValueType  # 0
+"""The server's default (ServerInfo.default_sampler)."""
+EULER: Sampler.ValueType  # 1
+"""Euler (EulerDiscreteScheduler)."""
+DDIM: Sampler.ValueType  # 2
+"""DDIM (DDIMScheduler, eta 0)."""
+DPMPP_2M: Sampler.ValueType  # 3
+"""DPM-Solver++ 2M (DPMSolverMultistepScheduler)."""
+LCM: Sampler.ValueType  # 4
+"""Latent consistency sampling (LCMScheduler)."""
+Global___Sampler: _TypeAlias = Sampler  # noqa: Y015
+
+class _TimestepSpacing:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TimestepSpacingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TimestepSpacing.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TIMESTEP_SPACING_UNSPECIFIED: _TimestepSpacing.ValueType  # 0
+    """The server's default (ServerInfo.default_timestep_spacing)."""
+    LEADING: _TimestepSpacing.ValueType  # 1
+    TRAILING: _TimestepSpacing.ValueType  # 2
+    LINSPACE: _TimestepSpacing.ValueType  # 3
+
+class TimestepSpacing(_TimestepSpacing, metaclass=_TimestepSpacingEnumTypeWrapper):
+    """Timestep spacing, as diffusers' `timestep_spacing`."""
+
+TIMESTEP_SPACING_UNSPECIFIED: TimestepSpacing.ValueType  # 0
+"""The server's default (ServerInfo.default_timestep_spacing)."""
+LEADING: TimestepSpacing.ValueType  # 1
+TRAILING: TimestepSpacing.ValueType  # 2
+LINSPACE: TimestepSpacing.ValueType  # 3
+Global___TimestepSpacing: _TypeAlias = TimestepSpacing  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
     """One text-to-image request. Zero or unset numeric fields mean the server's default
@@ -71,6 +125,11 @@ class GenerateRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    GUIDANCE_INTERVAL_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
+    TIMESTEP_SPACING_FIELD_NUMBER: _builtins.int
+    TIMESTEPS_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """What to draw. Required, non-empty. Longer than the text encoders' 77 tokens is
     truncated, and GenerateResponse.prompt_truncated says so.
@@ -87,7 +146,11 @@ class GenerateRequest(_message.Message):
     """Denoising steps, ServerInfo.min_steps..max_steps. 0 means default_steps."""
     guidance_scale: _builtins.float
     """Classifier-free guidance scale, ServerInfo.min_guidance_scale..max_guidance_scale.
-    0 means default_guidance_scale. 1.0 disables guidance in effect.
+    Unset means ServerInfo.default_guidance_scale (the model's recipe). A value <= 1 means
+    no classifier-free guidance: one conditional UNet row per step, as diffusers' PyTorch
+    pipelines do (0 is what SDXL-Turbo and Lightning are documented with).
+    (Was a plain float: the wire format is unchanged, and an old caller that left it at 0
+    sent nothing, which still means the default.)
     """
     width: _builtins.int
     """Image width in pixels; width x height must be one of ServerInfo.resolutions.
@@ -101,6 +164,30 @@ class GenerateRequest(_message.Message):
     """Caller's identifier, echoed back and written to logs. The server generates one when empty."""
     quality: _builtins.int
     """JPEG/WebP quality 1..100; 0 means 90. Ignored for PNG."""
+    sampler: Global___Sampler.ValueType
+    """The sampler; unspecified means ServerInfo.default_sampler (the model's recipe)."""
+    timestep_spacing: Global___TimestepSpacing.ValueType
+    """How the steps are spread over the training timesteps; unspecified means
+    ServerInfo.default_timestep_spacing. Not allowed together with `timesteps`.
+    """
+    @_builtins.property
+    def guidance_interval(self) -> Global___GuidanceInterval:
+        """The part of the steps during which guidance applies (Kynkäänniemi et al., 2024);
+        outside it the image takes one UNet row. Unset means the whole run (0 to 1).
+        """
+
+    @_builtins.property
+    def timesteps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Explicit timesteps, strictly decreasing within the model's training range (for example
+        DMD2's 999, 749, 499, 249); their count is the number of steps. Empty: from `steps`.
+        """
+
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraRef]:
+        """LoRA adapters applied to this request's UNet rows and prompt encoding, stacked in
+        order; at most ServerInfo.max_loras_per_request. Names are those of ServerInfo.adapters.
+        """
+
     def __init__(
         self,
         *,
@@ -109,22 +196,86 @@ class GenerateRequest(_message.Message):
         seed: _builtins.int | None = ...,
         num_images: _builtins.int = ...,
         steps: _builtins.int = ...,
-        guidance_scale: _builtins.float = ...,
+        guidance_scale: _builtins.float | None = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
         format: Global___ImageFormat.ValueType = ...,
         request_id: _builtins.str = ...,
         quality: _builtins.int = ...,
+        guidance_interval: Global___GuidanceInterval | None = ...,
+        sampler: Global___Sampler.ValueType = ...,
+        timestep_spacing: Global___TimestepSpacing.ValueType = ...,
+        timesteps: _abc.Iterable[_builtins.int] | None = ...,
+        loras: _abc.Iterable[Global___LoraRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_interval", b"guidance_interval", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "format", b"format", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "quality", b"quality", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "format", b"format", "guidance_interval", b"guidance_interval", "guidance_scale", b"guidance_scale", "height", b"height", "loras", b"loras", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "quality", b"quality", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "timestep_spacing", b"timestep_spacing", "timesteps", b"timesteps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
+    _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GuidanceInterval(_message.Message):
+    """Fractions of a request's steps, 0 <= start <= end <= 1."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.float
+    """First fraction of the steps with guidance."""
+    end: _builtins.float
+    """Fraction of the steps after which guidance stops."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuidanceInterval: _TypeAlias = GuidanceInterval  # noqa: Y015
+
+@_typing.final
+class LoraRef(_message.Message):
+    """One LoRA adapter of a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Adapter name, as listed in ServerInfo.adapters."""
+    scale: _builtins.float
+    """Strength; unset means 1.0. Bounded by ServerInfo.min_lora_scale..max_lora_scale."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoraRef: _TypeAlias = LoraRef  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
@@ -177,22 +328,48 @@ class Timings(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
     DENOISE_SECONDS_FIELD_NUMBER: _builtins.int
     TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    ADMISSION_SECONDS_FIELD_NUMBER: _builtins.int
+    TOKENIZE_SECONDS_FIELD_NUMBER: _builtins.int
+    TEXT_ENCODE_SECONDS_FIELD_NUMBER: _builtins.int
+    DECODE_SECONDS_FIELD_NUMBER: _builtins.int
+    TO_HOST_SECONDS_FIELD_NUMBER: _builtins.int
+    IMAGE_ENCODE_SECONDS_FIELD_NUMBER: _builtins.int
     queue_seconds: _builtins.float
     """From admission until the first image entered a slot."""
     denoise_seconds: _builtins.float
     """From the first image entering a slot until the last image was denoised."""
     total_seconds: _builtins.float
     """From admission until the last image was encoded."""
+    admission_seconds: _builtins.float
+    """The request's time budget by phase (seconds; see docs/ARCHITECTURE.md, "Time budget"):
+    checks at the door (auth, validation, admission).
+    """
+    tokenize_seconds: _builtins.float
+    """Turning the prompts into token ids."""
+    text_encode_seconds: _builtins.float
+    """The text encoders (0 when the prompt-embedding cache held the prompts)."""
+    decode_seconds: _builtins.float
+    """VAE decode of the request's images (device time of the decode batches they were in)."""
+    to_host_seconds: _builtins.float
+    """Copying decoded pixels from the device to the host."""
+    image_encode_seconds: _builtins.float
+    """Encoding the images (PNG/JPEG/WebP)."""
     def __init__(
         self,
         *,
         queue_seconds: _builtins.float = ...,
         denoise_seconds: _builtins.float = ...,
         total_seconds: _builtins.float = ...,
+        admission_seconds: _builtins.float = ...,
+        tokenize_seconds: _builtins.float = ...,
+        text_encode_seconds: _builtins.float = ...,
+        decode_seconds: _builtins.float = ...,
+        to_host_seconds: _builtins.float = ...,
+        image_encode_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoise_seconds", b"denoise_seconds", "queue_seconds", b"queue_seconds", "total_seconds", b"total_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_seconds", b"admission_seconds", "decode_seconds", b"decode_seconds", "denoise_seconds", b"denoise_seconds", "image_encode_seconds", b"image_encode_seconds", "queue_seconds", b"queue_seconds", "text_encode_seconds", b"text_encode_seconds", "to_host_seconds", b"to_host_seconds", "tokenize_seconds", b"tokenize_seconds", "total_seconds", b"total_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,6 +388,8 @@ class GenerateResponse(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
+    UNKNOWN_WORDS_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's identifier (the caller's, or one the server generated)."""
     prompt_truncated: _builtins.bool
@@ -223,6 +402,8 @@ class GenerateResponse(_message.Message):
     """Steps that were run per image (after defaults were applied)."""
     guidance_scale: _builtins.float
     """Guidance scale that was used (after defaults were applied)."""
+    sampler: Global___Sampler.ValueType
+    """Sampler used (after defaults were applied)."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """Images in index order; exactly num_images of them."""
@@ -230,6 +411,12 @@ class GenerateResponse(_message.Message):
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Server-side timings."""
+
+    @_builtins.property
+    def unknown_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Words of the prompts the model does not know (reported by models with a closed
+        vocabulary, such as the demo model; empty otherwise). The request still succeeds.
+        """
 
     def __init__(
         self,
@@ -241,10 +428,12 @@ class GenerateResponse(_message.Message):
         seed: _builtins.int = ...,
         steps: _builtins.int = ...,
         guidance_scale: _builtins.float = ...,
+        unknown_words: _abc.Iterable[_builtins.str] | None = ...,
+        sampler: Global___Sampler.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "images", b"images", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "images", b"images", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "timings", b"timings", "unknown_words", b"unknown_words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +504,8 @@ class Done(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
+    UNKNOWN_WORDS_FIELD_NUMBER: _builtins.int
+    SAMPLER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's identifier. Done carries what GenerateResponse carries, without the
     image bytes (already streamed).
@@ -329,9 +520,15 @@ class Done(_message.Message):
     """Guidance scale used."""
     num_images: _builtins.int
     """Images produced (all already sent as `image` events)."""
+    sampler: Global___Sampler.ValueType
+    """Sampler used."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Server-side timings."""
+
+    @_builtins.property
+    def unknown_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Words of the prompts the model does not know (see GenerateResponse.unknown_words)."""
 
     def __init__(
         self,
@@ -343,10 +540,12 @@ class Done(_message.Message):
         steps: _builtins.int = ...,
         guidance_scale: _builtins.float = ...,
         num_images: _builtins.int = ...,
+        unknown_words: _abc.Iterable[_builtins.str] | None = ...,
+        sampler: Global___Sampler.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "num_images", b"num_images", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "seed", b"seed", "steps", b"steps", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "num_images", b"num_images", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "timings", b"timings", "unknown_words", b"unknown_words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +684,12 @@ class ServerInfo(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
     FORMATS_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    DEFAULT_SAMPLER_FIELD_NUMBER: _builtins.int
+    DEFAULT_TIMESTEP_SPACING_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MIN_LORA_SCALE_FIELD_NUMBER: _builtins.int
+    MAX_LORA_SCALE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model source (directory or hub id) as given to the server."""
     min_steps: _builtins.int
@@ -515,6 +720,15 @@ class ServerInfo(_message.Message):
     """Parameter dtype, e.g. "bfloat16"."""
     max_queue: _builtins.int
     """Images that may wait for a slot before requests are rejected with RESOURCE_EXHAUSTED."""
+    default_sampler: Global___Sampler.ValueType
+    """The model's recipe: the sampler a request without one gets."""
+    default_timestep_spacing: Global___TimestepSpacing.ValueType
+    """The timestep spacing a request without one gets."""
+    max_loras_per_request: _builtins.int
+    """Most adapters one request may stack."""
+    min_lora_scale: _builtins.float
+    """Bounds of LoraRef.scale."""
+    max_lora_scale: _builtins.float
     @_builtins.property
     def resolutions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resolution]:
         """Served sizes; the first is the default."""
@@ -526,6 +740,10 @@ class ServerInfo(_message.Message):
     @_builtins.property
     def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Versions of the server and its main libraries (sdxl-server, jax, jaxlib, flax, diffusers)."""
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
+        """LoRA adapters found in the server's adapter directory, usable or not."""
 
     def __init__(
         self,
@@ -548,11 +766,55 @@ class ServerInfo(_message.Message):
         max_queue: _builtins.int = ...,
         formats: _abc.Iterable[Global___ImageFormat.ValueType] | None = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        default_sampler: Global___Sampler.ValueType = ...,
+        default_timestep_spacing: Global___TimestepSpacing.ValueType = ...,
+        adapters: _abc.Iterable[Global___Adapter] | None = ...,
+        max_loras_per_request: _builtins.int = ...,
+        min_lora_scale: _builtins.float = ...,
+        max_lora_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_steps", b"default_steps", "device_kind", b"device_kind", "devices", b"devices", "dtype", b"dtype", "formats", b"formats", "max_guidance_scale", b"max_guidance_scale", "max_images_per_request", b"max_images_per_request", "max_prompt_tokens", b"max_prompt_tokens", "max_queue", b"max_queue", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_steps", b"min_steps", "model", b"model", "policy", b"policy", "resolutions", b"resolutions", "slots", b"slots", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "default_guidance_scale", b"default_guidance_scale", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_timestep_spacing", b"default_timestep_spacing", "device_kind", b"device_kind", "devices", b"devices", "dtype", b"dtype", "formats", b"formats", "max_guidance_scale", b"max_guidance_scale", "max_images_per_request", b"max_images_per_request", "max_lora_scale", b"max_lora_scale", "max_loras_per_request", b"max_loras_per_request", "max_prompt_tokens", b"max_prompt_tokens", "max_queue", b"max_queue", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_lora_scale", b"min_lora_scale", "min_steps", b"min_steps", "model", b"model", "policy", b"policy", "resolutions", b"resolutions", "slots", b"slots", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class Adapter(_message.Message):
+    """A LoRA adapter the server can apply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    USABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    RESIDENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name a request uses (the file name without `.safetensors`)."""
+    usable: _builtins.bool
+    """False when the file cannot be used; `reason` says why."""
+    reason: _builtins.str
+    """Why the adapter is unusable (malformed file, layers that do not match the model, ...)."""
+    rank: _builtins.int
+    """Largest rank among its layers."""
+    resident: _builtins.bool
+    """True while its weights are resident in the device's adapter bank."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        usable: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        resident: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rank", b"rank", "reason", b"reason", "resident", b"resident", "usable", b"usable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Adapter: _TypeAlias = Adapter  # noqa: Y015
