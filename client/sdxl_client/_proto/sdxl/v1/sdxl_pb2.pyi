@@ -93,8 +93,11 @@ class _TimestepSpacingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Times
     TIMESTEP_SPACING_UNSPECIFIED: _TimestepSpacing.ValueType  # 0
     """The server's default (ServerInfo.default_timestep_spacing)."""
     LEADING: _TimestepSpacing.ValueType  # 1
+    """Steps at multiples of a stride from 0, shifted by the config's steps_offset."""
     TRAILING: _TimestepSpacing.ValueType  # 2
+    """Steps counted down from the last training timestep (few-step models use it)."""
     LINSPACE: _TimestepSpacing.ValueType  # 3
+    """Steps spread evenly over the training range, both ends included."""
 
 class TimestepSpacing(_TimestepSpacing, metaclass=_TimestepSpacingEnumTypeWrapper):
     """Timestep spacing, as diffusers' `timestep_spacing`."""
@@ -102,8 +105,11 @@ class TimestepSpacing(_TimestepSpacing, metaclass=_TimestepSpacingEnumTypeWrappe
 TIMESTEP_SPACING_UNSPECIFIED: TimestepSpacing.ValueType  # 0
 """The server's default (ServerInfo.default_timestep_spacing)."""
 LEADING: TimestepSpacing.ValueType  # 1
+"""Steps at multiples of a stride from 0, shifted by the config's steps_offset."""
 TRAILING: TimestepSpacing.ValueType  # 2
+"""Steps counted down from the last training timestep (few-step models use it)."""
 LINSPACE: TimestepSpacing.ValueType  # 3
+"""Steps spread evenly over the training range, both ends included."""
 Global___TimestepSpacing: _TypeAlias = TimestepSpacing  # noqa: Y015
 
 @_typing.final
@@ -727,8 +733,9 @@ class ServerInfo(_message.Message):
     max_loras_per_request: _builtins.int
     """Most adapters one request may stack."""
     min_lora_scale: _builtins.float
-    """Bounds of LoraRef.scale."""
+    """Smallest LoraRef.scale accepted."""
     max_lora_scale: _builtins.float
+    """Largest LoraRef.scale accepted."""
     @_builtins.property
     def resolutions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resolution]:
         """Served sizes; the first is the default."""
