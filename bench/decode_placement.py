@@ -22,17 +22,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import engine_vs_recipe as bench
 import jax
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.device.denoise import decode_latents
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise
-from timing import best_seconds as timed
+
+from bench import engine_vs_recipe as bench
+from bench.timing import best_seconds as timed
 
 RESULTS = bench.REPO / "bench" / "results" / "decode_placement.json"
 
@@ -46,8 +43,8 @@ def main() -> None:
     bench.ensure_bench_model(bench.BENCH_MODEL_DIR, bench.TINY_MODEL_DIR, heavy_vae=True)
     engine = JaxEngine(bench.engine_config("continuous", steps_per_dispatch=1))
     engine.start()
-    programs = engine._programs.by_resolution[bench.RESOLUTION]
-    params = engine._programs.params
+    programs = engine.compiled_programs().by_resolution[bench.RESOLUTION]
+    params = engine.compiled_programs().params
     bank = programs.empty_bank
     model = engine._model
     device = jax.local_devices()[0]

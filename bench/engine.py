@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_model import ensure_bench_model  # noqa: E402
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Progress, Resolution  # noqa: E402
+
+from bench.bench_model import ensure_bench_model  # noqa: E402
 
 CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
 BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl"

@@ -43,6 +43,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdxl_client import Client, SdxlError
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
+from sdxl_test_support.servers import RunningServer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -58,43 +59,23 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-class Server:
-    """One ``sdxl-server serve`` process with free ports and a token file."""
+class Server(RunningServer):
+    """One ``sdxl-server serve`` process with free ports and a token file, serving once constructed."""
 
     def __init__(self, extra: list[str], workdir: Path) -> None:
         token_file = workdir / "token"
         token_file.write_text(TOKEN)
-        command = [
-            sys.executable, "-m", "sdxl_server.main", "serve", "--model", "tiny", "--host", "127.0.0.1",
-            "--port", "0", "--metrics-port", "0", "--resolutions", "64x64", "--max-steps", "20",
-            "--default-steps", "4", "--auth-token-file", str(token_file), *extra,
+        args = [
+            "--model", "tiny", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+            "--resolutions", "64x64", "--max-steps", "20", "--default-steps", "4",
+            "--auth-token-file", str(token_file), *extra,
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        self.lines: list[str] = []
-        self.port = self.metrics_port = 0
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if '"event": "listening"' in line:
-                entry = json.loads(line)
-                self.port, self.metrics_port = entry["port"], entry["metrics_port"]
-            if '"event": "ready"' in line:
-                break
-        else:
-            raise RuntimeError("server exited before ready:\n" + "".join(self.lines))
-        threading.Thread(target=self._drain_output, daemon=True).start()
-
-    def _drain_output(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
+        super().__init__(args)
+        self.wait_ready()
 
     @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def lines(self) -> list[str]:
+        return self.output().splitlines()
 
     def sample(self) -> dict[str, float]:
         pid = self.process.pid

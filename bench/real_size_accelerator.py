@@ -24,15 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-
-from timing import best_seconds  # noqa: E402
+from bench.timing import best_seconds  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "real_size_accelerator.json"
 SEED_SECONDS_PER_IMAGE_PER_CHIP = 2.33  # the blog post's v5e-4: 4 images of 20 steps in 2.33 s
@@ -109,8 +106,8 @@ def measure_engine(busy: int, args, model: str, resolution, cache_dir: str, peak
     )
     engine.start()
     ready_seconds = time.perf_counter() - began
-    programs = engine._programs.by_resolution[resolution]
-    params = engine._programs.params
+    programs = engine.compiled_programs().by_resolution[resolution]
+    params = engine.compiled_programs().params
     bank = programs.empty_bank
     step, decode = programs.steps[(1, busy)], programs.decode[busy]
     step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))
@@ -157,10 +154,11 @@ def main() -> None:
     slot_counts = [int(n) for n in args.slots.split(",")]
 
     import jax
-    from real_size import ensure_random_sdxl_base
     from sdxl_server.engine.api import Resolution
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
-    from seed_recipe import SeedRecipe
+
+    from bench.real_size import ensure_random_sdxl_base
+    from bench.seed_recipe import SeedRecipe
 
     silence_library_noise()
     model = args.model or str(ensure_random_sdxl_base())

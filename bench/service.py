@@ -25,11 +25,8 @@ import json
 import os
 import platform
 import queue
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +34,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 from sdxl_server.engine import EngineConfig, api
+from sdxl_test_support.servers import RunningServer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "service.json"
@@ -142,34 +139,18 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 @contextlib.contextmanager
 def server_process(args: argparse.Namespace) -> Iterator[str]:
-    command = [
-        sys.executable, "-m", "sdxl_server.main", "serve", "--model", args.model, "--host", "127.0.0.1",
-        "--port", "0", "--metrics-port", "0", "--resolutions", args.resolution,
-        "--slots-per-device", str(args.slots_per_device), "--max-queue", str(args.max_queue),
-        "--max-steps", str(max(args.steps, 50)), "--default-steps", str(min(args.steps, 30)),
+    server_args = [
+        "--model", args.model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--resolutions", args.resolution, "--slots-per-device", str(args.slots_per_device),
+        "--max-queue", str(args.max_queue), "--max-steps", str(max(args.steps, 50)),
+        "--default-steps", str(min(args.steps, 30)),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert process.stderr is not None
-    port = 0
-    for line in process.stderr:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if entry.get("event") == "listening":
-                port = int(entry["port"])
-                break
-    if not port:
-        raise RuntimeError("server did not start")
-    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the log pipe flowing
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=900)
-        next(s for s in watch if s.status == health_pb2.HealthCheckResponse.SERVING)
-        watch.cancel()
+    server = RunningServer(server_args)
     try:
-        yield target
+        server.wait_ready(timeout=900)
+        yield server.target
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
+        server.terminate(timeout=120)
 
 
 async def _grpc_closed_loop(stub: Any, args: argparse.Namespace, count: int, offset: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import values_table
 import yaml
-from chart_render import CHART
+from sdxl_test_support.chart_render import CHART
 
 
 def test_every_value_has_a_doc_comment() -> None:

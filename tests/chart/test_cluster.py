@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from chart_render import CHART, EXAMPLES, helm_binary, run_helm
 from PIL import Image
+from sdxl_test_support.chart_render import CHART, EXAMPLES, helm_binary, run_helm
 
 pytestmark = pytest.mark.cluster
 

@@ -8,24 +8,27 @@ own script against it, generates an image, and checks that SIGTERM drains to a c
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
-import grpc
 import pytest
 import yaml
-from chart_render import EXAMPLES, is_helm_test, one, render, server_container, server_settings
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sdxl_test_support.chart_render import (
+    EXAMPLES,
+    is_helm_test,
+    one,
+    render,
+    server_container,
+    server_settings,
+)
+from sdxl_test_support.servers import RunningServer
 
 pytestmark = pytest.mark.slow
 WARM_UP_TIMEOUT_SECONDS = 300
-Served = tuple[str, dict[str, str], "subprocess.Popen[str]"]  # gRPC target, hook scripts, server process
+Served = tuple[str, dict[str, str], RunningServer]  # gRPC target, hook scripts, server process
 
 
 def _pod_environment() -> tuple[dict[str, str], dict[str, str]]:
@@ -43,24 +46,12 @@ def _pod_environment() -> tuple[dict[str, str], dict[str, str]]:
     return env, hooks
 
 
-def _wait_until_serving(target: str) -> None:
-    # Watch streams every status change, so this waits without polling.
-    with grpc.insecure_channel(target) as channel:
-        request = health_pb2.HealthCheckRequest(service="sdxl.v1.ImageService")
-        stream = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=WARM_UP_TIMEOUT_SECONDS)
-        for response in stream:
-            if response.status == health_pb2.HealthCheckResponse.SERVING:
-                stream.cancel()
-                return
-    pytest.fail("the server never reported SERVING")
-
-
 @pytest.fixture(scope="module")
 def served_cpu_example(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_model_dir: pathlib.Path,
     compilation_cache_dir: pathlib.Path,
-) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+) -> Iterator[Served]:
     pod_env, hook_script = _pod_environment()
     home = tmp_path_factory.mktemp("pod-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}
@@ -76,27 +67,12 @@ def served_cpu_example(
         SDXL_TINY_MODEL_DIR=str(tiny_model_dir),
     )
     server_bin = pathlib.Path(sys.executable).parent / "sdxl-server"
-    process = subprocess.Popen(
-        [str(server_bin), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
-    port = None
-    for line in process.stdout:  # JSON log lines; the first "listening" event carries the bound port
-        if line.startswith("{") and json.loads(line).get("event") == "listening":
-            port = json.loads(line)["port"]
-            break
-    if port is None:
-        pytest.fail(f"server exited with {process.wait()} before listening")
-    # Keep draining the logs so that the server never blocks on a full pipe.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    target = f"127.0.0.1:{port}"
+    server = RunningServer([], env, command=[str(server_bin), "serve"], inherit_env=False)
     try:
-        _wait_until_serving(target)
-        yield target, hook_script, process
+        server.wait_ready(WARM_UP_TIMEOUT_SECONDS, service="sdxl.v1.ImageService")
+        yield server.target, hook_script, server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.kill()
 
 
 def _run_hook(script: str, target: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +116,7 @@ def test_example_generates_with_its_configured_defaults_and_drains_on_sigterm(
 ) -> None:
     from sdxl_client import Client
 
-    target, _, process = served_cpu_example
+    target, _, server = served_cpu_example
     with Client(target, timeout=120) as client:
         result = client.generate("a red cube on a table", seed=1, format="png")
     [image] = result.images
@@ -148,5 +124,4 @@ def test_example_generates_with_its_configured_defaults_and_drains_on_sigterm(
     assert result.steps == 10  # server.defaultSteps of the example
     assert image.data.startswith(b"\x89PNG")
     # What Kubernetes sends after the preStop hook: the server drains and exits cleanly.
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    assert server.terminate(timeout=120) == 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-from chart_render import CHART, REPO
+from sdxl_test_support.chart_render import CHART, REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 

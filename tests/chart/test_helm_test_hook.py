@@ -14,8 +14,8 @@ from concurrent import futures
 
 import grpc
 import pytest
-from chart_render import is_helm_test, render_value_set
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sdxl_test_support.chart_render import is_helm_test, render_value_set
 
 HealthServer = tuple[str, health.HealthServicer]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chart_render import objects_of_kind, one, render, server_container, server_settings
+from sdxl_test_support.chart_render import objects_of_kind, one, render, server_container, server_settings
 
 
 def test_http_is_served_on_8080_and_exposed_on_both_services_by_default() -> None:

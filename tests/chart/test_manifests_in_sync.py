@@ -9,7 +9,7 @@ import pathlib
 import subprocess
 
 import pytest
-from chart_render import REPO, VALUE_SETS, render_value_set, server_settings
+from sdxl_test_support.chart_render import REPO, VALUE_SETS, render_value_set, server_settings
 
 COMMITTED = REPO / "k8s" / "sdxl-serve.yaml"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chart_render import (
+from sdxl_test_support.chart_render import (
     mounts_by_name,
     one,
     pod_spec,

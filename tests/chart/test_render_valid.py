@@ -14,7 +14,15 @@ import pathlib
 import jsonschema
 import kubernetes_validate
 import pytest
-from chart_render import CHART, VALUE_SETS, HelmError, Manifest, render, render_value_set, run_helm
+from sdxl_test_support.chart_render import (
+    CHART,
+    VALUE_SETS,
+    HelmError,
+    Manifest,
+    render,
+    render_value_set,
+    run_helm,
+)
 
 OLDEST_KUBERNETES = "1.30.0"
 NEWEST_KUBERNETES = str(kubernetes_validate.latest_version())

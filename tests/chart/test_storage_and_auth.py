@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chart_render import (
+from sdxl_test_support.chart_render import (
     mounts_by_name,
     one,
     pod_spec,

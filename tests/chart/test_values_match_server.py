@@ -13,8 +13,8 @@ import re
 from typing import Any
 
 import pytest
-from chart_render import CHART, VALUE_SETS, HelmError, render, server_settings
 from sdxl_server.server_settings import ConfigError, ServerConfig, parse_resolutions, parse_serve_config
+from sdxl_test_support.chart_render import CHART, VALUE_SETS, HelmError, render, server_settings
 
 ACCEPTED: dict[str, dict[str, Any]] = {
     "defaults": {},

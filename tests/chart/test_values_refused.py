@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chart_render import CHART, HelmError, render, run_helm
+from sdxl_test_support.chart_render import CHART, HelmError, render, run_helm
 
 REFUSED_BY_SCHEMA: list[tuple[dict[str, Any], str]] = [
     ({"accelerator": {"type": "fpga"}}, "/accelerator/type"),

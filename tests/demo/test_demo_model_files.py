@@ -6,10 +6,10 @@ import hashlib
 import json
 import pathlib
 
-from sdxl_server.server_settings import parse_serve_config
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.models.model_source import resolve_model
 from sdxl_server.engine.models import shapes
+from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.server_settings import parse_serve_config
 
 
 def _model_dir() -> pathlib.Path:

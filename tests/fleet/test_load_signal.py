@@ -12,15 +12,10 @@ A real server held in warm-up (the hidden ``--hold-warmup-until-file`` test hook
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sdxl_test_support.servers import RunningServer
 
 from fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
 
@@ -36,45 +31,21 @@ def _scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def _listening(process: subprocess.Popen[str]) -> dict[str, int]:
-    assert process.stdout is not None
-    for line in process.stdout:
-        if '"listening"' in line:
-            entry = json.loads(line)
-            return {"port": int(entry["port"]), "metrics_port": int(entry["metrics_port"])}
-    raise AssertionError("the server exited before listening")
-
-
-def _serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        except grpc.RpcError:
-            return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def test_a_warming_server_reports_no_load_until_it_serves(tmp_path: Path) -> None:
     go = tmp_path / "go"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sdxl_server.main", "serve", "--model", "tiny", "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "0", "--resolutions", "64x64", "--hold-warmup-until-file", str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = RunningServer(
+        ["--model", "tiny", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+         "--resolutions", "64x64", "--hold-warmup-until-file", str(go)],
     )  # fmt: skip
     try:
-        ports = _listening(process)
-        warming = _scrape(ports["metrics_port"])
+        warming = _scrape(server.metrics_port)
         assert warming["sdxl_ready"] == 0
         assert "sdxl_load" not in warming
         go.touch()
-        deadline = time.monotonic() + 300
-        while not _serving(ports["port"]):
-            assert time.monotonic() < deadline, "the server did not serve"
-            time.sleep(0.1)
-        assert _scrape(ports["metrics_port"])["sdxl_load"] == 0.0
+        server.wait_ready(timeout=300)
+        assert _scrape(server.metrics_port)["sdxl_load"] == 0.0
     finally:
-        process.kill()
-        process.wait()
+        server.kill()
 
 
 def test_a_missing_sample_holds_a_scale_down_where_a_zero_would_push_it() -> None:

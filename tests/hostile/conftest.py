@@ -1,8 +1,5 @@
-"""Real servers for the hostile-input suite, started the way tests/integration starts them.
-
-The server machinery lives in tests/integration/conftest.py; it is loaded here under its own module name
-(a plain ``import conftest`` could pick up this directory's conftest instead), and tests/integration is
-put on sys.path for ``service_helpers``.
+"""Real servers for the hostile-input suite, started by the test-support package's server helper
+(``sdxl_test_support.servers``), as tests/integration starts them.
 
 ``hostile_server`` (session scope): one server with a bearer token (a Kubernetes-style mounted Secret:
 ``token`` is a symlink into a ``..data`` directory that a rotation swaps atomically), small step and
@@ -11,22 +8,13 @@ image limits so that fuzzed requests that happen to be valid cost little device 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hostile_wire import TOKEN
-
-_INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
-if str(_INTEGRATION) not in sys.path:
-    sys.path.insert(0, str(_INTEGRATION))
-_spec = importlib.util.spec_from_file_location("integration_servers", _INTEGRATION / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-servers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(servers)
+from sdxl_test_support.servers import DEFAULT_ARGS, RunningServer, StartServer, started_servers
 
 HOSTILE_ARGS = ("--max-steps", "3", "--default-steps", "2", "--max-images-per-request", "2")
 
@@ -61,10 +49,8 @@ def secret(tmp_path_factory) -> MountedSecret:
 
 
 @pytest.fixture(scope="session")
-def hostile_server(tiny_model_dir, compilation_cache_dir, secret) -> Iterator[object]:
-    server = servers.RunningServer(
-        [*servers.DEFAULT_ARGS, *HOSTILE_ARGS, "--auth-token-file", str(secret.path)]
-    )
+def hostile_server(tiny_model_dir, compilation_cache_dir, secret) -> Iterator[RunningServer]:
+    server = RunningServer([*DEFAULT_ARGS, *HOSTILE_ARGS, "--auth-token-file", str(secret.path)])
     try:
         server.wait_ready()
         yield server
@@ -73,14 +59,14 @@ def hostile_server(tiny_model_dir, compilation_cache_dir, secret) -> Iterator[ob
 
 
 @pytest.fixture
-def server_factory(tiny_model_dir, compilation_cache_dir):
+def server_factory(tiny_model_dir, compilation_cache_dir) -> Iterator[StartServer]:
     """``start(*extra_args, env=None, wait_ready=True)``, as in tests/integration."""
-    with servers._servers() as start:
+    with started_servers() as start:
         yield start
 
 
 @pytest.fixture(scope="module")
-def fresh_server(tiny_model_dir, compilation_cache_dir):
+def fresh_server(tiny_model_dir, compilation_cache_dir) -> Iterator[RunningServer]:
     """A server with the default arguments, started for the module that asks (it has served nothing)."""
-    with servers._servers() as start:
+    with started_servers() as start:
         yield start()

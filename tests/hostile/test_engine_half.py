@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hostile_wire import TOKEN, bearer
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from service_helpers import image_stub
+from sdxl_test_support.grpc_details import image_stub
 
 LONG_PROMPT = "🦊" * 16384  # inside the 16,384-character limit, ~65,000 tokens before truncation
 

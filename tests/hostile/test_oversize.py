@@ -10,7 +10,7 @@ from sdxl_client._channel import ChannelSettings
 from sdxl_client._errors import from_rpc_error
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_server.service.grpc_server import MAX_REQUEST_BYTES
-from service_helpers import metric_samples
+from sdxl_test_support.metrics_page import metric_samples
 
 
 def test_a_request_over_the_server_limit_is_refused_by_size(hostile_server) -> None:

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2
 from hostile_wire import GENERATE, call
 from sdxl_client import Client, RetryPolicy, Unavailable
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from service_helpers import image_stub, metric_samples, sample
+from sdxl_test_support.grpc_details import image_stub
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 LONG_STEPS = 5000
 QUEUED = 3

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from hostile_wire import GENERATE, GENERATE_STREAM, HEALTH_CHECK, SERVER_INFO, TOKEN, bearer, call
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from service_helpers import metric_samples, sample
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 NOT_UTF8 = bytes.fromhex("0a02fffe")  # field 1 (prompt), 2 bytes, not UTF-8
 CORRUPT = bytes.fromhex("0a10") + b"short"  # a length that runs past the end

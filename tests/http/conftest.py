@@ -1,5 +1,5 @@
-"""Real ``sdxl-server serve`` processes with the HTTP front door on (``--http-port 0``), from the
-integration tests' machinery (tests/real_servers.py)."""
+"""Real ``sdxl-server serve`` processes with the HTTP front door on (``--http-port 0``), started by the
+test-support package's server helper (sdxl_test_support.servers), as the integration tests' are."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
-from real_servers import StartServer, started_servers
+from sdxl_test_support.servers import StartServer, started_servers
 
 
 @pytest.fixture(scope="module")

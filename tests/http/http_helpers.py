@@ -14,18 +14,18 @@ from typing import Any
 
 import grpc
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
-from service_helpers import metric_samples, sample
+from sdxl_test_support.metrics_page import metric_samples, sample
+from sdxl_test_support.servers import RunningServer
 
 
-def http_port(server: Any) -> int:
-    """The HTTP port from a RunningServer's listening line."""
-    entry = server.wait_for_log_entry(lambda e: e.get("event") == "listening")
-    port = entry.get("http_port")
-    assert isinstance(port, int) and port > 0, f"no http_port in {entry}"
+def http_port(server: RunningServer) -> int:
+    """The HTTP port the server reported in its listening line."""
+    port = server.http_port
+    assert port, f"the server serves no HTTP (--http-port not set):\n{server.output()}"
     return port
 
 
-def base_url(server: Any, scheme: str = "http") -> str:
+def base_url(server: RunningServer, scheme: str = "http") -> str:
     """What OpenAI(base_url=...) takes: the API root, /v1."""
     return f"{scheme}://127.0.0.1:{http_port(server)}/v1"
 

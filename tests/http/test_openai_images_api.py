@@ -16,7 +16,7 @@ import pytest
 from http_helpers import LONG_STEPS, base_url, curl, long_request, queued_request, wait_until_idle
 from PIL import Image
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
-from service_helpers import metric_samples, sample
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 TOKEN = "the-http-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

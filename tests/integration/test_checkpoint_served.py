@@ -1,6 +1,6 @@
 """A real server started on a PyTorch-layout diffusers folder serves the Flax-format model's images.
 
-The folder is the tiny model written as PyTorch pipelines save it (tests/checkpoint_writers.py:
+The folder is the tiny model written as PyTorch pipelines save it (sdxl_test_support.checkpoint_writers:
 safetensors, OIHW convolutions, PyTorch class names); `sdxl-server serve --model FOLDER` loads it without
 PyTorch. Each image must equal the shared server's (the tiny model's Flax folder) within one level of 255.
 """
@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from checkpoint_writers import write_pytorch_folder
 from sdxl_client import Client
+from sdxl_test_support.checkpoint_writers import write_pytorch_folder
 
 SERVE = (sys.executable, "-m", "sdxl_server.main", "serve")
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from sdxl_client import AsyncClient, Client, GenerateResult, Progress, RetryPolicy, Unavailable
-from service_helpers import metric_samples, sample
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 LONG_STEPS = 5000

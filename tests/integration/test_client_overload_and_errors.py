@@ -31,7 +31,7 @@ from sdxl_client import (
     RetryPolicy,
     Unauthenticated,
 )
-from service_helpers import metric_samples, sample
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 TOKEN = "client-tests-token"
 LONG_STEPS = 5000

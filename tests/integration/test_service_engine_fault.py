@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_server.engine import EngineConfig, api
 from sdxl_server.metrics import ServiceMetrics
-from sdxl_server.service.serving_gate import Admission
-from sdxl_server.service.status_mapping import INTERNAL_MESSAGE
 from sdxl_server.service.grpc_server import ServerOptions, build_server, new_health_servicer
 from sdxl_server.service.servicer import ImageService
-from service_helpers import image_stub
+from sdxl_server.service.serving_gate import Admission
+from sdxl_server.service.status_mapping import INTERNAL_MESSAGE
+from sdxl_test_support.grpc_details import image_stub
 
 SECRET_CAUSE = "XLA: device 0 halted; Traceback (most recent call last): secret internals"
 

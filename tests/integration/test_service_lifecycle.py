@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from service_helpers import decode, image_stub
+from sdxl_test_support.grpc_details import decode, image_stub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
-from service_helpers import image_stub, metric_samples, retry_delay_seconds, sample
+from sdxl_test_support.grpc_details import image_stub, retry_delay_seconds
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 LONG_STEPS = 5000
 

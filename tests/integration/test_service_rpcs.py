@@ -8,7 +8,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
-from service_helpers import bad_request_fields, decode, image_stub, metric_samples, sample
+from sdxl_test_support.grpc_details import bad_request_fields, decode, image_stub
+from sdxl_test_support.metrics_page import metric_samples, sample
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """The chart's rule groups and dashboard, and the Debian Prometheus tools, for the monitoring tests.
 
-The rules are taken from ``helm template`` (tests/chart's renderer: release sdxl-test, namespace serving),
-so that what promtool and Prometheus check is exactly what the chart deploys. promtool and prometheus come
-from `make debian-tools` (SDXL_PROMTOOL, SDXL_PROMETHEUS); a missing binary fails the tests, it never skips.
+The rules are taken from ``helm template`` (the chart tests' renderer, sdxl_test_support.chart_render:
+release sdxl-test, namespace serving), so that what promtool and Prometheus check is exactly what the chart
+deploys. promtool and prometheus come from `make debian-tools` (SDXL_PROMTOOL, SDXL_PROMETHEUS); a missing
+binary fails the tests, it never skips.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 from typing import Any
 
 import pytest
 import yaml
+from sdxl_test_support.chart_render import CHART, NAMESPACE, one, render
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "chart"))
-from chart_render import CHART, NAMESPACE, one, render  # noqa: E402
 
 JOB = "sdxl-test-sdxl-serve"  # the full name of release sdxl-test: the PodMonitoring's / Service's name
 DASHBOARD = CHART / "dashboards" / "sdxl-serve.json"

@@ -20,8 +20,8 @@ import grpc
 import pytest
 from monitoring_helpers import JOB, NAMESPACE, dashboard, debian_tool, render, rule_groups, write_rules
 from prometheus_process import Prometheus, static_exporter
-from real_servers import started_servers
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
+from sdxl_test_support.servers import started_servers
 
 DATA_TIMEOUT_SECONDS = 60.0
 # What Grafana substitutes: the template variables and the rate window.

@@ -1,6 +1,6 @@
 """A single-file SDXL checkpoint serves the same images as the Flax-format model it was written from.
 
-The single file (tests/checkpoint_writers.py: Stability's original layout, OpenCLIP's fused q/k/v) is
+The single file (sdxl_test_support.checkpoint_writers: Stability's original layout, OpenCLIP's fused q/k/v) is
 read with the tiny model's configs by an engine with the shared engine's settings (one of its resolutions,
 so that its start loads half the shared engine's compiled programs); each image must equal
 the shared engine's (the Flax folder) within one level of 255. The PyTorch-layout folder is served by a
@@ -11,9 +11,9 @@ in tests/unit/checkpoints/.
 from __future__ import annotations
 
 import pytest
-from checkpoint_writers import write_single_file
 from engine_helpers import SQUARE, make_config, max_level_difference, request, run
 from sdxl_server.engine import JaxEngine
+from sdxl_test_support.checkpoint_writers import write_single_file
 
 
 @pytest.fixture(scope="module")

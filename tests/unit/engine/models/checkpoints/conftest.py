@@ -1,11 +1,11 @@
-"""The tiny model written as the checkpoints users have (tests/checkpoint_writers.py), once a session."""
+"""The tiny model written as the checkpoints users have (sdxl_test_support.checkpoint_writers), once."""
 
 from __future__ import annotations
 
 import pathlib
 
 import pytest
-from checkpoint_writers import write_pytorch_folder, write_single_file
+from sdxl_test_support.checkpoint_writers import write_pytorch_folder, write_single_file
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from checkpoint_writers import read_flax_params, write_pytorch_folder
 from flax.traverse_util import flatten_dict
 from sdxl_server.engine.models.checkpoints import load_pipeline
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+from sdxl_test_support.checkpoint_writers import read_flax_params, write_pytorch_folder
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

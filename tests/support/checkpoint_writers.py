@@ -8,8 +8,8 @@ cancel out here:
 - `write_single_file`: Stability's original single-file layout (as diffusers'
   scripts/convert_diffusers_to_original_sdxl.py writes it, plus OpenCLIP's fused q/k/v and transposed
   text projection, which that script leaves out).
-At the top of tests/ so that unit and integration tests both import it. Also a command for people who
-want such checkpoints: `python tests/checkpoint_writers.py TINY_DIR OUT_DIR`.
+In the test-support package so that unit and integration tests both import it. Also a command for people
+who want such checkpoints: `python -m sdxl_test_support.checkpoint_writers TINY_DIR OUT_DIR`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small helpers for the service's integration tests: rich error details and parsed metrics."""
+"""What a test reads from a gRPC answer: the ImageService stub, rich error details, decoded images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 
 
@@ -43,16 +42,3 @@ def decode(image: sdxl_pb2.Image) -> Image.Image:
     decoded = Image.open(io.BytesIO(image.data))
     decoded.load()
     return decoded
-
-
-def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a /metrics page, keyed by (sample name, labels)."""
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
