@@ -28,7 +28,6 @@ Everything is drawn from one seed (numpy for data, JAX keys for noise). The resu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sdxl_server.engine.models import demo_vocabulary, shapes
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 from sdxl_server.engine.models.tiny_model import (
     PROJECTION_WIDTH,
@@ -46,7 +46,6 @@ from sdxl_server.engine.models.tiny_model import (
     _text_encoder,
     _write_tokenizer,
 )
-from sdxl_server.engine.models import shapes
 
 TIME_EMBED_WIDTH = 8
 TIME_IDS = (shapes.SIZE, shapes.SIZE, 0, 0, shapes.SIZE, shapes.SIZE)  # what the engine passes
@@ -322,10 +321,9 @@ def save(modules: dict[str, Any], params: dict[str, Any], directory: Path, comma
         )
         + "\n"
     )
-    sums = []
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(staging)}\n")
-    (staging / "SHA256SUMS").write_text("".join(sums))
+    # Tokenizers that read prompts as people write them ("An orange square, on the white background").
+    demo_vocabulary.widen(staging)
+    demo_vocabulary.write_sha256sums(staging)
     staging.chmod(0o755)
     if directory.exists():
         shutil.rmtree(directory)

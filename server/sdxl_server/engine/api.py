@@ -63,6 +63,7 @@ class GenerationRequest:
 class Queued:
     position: int  # images admitted earlier that have not entered a slot yet
     prompt_truncated: bool
+    unknown_words: tuple[str, ...] = ()  # of the prompts, for a model with a closed vocabulary (the demo)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -280,6 +280,7 @@ class JaxEngine:
             )
         prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
         negative_ids, _ = self._model.tokenize(request.negative_prompt)
+        unknown_words = self._model.unknown_words(request.prompt, request.negative_prompt)
         tracked = TrackedRequest(
             request,
             listener,
@@ -294,7 +295,9 @@ class JaxEngine:
         def queued(ahead: int) -> None:
             boundary = self._loop.boundary if self._loop else 0
             self._trace.add(TraceEvent("submit", boundary, request.request_id))
-            tracked.deliver(Queued(position=ahead, prompt_truncated=prompt_truncated))
+            tracked.deliver(
+                Queued(position=ahead, prompt_truncated=prompt_truncated, unknown_words=unknown_words)
+            )
 
         try:
             self._queue.put(tracked, self._retry_after, queued)

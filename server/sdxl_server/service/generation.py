@@ -39,6 +39,7 @@ class Outcome:
     def __init__(self, request: api.GenerationRequest) -> None:
         self.request = request
         self.prompt_truncated = False
+        self.unknown_words: tuple[str, ...] = ()
         self.timings = sdxl_pb2.Timings()
 
     def done(self) -> sdxl_pb2.Done:
@@ -47,6 +48,7 @@ class Outcome:
             request_id=r.request_id,
             timings=self.timings,
             prompt_truncated=self.prompt_truncated,
+            unknown_words=self.unknown_words,
             seed=r.seed,
             steps=r.steps,
             guidance_scale=r.guidance_scale,
@@ -101,6 +103,8 @@ class Generations:
                 async for outcome, event in events:
                     if isinstance(event, api.Finished):
                         trace.finished = event
+                    elif isinstance(event, api.Queued):
+                        trace.unknown_words = event.unknown_words
                     yield outcome, event
         except errors.ServiceError as e:
             code = e.code.name
@@ -117,7 +121,7 @@ class Generations:
             raise
         finally:
             if trace.request is not None:
-                log_done(trace.request, code, time.monotonic() - started, trace.finished)
+                log_done(trace.request, code, time.monotonic() - started, trace.finished, trace.unknown_words)
 
     async def _admit_and_run(
         self,
@@ -152,6 +156,7 @@ class Generations:
                         raise errors.from_engine_error(event.error)
                     if isinstance(event, api.Queued):
                         outcome.prompt_truncated = event.prompt_truncated
+                        outcome.unknown_words = event.unknown_words
                     elif isinstance(event, api.Finished):
                         outcome.timings = sdxl_pb2.Timings(
                             queue_seconds=event.queue_seconds,
@@ -183,6 +188,7 @@ class _Trace:
     def __init__(self) -> None:
         self.request: api.GenerationRequest | None = None
         self.finished: api.Finished | None = None
+        self.unknown_words: tuple[str, ...] = ()
 
 
 def as_service_error(error: BaseException) -> errors.ServiceError:

@@ -34,8 +34,10 @@ def log_done(
     code: str,
     latency_seconds: float,
     finished: api.Finished | None,
+    unknown_words: tuple[str, ...] = (),
 ) -> None:
-    """The completion line of an admitted request; ``finished`` is None when it did not finish."""
+    """The completion line of an admitted request; ``finished`` is None when it did not finish.
+    ``unknown_words``: the prompts' words a closed-vocabulary model (the demo) does not know."""
     extra = {
         "event": "done",
         "request_id": request.request_id,
@@ -47,6 +49,8 @@ def log_done(
     }
     if finished is not None:
         extra.update(queue_s=round(finished.queue_seconds, 4), denoise_s=round(finished.denoise_seconds, 4))
+    if unknown_words:
+        extra["unknown_words"] = " ".join(unknown_words)
     message = "request done" if code == "OK" else f"request ended: {code}"
     log.log(_LEVELS.get(code, logging.WARNING), message, extra=fields(**extra))
 

@@ -77,6 +77,7 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                 request_id=done.request_id,
                 timings=done.timings,
                 prompt_truncated=done.prompt_truncated,
+                unknown_words=done.unknown_words,
                 seed=done.seed,
                 steps=done.steps,
                 guidance_scale=done.guidance_scale,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,6 +35,8 @@ class LoadedModel:
     max_tokens: int
     vae_scale_factor: int
     latent_channels: int
+    # The words a model with a closed vocabulary knows (the demo model's world.json); None: any word.
+    known_words: frozenset[str] | None = None
     _tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -61,6 +66,32 @@ class LoadedModel:
                 rows.append(ids[0])
                 _bound_word_cache(tokenizer)
         return np.stack(rows).astype(np.int32), truncated
+
+    def unknown_words(self, *texts: str) -> tuple[str, ...]:
+        """The words of `texts` outside `known_words`, in order of appearance, each once (none without
+        `known_words`). Read after the tokenizer's own normalizer, so that a word it rewrites into a
+        known one (the demo model reads "the" as "a") is known."""
+        if self.known_words is None:
+            return ()
+        normalizer = getattr(getattr(self.pipeline.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        unknown: dict[str, None] = {}
+        for text in texts:
+            prefix, _ = readable_prefix(text, self.max_tokens)
+            normalized = normalizer.normalize_str(prefix) if normalizer is not None else prefix.lower()
+            unknown.update((word, None) for word in _WORD.findall(normalized) if word not in self.known_words)
+        return tuple(unknown)
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _known_words(source: str) -> frozenset[str] | None:
+    """The `words` list of the model folder's world.json (the demo model's), if it has one."""
+    world = Path(source) / "world.json"
+    if not world.is_file():
+        return None
+    words = json.loads(world.read_text()).get("words")
+    return frozenset(words) if words else None
 
 
 # A CLIP token covers at most a few characters of text (15 in the byte-level vocabulary, about as many
@@ -95,14 +126,17 @@ def _bound_word_cache(tokenizer: Any) -> None:
         cache.update(special)
 
 
-def load_model(source: str, dtype_name: str, model_configs: str | None = None) -> LoadedModel:
+def load_model(
+    source: str, dtype_name: str, model_configs: str | None = None, platform: str | None = None
+) -> LoadedModel:
     """Loads the pipeline from a diffusers folder (Flax or PyTorch-layout safetensors weights), a
     single-file SDXL checkpoint (read with `model_configs`: a configs folder or an architecture name,
-    default sdxl-base) or a hub id; parameters cast to the resolved dtype."""
+    default sdxl-base) or a hub id; parameters cast to the resolved dtype. `platform`: the one the
+    programs will run on (default: this process's; `sdxl-server compile` names a TPU from a CPU host)."""
     silence_library_noise()
     from sdxl_server.engine.models.checkpoints import load_pipeline
 
-    platform = jax.default_backend()
+    platform = platform or jax.default_backend()
     dtype = resolve_dtype(dtype_name, platform)
     pipeline, params = load_pipeline(
         source,
@@ -126,4 +160,5 @@ def load_model(source: str, dtype_name: str, model_configs: str | None = None) -
         max_tokens=int(pipeline.tokenizer.model_max_length),
         vae_scale_factor=int(pipeline.vae_scale_factor),
         latent_channels=int(pipeline.unet.config.in_channels),
+        known_words=_known_words(source),
     )

@@ -145,6 +145,7 @@ def _images_json(images: list[api.ImageReady], done: sdxl_pb2.Done, output_forma
             "steps": done.steps,
             "guidance_scale": round(done.guidance_scale, 6),  # a float32 on the way: 7.5 stays 7.5
             "prompt_truncated": done.prompt_truncated,
+            "unknown_words": list(done.unknown_words),
             "timings": {
                 "queue_seconds": done.timings.queue_seconds,
                 "denoise_seconds": done.timings.denoise_seconds,
