@@ -18,6 +18,7 @@ export SDXL_TINY_MODEL_DIR ?= $(CURDIR)/.cache/tiny-sdxl
 
 help:
 	@echo "make run    - install, then serve the demo model (coloured shapes) on 127.0.0.1:50051"
+	@echo "             (more flags: make run ARGS=\"--http-port 8080 --port 50061\")"
 	@echo "make test   - install, then run every test"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - benchmarks under bench/ (tables + JSON in bench/results/)"
@@ -43,13 +44,14 @@ lint: install
 	$(PY) -m ruff format --check client server tests bench tools
 	$(PY) -m mypy
 
+# Extra serve flags: make run ARGS="--http-port 8080 --port 50061" (make's own options come before ARGS).
+ARGS ?=
 run: install
-	@echo "Serving the demo SDXL (trained here on coloured shapes, 64x64) on 127.0.0.1:50051 (Ctrl-C stops it)."
-	@echo "Once it logs \"ready\", ask for a pair it never saw in training (README: \"The demo model\"):"
-	@echo "  $(VENV)/bin/sdxl generate 'a yellow circle on a purple background' -n 4 --seed 1 -o shapes/ --target 127.0.0.1:50051"
-	@echo "  $(VENV)/bin/sdxl info --target 127.0.0.1:50051"
-	@echo "(The tiny random model: $(VENV)/bin/sdxl-server serve --model tiny)"
-	$(VENV)/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051
+	@echo "Serving the demo SDXL (trained here on coloured shapes, 64x64) on 127.0.0.1 (Ctrl-C stops it)."
+	@echo "Once it logs \"ready\", copy the command it prints into another terminal; the demo draws prompts like"
+	@echo "  'a yellow circle on a purple background' (colours: red green blue yellow orange purple white black;"
+	@echo "  shapes: circle square triangle). Other flags: make run ARGS=\"--http-port 8080 --port 50061\""
+	$(VENV)/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051 $(ARGS)
 
 bench: install
 	$(PY) bench/engine_vs_recipe.py

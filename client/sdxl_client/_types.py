@@ -156,6 +156,8 @@ class GenerateResult:
         guidance_scale: Guidance scale used.
         timings: Server-side timings.
         prompt_truncated: Whether a prompt was longer than the encoders' 77 tokens and was cut.
+        unknown_words: Words of the prompts the model does not know (reported by models with a closed
+            vocabulary, such as the demo model; empty otherwise). The images were still generated.
     """
 
     images: tuple[GeneratedImage, ...]
@@ -165,6 +167,7 @@ class GenerateResult:
     guidance_scale: float
     timings: Timings
     prompt_truncated: bool
+    unknown_words: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, response: sdxl_pb2.GenerateResponse) -> GenerateResult:
@@ -176,6 +179,7 @@ class GenerateResult:
             guidance_scale=response.guidance_scale,
             timings=Timings.from_proto(response.timings),
             prompt_truncated=response.prompt_truncated,
+            unknown_words=tuple(response.unknown_words),
         )
 
 
@@ -211,6 +215,7 @@ class Done:
     timings: Timings
     prompt_truncated: bool
     num_images: int
+    unknown_words: tuple[str, ...] = ()  # see GenerateResult.unknown_words
 
 
 StreamEvent: TypeAlias = Queued | Progress | GeneratedImage | Done
@@ -236,6 +241,7 @@ def stream_event_from_proto(event: sdxl_pb2.GenerateEvent) -> StreamEvent | None
             timings=Timings.from_proto(done.timings),
             prompt_truncated=done.prompt_truncated,
             num_images=done.num_images,
+            unknown_words=tuple(done.unknown_words),
         )
     return None
 

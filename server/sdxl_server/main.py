@@ -45,7 +45,7 @@ from sdxl_server.service.grpc_server import (
     set_serving,
 )
 from sdxl_server.service.servicer import ImageService
-from sdxl_server.startup_checks import check_before_start
+from sdxl_server.startup_checks import check_before_start, flags_of_failed_bind
 from sdxl_server.version import server_version
 
 log = logging.getLogger("sdxl_server")
@@ -96,23 +96,16 @@ def _start_in_thread(engine: Engine, config: ServerConfig) -> asyncio.Future[Non
 
 
 def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) -> str:
-    host = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
-    target = f"{host}:{port}"
-    grpcurl_tls = "-insecure" if config.tls_enabled else "-plaintext"
-    auth = " -H 'authorization: Bearer <token>'" if config.auth_token_file else ""
-    hint = (
-        f'ready. Try: sdxl generate "a cat" -o cat.png --target {target}\n'
-        f'   or: grpcurl {grpcurl_tls}{auth} -d \'{{"prompt": "a cat"}}\' {target} '
-        "sdxl.v1.ImageService/Generate"
+    from sdxl_server.ready_hints import ready_hint
+
+    return ready_hint(
+        config.model,
+        config.host,
+        port,
+        http_port,
+        tls=config.tls_enabled,
+        auth=config.auth_token_file is not None,
     )
-    if http_port is not None:
-        scheme = "https" if config.tls_enabled else "http"
-        curl_auth = " -H 'Authorization: Bearer <token>'" if config.auth_token_file else ""
-        hint += (
-            f"\n   or: curl{curl_auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"a cat\"}}' "
-            f"{scheme}://{host}:{http_port}/v1/images/generations"
-        )
-    return hint
 
 
 async def serve(config: ServerConfig) -> int:
@@ -295,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno != errno.EADDRINUSE:
             raise
         # A port taken between the start-up check and the real bind: still one line, not a traceback.
-        sys.stderr.write(f"sdxl-server serve: error: {e} (check --port / --metrics-port)\n")
+        sys.stderr.write(f"sdxl-server serve: error: {e} (check {flags_of_failed_bind(config, e)})\n")
         os._exit(2)
     logging.shutdown()
     sys.stdout.flush()

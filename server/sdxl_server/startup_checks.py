@@ -8,11 +8,17 @@ reservation: the real bind can still lose a race, and then fails with its own cl
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
+import re
 import socket
 
 from sdxl_server.server_settings import ConfigError, ServerConfig
+
+_KNOWN_NAMES = "'demo' (the trained demo model: coloured shapes) or 'tiny' (random weights)"
+# What a Hugging Face hub id looks like: owner/name, letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -48,7 +54,7 @@ def check_model(model: str, model_configs: str | None = None) -> None:
     if looks_like_path and not os.path.exists(os.path.expanduser(model)):
         raise ConfigError(
             f"--model: {model} does not exist; give a diffusers model directory, "
-            "a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'tiny'"
+            f"a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or {_KNOWN_NAMES}"
         )
     from sdxl_server.engine.models.checkpoints import (  # file names only: no JAX, no weights read
         SINGLE_FILE,
@@ -60,6 +66,14 @@ def check_model(model: str, model_configs: str | None = None) -> None:
 
     if model in (TINY, DEMO):
         return
+    if not os.path.exists(os.path.expanduser(model)) and not _HUB_ID.fullmatch(model):
+        # Neither a name, a path nor an owner/name hub id: the hub would be tried for ~25 s, then a traceback.
+        close = difflib.get_close_matches(model.lower(), (DEMO, TINY), n=1, cutoff=0.5)
+        suggestion = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"--model: {model!r} is not a model name, an existing path or a hub id (owner/name); "
+            f"the names are {_KNOWN_NAMES}{suggestion}"
+        )
     try:
         kind = check_model_files(model)
     except CheckpointError as error:
@@ -74,5 +88,34 @@ def check_model(model: str, model_configs: str | None = None) -> None:
 def check_before_start(config: ServerConfig) -> None:
     """Every start-up check; raises ConfigError with a message naming the flag."""
     check_model(config.model, config.model_configs)
-    check_port_free(config.host, config.port, "port")
-    check_port_free(config.host, config.metrics_port, "metrics-port")
+    check_distinct_ports(_port_flags(config))
+    for flag, port in _port_flags(config).items():
+        check_port_free(config.host, port, flag)
+
+
+def _port_flags(config: ServerConfig) -> dict[str, int]:
+    """Each port flag and the port it chose (--http-port only when HTTP is on)."""
+    ports = {"port": config.port, "metrics-port": config.metrics_port}
+    if config.http_port is not None:
+        ports["http-port"] = config.http_port
+    return ports
+
+
+def check_distinct_ports(ports: dict[str, int]) -> None:
+    """Two flags naming one port would make the second bind fail (a raw [Errno 98]): refused here."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port != 0 and port in seen:
+            raise ConfigError(
+                f"--{flag}: port {port} is already --{seen[port]}'s; each of --port, --metrics-port and "
+                f"--http-port needs its own port (0 picks a free one)"
+            )
+        seen[port] = flag
+
+
+def flags_of_failed_bind(config: ServerConfig, error: BaseException) -> str:
+    """The port flag(s) whose port a bind error names, for the one-line message of a port lost to a race
+    after the checks above; all of them when the error names no port."""
+    ports = _port_flags(config)
+    named = [flag for flag, port in ports.items() if port and str(port) in str(error)]
+    return " / ".join(f"--{flag}" for flag in (named or ports))

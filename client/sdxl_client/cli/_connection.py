@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 from typing import TypedDict
 
 from sdxl_client._base import RetryHook
 from sdxl_client._channel import DEFAULT_TARGET, TargetError, parse_target
 from sdxl_client._errors import SdxlError
 from sdxl_client._retry import RetryPolicy
+from sdxl_client._types import HealthStatus
 from sdxl_client.aio import AsyncClient
 from sdxl_client.cli._messages import retry_note
 from sdxl_client.cli._terminal import StatusLine
@@ -113,3 +115,45 @@ def make_client(args: argparse.Namespace, line: StatusLine | None = None) -> Cli
 def make_async_client(args: argparse.Namespace, line: StatusLine | None = None) -> AsyncClient:
     """An asyncio client configured from the parsed connection options; retries are noted on ``line``."""
     return AsyncClient(args.target, on_retry=_retry_printer(args, line), **_client_kwargs(args))
+
+
+# How long the first health check may take: a server that does not answer in this time is reported by
+# the call that follows (with its retries), not waited for.
+_FIRST_CHECK_SECONDS = 5.0
+
+
+def _waiting_note(args: argparse.Namespace, status: HealthStatus) -> str:
+    return (
+        f"waiting for the server at {args.target} to finish warming up (health: {status.name}); "
+        f"up to {args.timeout:g} s (--timeout), Ctrl-C stops"
+    )
+
+
+def wait_while_warming_up(client: Client, args: argparse.Namespace) -> None:
+    """A server that answers but is not SERVING yet (warming up: compiling, loading the model) is watched
+    through its health service up to ``--timeout``, saying so once on stderr, instead of being retried a
+    few times and given up on.
+
+    Raises:
+        DeadlineExceeded: Still not SERVING after ``--timeout`` seconds.
+    """
+    try:
+        status = client.health(timeout=min(args.timeout, _FIRST_CHECK_SECONDS))
+    except SdxlError:
+        return  # nobody answers: the call that follows says so
+    if status is HealthStatus.SERVING:
+        return
+    print(_waiting_note(args, status), file=sys.stderr, flush=True)
+    client.wait_until_serving(args.timeout)
+
+
+async def wait_while_warming_up_async(client: AsyncClient, args: argparse.Namespace) -> None:
+    """:func:`wait_while_warming_up` for the asyncio client."""
+    try:
+        status = await client.health(timeout=min(args.timeout, _FIRST_CHECK_SECONDS))
+    except SdxlError:
+        return
+    if status is HealthStatus.SERVING:
+        return
+    print(_waiting_note(args, status), file=sys.stderr, flush=True)
+    await client.wait_until_serving(args.timeout)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from sdxl_client._errors import SdxlError
 from sdxl_client._types import Done, GeneratedImage, ImageFormat, Progress, Queued, ServerInfo
-from sdxl_client.cli._connection import make_client
+from sdxl_client.cli._connection import make_client, wait_while_warming_up
 from sdxl_client.cli._image_metadata import Parameters, embed
 from sdxl_client.cli._messages import UsageError
 from sdxl_client.cli._terminal import StatusLine, StepProgress
@@ -52,9 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("-n", "--num-images", type=int, default=0, help="images to generate")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale")
-    parser.add_argument("--size", type=parse_size, default=None, help="WxH, e.g. 1024x1024")
-    parser.add_argument("--width", type=int, default=0, help="image width (or use --size)")
-    parser.add_argument("--height", type=int, default=0, help="image height (or use --size)")
+    parser.add_argument(
+        "--size", type=parse_size, default=None, help="WxH, e.g. 1024x1024 (or --width and --height)"
+    )
+    parser.add_argument("--width", type=int, default=0, help="image width (or --size, not both)")
+    parser.add_argument("--height", type=int, default=0, help="image height (or --size, not both)")
     parser.add_argument(
         "--format",
         choices=["png", "jpeg", "webp"],
@@ -68,8 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--output",
         default=".",
         help="output file (.png, .jpg, .webp), '-' for stdout, or a directory (existing, or ending in "
-        "'/') for <request_id>-<index>.<ext> files; with several images a file name gets -<index> added "
-        "(default: current directory)",
+        "'/') for <request_id>-<index>.<ext> files; with several images a file name gets -<index> added; "
+        "missing directories are created, and sdxl says so (default: current directory)",
     )
     parser.add_argument(
         "--metadata",
@@ -175,8 +177,43 @@ def _check_signs(args: argparse.Namespace, width: int, height: int, info: Server
     raise UsageError(f"{flag}: {value:g} {allowed[flag]}")
 
 
+def image_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(width, height) from --size or --width/--height; both kinds at once is a contradiction."""
+    if args.size is None:
+        return args.width, args.height
+    given = [flag for flag, value in (("--width", args.width), ("--height", args.height)) if value]
+    if given:
+        width, height = args.size
+        raise UsageError(
+            f"--size {width}x{height} and {' and '.join(given)} both set the size: give --size alone, "
+            "or --width and --height"
+        )
+    return args.size
+
+
+def make_output_directories(plan: OutputPlan) -> str | None:
+    """Creates the directories ``-o`` names that do not exist yet, before the request (so that a path that
+    cannot be made fails at once, not after the images were generated); returns a note naming them.
+
+    Raises:
+        UsageError: A directory cannot be created (permissions, a file in the way).
+    """
+    if plan.to_stdout:
+        return None
+    path = pathlib.Path(plan.raw)
+    directory = path if plan.to_directory else path.parent
+    if directory.is_dir():
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or error
+        raise UsageError(f"-o {plan.raw}: cannot create the directory {directory}: {reason}") from None
+    return f"created the directory {directory}/ for -o {plan.raw}"
+
+
 def run(args: argparse.Namespace) -> int:
-    width, height = args.size if args.size else (args.width, args.height)
+    width, height = image_size(args)
     count = max(1, args.num_images)
     plan = plan_output(args.output, args.format, count)
     if plan.to_stdout and args.json:
@@ -190,12 +227,16 @@ def run(args: argparse.Namespace) -> int:
     done: Done | None = None
     try:
         with make_client(args, line) as client:
+            wait_while_warming_up(client, args)
             try:
                 info = client.server_info()
             except SdxlError:
                 _check_signs(args, width, height, None)  # a usage error outranks an unreachable server
                 raise
             _check_signs(args, width, height, info)
+            created = make_output_directories(plan)
+            if created:
+                print(f"note: {created}", file=sys.stderr)
             parameters = Parameters(
                 prompt=args.prompt,
                 negative_prompt=args.negative_prompt,
@@ -252,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
             "steps": done.steps if done else None,
             "guidance_scale": done.guidance_scale if done else None,
             "prompt_truncated": done.prompt_truncated if done else None,
+            "unknown_words": list(done.unknown_words) if done else None,
             "total_seconds": done.timings.total_seconds if done else None,
             "images": written,
         }
@@ -266,7 +308,14 @@ def run(args: argparse.Namespace) -> int:
             print(
                 "note: the prompt was longer than the text encoders read and was truncated", file=sys.stderr
             )
+        if done.unknown_words:
+            print(unknown_words_note(info.model, done.unknown_words), file=sys.stderr)
     return 0
+
+
+def unknown_words_note(model: str, words: tuple[str, ...]) -> str:
+    """``note: the demo model does not know: cat (it drew the rest of the prompt)``."""
+    return f"note: the {model} model does not know: {', '.join(words)} (it drew the rest of the prompt)"
 
 
 def _done_line(done: Done, written: list[dict[str, object]]) -> str:

@@ -7,7 +7,7 @@ import json
 
 from sdxl_client._errors import DeadlineExceeded
 from sdxl_client._types import HealthStatus
-from sdxl_client.cli._connection import make_client
+from sdxl_client.cli._connection import make_client, wait_while_warming_up
 
 
 def add_parsers(
@@ -29,6 +29,7 @@ def add_parsers(
 
 def run_info(args: argparse.Namespace) -> int:
     with make_client(args) as client:
+        wait_while_warming_up(client, args)
         info = client.server_info()
     data = info.as_dict()
     if args.json:

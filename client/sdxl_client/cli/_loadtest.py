@@ -27,7 +27,7 @@ from sdxl_client._errors import SdxlError
 from sdxl_client._requests import new_request_id
 from sdxl_client._types import Resolution, ServerInfo
 from sdxl_client.aio import AsyncClient
-from sdxl_client.cli._connection import make_async_client
+from sdxl_client.cli._connection import make_async_client, wait_while_warming_up_async
 from sdxl_client.cli._loadstats import Sample, format_summary, samples_as_dicts, summarize
 from sdxl_client.cli._messages import UsageError
 from sdxl_client.cli._terminal import StatusLine, format_duration
@@ -48,7 +48,20 @@ class MixEntry:
     weight: float
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.height}:{self.steps}:{self.weight:g}"
+        size = f"{self.width}x{self.height}" if self.width or self.height else "default"
+        return f"{size}:{self.steps}:{self.weight:g}"
+
+
+def describe_mix(mix: list[MixEntry], info: ServerInfo) -> str:
+    """The mix as sent, the server's defaults filled in: ``64x64, 10 steps``, or with weights
+    ``64x64, 4 steps (x3); 96x64, 8 steps (x1)``."""
+    parts = []
+    for entry in mix:
+        size = f"{entry.width}x{entry.height}" if entry.width or entry.height else f"{info.resolutions[0]}"
+        steps = entry.steps or info.default_steps
+        weight = f" (x{entry.weight:g})" if len(mix) > 1 else ""
+        parts.append(f"{size}, {steps} steps{weight}")
+    return "; ".join(parts)
 
 
 def parse_mix(text: str) -> list[MixEntry]:
@@ -269,8 +282,9 @@ def run(args: argparse.Namespace) -> int:
     line = StatusLine(enabled=None if args.progress is None else args.progress)
     periodic = args.progress is not False
 
-    async def measure() -> list[Sample]:
+    async def measure() -> tuple[list[Sample], ServerInfo]:
         async with make_async_client(args, line) as client:
+            await wait_while_warming_up_async(client, args)
             # The check is not part of the measured load: it gets time even when --timeout is tiny.
             info = await client.server_info(timeout=max(args.timeout, _INFO_TIMEOUT_SECONDS))
             problems = mix_problems(args.mix, args.num_images, info)
@@ -281,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
                 asyncio.create_task(_show_progress(line, counters, args.duration)) if periodic else None
             )
             try:
-                return await run_load(
+                samples = await run_load(
                     client,
                     mix=args.mix,
                     duration=args.duration,
@@ -292,16 +306,17 @@ def run(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     counters=counters,
                 )
+                return samples, info
             finally:
                 if progress is not None:
                     progress.cancel()
                 line.clear()
 
-    samples = asyncio.run(measure())
+    samples, info = asyncio.run(measure())
     summary = summarize(samples)
     load = f"rate {args.rate}/s" if mode == "open" else f"concurrency {args.concurrency or 4}"
     print(
-        f"{mode} loop, {load}, {args.duration:g} s, mix {','.join(map(str, args.mix))}, target {args.target}"
+        f"{mode} loop, {load}, {args.duration:g} s, mix {describe_mix(args.mix, info)}, target {args.target}"
     )
     print(format_summary(summary))
     if args.output is not None:
