@@ -19,23 +19,20 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from sdxl_server.server_settings import ConfigError, ServerConfig, add_serve_arguments, config_from
 from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, default_log_format, fields
-from sdxl_server.metrics import EngineCollector, MetricsServer, ServiceMetrics
-from sdxl_server.service.serving_gate import Admission, ServingState
+from sdxl_server.metrics import EngineCollector, ServiceMetrics
+from sdxl_server.metrics_endpoint import MetricsServer
+from sdxl_server.server_settings import ConfigError, ServerConfig, add_serve_arguments, config_from
 from sdxl_server.service.auth import TokenFile
 from sdxl_server.service.generation import Generations
-from sdxl_server.service.http.images_api import ImagesApi
-from sdxl_server.service.http.http_server import HttpServer
 from sdxl_server.service.grpc_server import (
     BindError,
     CallArrivals,
@@ -44,7 +41,10 @@ from sdxl_server.service.grpc_server import (
     new_health_servicer,
     set_serving,
 )
+from sdxl_server.service.http.http_server import HttpServer
+from sdxl_server.service.http.images_api import ImagesApi
 from sdxl_server.service.servicer import ImageService
+from sdxl_server.service.serving_gate import Admission, ServingState
 from sdxl_server.startup_checks import check_before_start, flags_of_failed_bind
 from sdxl_server.version import server_version
 
@@ -63,14 +63,12 @@ _ENGINE_STOP_SECONDS = 5.0
 _AFTER_DRAIN_SECONDS = _MOST_QUIET_WAIT_SECONDS + 2 * _GRPC_STOP_SECONDS + _ENGINE_STOP_SECONDS + 1.0
 
 
-def _warm_up(engine: Engine, config: ServerConfig) -> None:
-    if config.hold_warmup_until_file:  # test-only hook, see ServerConfig
-        while not os.path.exists(config.hold_warmup_until_file):
-            time.sleep(0.05)
-    engine.start()
+# Called on the warm-up thread before the engine starts; tests use it to hold the server in NOT_SERVING
+# (sdxl_test_support.held_warmup). Never reachable from flags or the environment.
+BeforeWarmUp = Callable[[], None]
 
 
-def _start_in_thread(engine: Engine, config: ServerConfig) -> asyncio.Future[None]:
+def _start_in_thread(engine: Engine, before_warm_up: BeforeWarmUp | None) -> asyncio.Future[None]:
     """Runs warm-up on a daemon thread (a SIGTERM during warm-up must not wait for the compiler)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -86,7 +84,9 @@ def _start_in_thread(engine: Engine, config: ServerConfig) -> asyncio.Future[Non
     def run() -> None:
         error: BaseException | None = None
         try:
-            _warm_up(engine, config)
+            if before_warm_up is not None:
+                before_warm_up()
+            engine.start()
         except BaseException as e:
             error = e
         loop.call_soon_threadsafe(settle, error)
@@ -108,15 +108,15 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
     )
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None) -> int:
     from sdxl_server.engine import JaxEngine
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
-    engine = JaxEngine(config.engine_config())
+    engine = JaxEngine(config.engine)
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    admission = Admission(engine, config.max_queue)
+    admission = Admission(engine, config.engine.max_queue)
     registry.register(
         EngineCollector(
             engine.stats, engine.step_histogram, serving=lambda: admission.state is ServingState.SERVING
@@ -165,7 +165,7 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    warm_up = _start_in_thread(engine, config)
+    warm_up = _start_in_thread(engine, before_warm_up)
     stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
     first: list[asyncio.Future[Any]] = [warm_up, stopping]
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
@@ -256,7 +256,8 @@ def _build_random_model(arch: str, directory: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, before_warm_up: BeforeWarmUp | None = None) -> int:
+    """``sdxl-server``; ``before_warm_up`` is a hook for tests (see BeforeWarmUp)."""
     parser = argparse.ArgumentParser(prog="sdxl-server", description="Stable Diffusion XL over gRPC.")
     parser.add_argument("--version", action="version", version=f"sdxl-server {server_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -275,15 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "build-random-model":
         return _build_random_model(args.arch, args.directory)
     try:
-        config = config_from(args, os.environ)
-        config.engine_config()  # validates the engine's settings before anything starts
-        config.read_auth_token()  # an empty token file is a configuration error, not a crash later
-        check_before_start(config)  # a taken port or a missing model path: one line, before slow work
+        config = config_from(args, os.environ)  # every setting checked, the engine's included
+        check_before_start(config)  # a taken port, a missing model path, an empty token file: one line
     except ConfigError as e:
         parser.exit(2, f"sdxl-server serve: error: {e}\n")
     configure_logging(config.log_level, config.log_format)
     try:
-        exit_code = asyncio.run(serve(config))
+        exit_code = asyncio.run(serve(config, before_warm_up))
     except (BindError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.EADDRINUSE:
             raise

@@ -1,8 +1,12 @@
-"""The server's settings: one frozen ServerConfig built from flags and ``SDXL_*`` environment variables.
+"""The server's settings: one frozen ServerConfig, which holds the engine's, built from flags and ``SDXL_*``.
 
-Every option of ``sdxl-server serve`` is also settable as ``SDXL_<NAME>`` (``--max-queue`` is
-``SDXL_MAX_QUEUE``); a flag wins over the environment, the environment over the default. Parsing happens
-here, at the edge: the engine and the service receive values and never read the environment.
+Every settable field - the server's own below and the engine's in engine/settings.py, declared with
+``settable.setting`` - is an option of ``sdxl-server serve`` named after the field (``max_queue`` is
+``--max-queue`` and ``SDXL_MAX_QUEUE``), parsed by the field's type, with the field's help and default
+shown in ``--help``. A flag wins over the environment, the environment over the default. Each dataclass
+checks its own fields once, in ``__post_init__``; an engine check names the engine field, which is
+the flag's name too. Parsing happens here, at the edge: the engine and the service receive values and
+never read the environment.
 """
 
 from __future__ import annotations
@@ -10,18 +14,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.settings import DTYPES, POLICIES, EngineConfig
+from sdxl_server.engine.models.model_source import DEMO, TINY
+from sdxl_server.engine.settings import EngineConfig, SettingError
 from sdxl_server.logs import LOG_FORMATS
+from sdxl_server.settable import Setting, setting, setting_of
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Real SDXL is trained at 1024x1024; the tiny model is meant for quick local runs, so it serves small sizes.
+# The engine requires a model and its sizes; told nothing, the server serves the tiny model. Real SDXL
+# is trained at 1024x1024; the tiny model is meant for quick local runs, so it serves small sizes.
+DEFAULT_MODEL = TINY
 DEFAULT_RESOLUTIONS = "1024x1024"
 DEFAULT_TINY_RESOLUTIONS = "64x64,128x128"
 DEFAULT_DEMO_RESOLUTIONS = "64x64"  # the demo model was trained at 64x64 and draws nothing else well
+_RESOLUTIONS_BY_MODEL = {TINY: DEFAULT_TINY_RESOLUTIONS, DEMO: DEFAULT_DEMO_RESOLUTIONS}
+# What --help shows for the two engine settings whose default is the server's (above).
+_SERVER_DEFAULTS_SHOWN = {
+    "model": DEFAULT_MODEL,
+    "resolutions": f"{DEFAULT_RESOLUTIONS}; {DEFAULT_TINY_RESOLUTIONS} for the tiny model, "
+    f"{DEFAULT_DEMO_RESOLUTIONS} for the demo model",
+}
 
 
 class ConfigError(ValueError):
@@ -32,11 +48,23 @@ def parse_resolutions(text: str) -> tuple[Resolution, ...]:
     return tuple(Resolution.parse(part) for part in text.split(",") if part.strip())
 
 
-def _integer(text: str) -> int:
+def default_resolutions(model: str) -> tuple[Resolution, ...]:
+    """The sizes served when --resolutions is not given: they depend on the model."""
+    return parse_resolutions(_RESOLUTIONS_BY_MODEL.get(model, DEFAULT_RESOLUTIONS))
+
+
+def _whole_number(text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
 
 
 def _seconds(text: str) -> float:
@@ -46,7 +74,7 @@ def _seconds(text: str) -> float:
         raise ValueError(f"{text!r} is not a number of seconds") from None
 
 
-def _parse_bool(text: str) -> bool:
+def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -55,80 +83,80 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use 1/0, true/false)")
 
 
+# How a setting's text becomes its value, by the field's type (``X | None`` parses as X); a setting of
+# another type names its parser in ``setting(..., parse=)``.
+_PARSERS_BY_TYPE: dict[Any, Callable[[str], Any]] = {
+    int: _whole_number,
+    float: _number,
+    str: str,
+    bool: _boolean,
+    tuple[Resolution, ...]: parse_resolutions,
+}
+
+
+def _default_engine() -> EngineConfig:
+    return EngineConfig(model=DEFAULT_MODEL, resolutions=default_resolutions(DEFAULT_MODEL))
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    model: str = "tiny"
-    resolutions: tuple[Resolution, ...] = (Resolution(64, 64), Resolution(128, 128))
-    slots_per_device: int = 1
-    max_queue: int = 64
-    policy: str = "continuous"
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 8000
+    # Everything the engine needs, checked by the engine's own settings.
+    engine: EngineConfig = dataclasses.field(default_factory=_default_engine)
+    host: str = setting("0.0.0.0", "address to bind")
+    port: int = setting(50051, "gRPC port; 0 picks a free one")
+    metrics_port: int = setting(8000, "Prometheus /metrics HTTP port; 0 picks a free one")
     # The OpenAI Images API over HTTP; None: not served (the chart turns it on, on 8080).
-    http_port: int | None = None
-    compilation_cache_dir: str | None = None
-    tiny_model_dir: str | None = None
-    model_configs: str | None = None
-    dtype: str = "auto"
-    max_steps: int = 50
-    default_steps: int = 30
-    max_images_per_request: int = 4
-    steps_per_dispatch: int = 1
-    decode_hold_steps: int = 4
-    drain_seconds: float = 60.0
-    max_connection_age_seconds: float = 10.0
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    auth_token_file: str | None = None
-    log_prompts: bool = False
-    log_level: str = "info"
+    http_port: int | None = setting(
+        None, "OpenAI Images API HTTP port; 0 picks a free one", shown_default="off"
+    )
+    drain_seconds: float = setting(60.0, "after SIGTERM, how long accepted work may finish", parse=_seconds)
+    max_connection_age_seconds: float = setting(
+        10.0, "connection age limit, so clients re-resolve", parse=_seconds
+    )
+    tls_cert_file: str | None = setting(None, "PEM certificate chain; enables TLS with --tls-key-file")
+    tls_key_file: str | None = setting(None, "PEM private key")
+    # Read (and re-read on change) by service/auth.py's TokenFile, the one reader of the file.
+    auth_token_file: str | None = setting(
+        None, "file holding the bearer tokens clients may send, one per line"
+    )
+    log_prompts: bool = setting(False, "write prompts to the logs")
+    log_level: str = setting("info", "debug, info, warning or error")
     # None: text when stderr is a terminal, JSON otherwise.
-    log_format: str | None = None
-    # Test-only (hidden flag): warm-up waits until this file exists, so that a test can observe the
-    # NOT_SERVING window before warm-up ends deterministically instead of racing a fast warm-up.
-    hold_warmup_until_file: str | None = None
+    log_format: str | None = setting(
+        None, "text or json", shown_default="text when stderr is a terminal, else json"
+    )
 
     def __post_init__(self) -> None:
-        def require(ok: bool, flag: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"--{flag}: {message}")
+        """The one check of the server's own settings (the engine checks its own)."""
 
-        require(bool(self.model), "model", "must not be empty")
-        require(len(self.resolutions) > 0, "resolutions", "at least one WIDTHxHEIGHT is required")
-        require(self.slots_per_device >= 1, "slots-per-device", "must be at least 1")
-        require(self.max_queue >= 1, "max-queue", "must be at least 1")
-        require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
-        require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        def require(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{flag_name(field)}: {message}")
+
         require(0 <= self.port <= 65535, "port", "must be within 0..65535 (0 picks a free port)")
-        require(0 <= self.metrics_port <= 65535, "metrics-port", "must be within 0..65535")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", "must be within 0..65535")
         require(
             self.http_port is None or 0 <= self.http_port <= 65535,
-            "http-port",
+            "http_port",
             "must be within 0..65535 (0 picks a free port)",
         )
-        require(self.max_steps >= 1, "max-steps", "must be at least 1")
-        require(1 <= self.default_steps <= self.max_steps, "default-steps", "must be within 1..--max-steps")
-        require(self.max_images_per_request >= 1, "max-images-per-request", "must be at least 1")
-        require(self.steps_per_dispatch >= 1, "steps-per-dispatch", "must be at least 1")
-        require(self.decode_hold_steps >= 0, "decode-hold-steps", "must not be negative")
-        require(self.drain_seconds >= 0, "drain-seconds", "must not be negative")
-        require(self.max_connection_age_seconds > 0, "max-connection-age-seconds", "must be positive")
+        require(self.drain_seconds >= 0, "drain_seconds", "must not be negative")
+        require(self.max_connection_age_seconds > 0, "max_connection_age_seconds", "must be positive")
         require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
-            "tls-cert-file",
+            "tls_cert_file",
             "--tls-cert-file and --tls-key-file must be given together",
         )
-        for flag, path in (
-            ("tls-cert-file", self.tls_cert_file),
-            ("tls-key-file", self.tls_key_file),
-            ("auth-token-file", self.auth_token_file),
+        for field, path in (
+            ("tls_cert_file", self.tls_cert_file),
+            ("tls_key_file", self.tls_key_file),
+            ("auth_token_file", self.auth_token_file),
         ):
-            require(path is None or os.path.isfile(path), flag, f"{path} is not a readable file")
-        require(self.log_level in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+            require(path is None or os.path.isfile(path), field, f"{path} is not a readable file")
+        require(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         require(
             self.log_format is None or self.log_format in LOG_FORMATS,
-            "log-format",
+            "log_format",
             f"must be one of {', '.join(LOG_FORMATS)}",
         )
 
@@ -136,136 +164,111 @@ class ServerConfig:
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None
 
-    def read_auth_token(self) -> str | None:
-        """The bearer token clients must send, or None when auth is off."""
-        if self.auth_token_file is None:
-            return None
-        with open(self.auth_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ConfigError(f"--auth-token-file: {self.auth_token_file} is empty")
-        return token
 
-    def engine_config(self) -> EngineConfig:
-        try:
-            return EngineConfig(
-                model=self.model,
-                resolutions=self.resolutions,
-                slots_per_device=self.slots_per_device,
-                max_queue=self.max_queue,
-                policy=self.policy,
-                dtype=self.dtype,
-                compilation_cache_dir=self.compilation_cache_dir,
-                tiny_model_dir=self.tiny_model_dir,
-                model_configs=self.model_configs,
-                max_steps=self.max_steps,
-                default_steps=self.default_steps,
-                max_images_per_request=self.max_images_per_request,
-                steps_per_dispatch=self.steps_per_dispatch,
-                decode_hold_steps=self.decode_hold_steps,
-            )
-        except ValueError as e:  # EngineConfig names its field; say which flag sets it
-            field, _, message = str(e).partition(": ")
-            raise ConfigError(f"--{field.replace('_', '-')}: {message}") from None
+def flag_name(field: str) -> str:
+    """The option that sets a settings field: ``max_queue`` is ``--max-queue``."""
+    return "--" + field.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Option:
-    flag: str
+class Option:
+    """One option of ``sdxl-server serve``, derived from a settable field of ServerConfig or EngineConfig."""
+
+    field: str
+    owner: type  # EngineConfig or ServerConfig
+    setting: Setting
     parse: Callable[[str], Any]
-    help: str
-    hidden: bool = False
+    # What --help shows in brackets; None: nothing (an unset path, for example).
+    shown_default: str | None
 
     @property
-    def field(self) -> str:
-        return self.flag.replace("-", "_")
+    def flag(self) -> str:
+        return flag_name(self.field)
 
     @property
     def env(self) -> str:
         return "SDXL_" + self.field.upper()
 
+    @property
+    def help(self) -> str:
+        default = f" [{self.shown_default}]" if self.shown_default is not None else ""
+        return f"{self.setting.help}{default} (env {self.env})"
 
-_OPTIONS = (
-    _Option(
-        "model",
-        str,
-        "diffusers folder (Flax or PyTorch-layout safetensors), single-file SDXL .safetensors, hub id, "
-        "'tiny' (random, built on first use) or 'demo' [tiny]",
-    ),
-    _Option(
-        "model-configs",
-        str,
-        "configs a single-file --model is read with: a diffusers folder of configs and tokenizers, "
-        "or an architecture name [sdxl-base]",
-    ),
-    _Option(
-        "resolutions",
-        parse_resolutions,
-        f"served WIDTHxHEIGHT list, the first is the default [{DEFAULT_RESOLUTIONS}; "
-        f"{DEFAULT_TINY_RESOLUTIONS} for the tiny model, {DEFAULT_DEMO_RESOLUTIONS} for the demo model]",
-    ),
-    _Option("slots-per-device", _integer, "images denoised concurrently per device [1]"),
-    _Option("max-queue", _integer, "images that may wait for a slot before RESOURCE_EXHAUSTED [64]"),
-    _Option("policy", str, "admission policy: continuous or static [continuous]"),
-    _Option("host", str, "address to bind [0.0.0.0]"),
-    _Option("port", _integer, "gRPC port; 0 picks a free one [50051]"),
-    _Option("metrics-port", _integer, "Prometheus /metrics HTTP port; 0 picks a free one [8000]"),
-    _Option("http-port", _integer, "OpenAI Images API HTTP port; 0 picks a free one [off]"),
-    _Option("compilation-cache-dir", str, "persistent XLA compilation cache (path or gs://)"),
-    _Option("tiny-model-dir", str, "where --model tiny is built [~/.cache/sdxl-serve/tiny-sdxl]"),
-    _Option("dtype", str, "parameter dtype: float32, bfloat16 or auto [auto]"),
-    _Option("max-steps", _integer, "most denoising steps a request may ask for [50]"),
-    _Option("default-steps", _integer, "steps when a request leaves them at 0 [30]"),
-    _Option("max-images-per-request", _integer, "most images per request [4]"),
-    _Option(
-        "steps-per-dispatch", _integer, "steps per device call when no waiting image could join sooner [1]"
-    ),
-    _Option(
-        "decode-hold-steps",
-        _integer,
-        "most steps a finished image waits to share a decode across devices, with a deep backlog [4]",
-    ),
-    _Option("drain-seconds", _seconds, "after SIGTERM, how long accepted work may finish [60]"),
-    _Option("max-connection-age-seconds", _seconds, "connection age limit, so clients re-resolve [10]"),
-    _Option("tls-cert-file", str, "PEM certificate chain; enables TLS with --tls-key-file"),
-    _Option("tls-key-file", str, "PEM private key"),
-    _Option("auth-token-file", str, "file holding the bearer token clients must send"),
-    _Option("log-prompts", _parse_bool, "write prompts to the logs (off by default)"),
-    _Option("log-level", str, "debug, info, warning or error [info]"),
-    _Option("log-format", str, "text or json [text when stderr is a terminal, else json]"),
-    _Option("hold-warmup-until-file", str, "test only", hidden=True),
-)
+
+def show_default(value: Any) -> str | None:
+    """A default as --help writes it (the text it would be given as: parsing it gives the value back)."""
+    if value is None or value is dataclasses.MISSING:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _options_of(owner: type) -> list[Option]:
+    hints = typing.get_type_hints(owner)
+    options = []
+    for field in dataclasses.fields(owner):
+        described = setting_of(field)
+        if described is None:
+            continue
+        kind = hints[field.name]
+        present = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if type(None) in typing.get_args(kind) and len(present) == 1:
+            kind = present[0]
+        parse = described.parse or _PARSERS_BY_TYPE.get(kind)
+        if parse is None:
+            raise TypeError(f"{owner.__name__}.{field.name}: no parser for {kind}; pass setting(parse=...)")
+        shown = (
+            described.shown_default or _SERVER_DEFAULTS_SHOWN.get(field.name) or show_default(field.default)
+        )
+        options.append(Option(field.name, owner, described, parse, shown))
+    return options
+
+
+# Every option, the engine's first; field names never repeat across the two (a test holds it).
+OPTIONS: tuple[Option, ...] = (*_options_of(EngineConfig), *_options_of(ServerConfig))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds every serve option; defaults stay None so that the environment can fill them in."""
-    for option in _OPTIONS:
-        help_text = argparse.SUPPRESS if option.hidden else f"{option.help} (env {option.env})"
-        if option.parse is _parse_bool:
-            parser.add_argument(f"--{option.flag}", action="store_const", const="1", help=help_text)
+    groups = {
+        EngineConfig: parser.add_argument_group("model and batching"),
+        ServerConfig: parser.add_argument_group("serving"),
+    }
+    for option in OPTIONS:
+        group = groups[option.owner]
+        if option.parse is _boolean:
+            group.add_argument(option.flag, action="store_const", const="1", help=option.help)
         else:
-            parser.add_argument(f"--{option.flag}", metavar=option.field.upper(), help=help_text)
+            group.add_argument(option.flag, metavar=option.field.upper(), help=option.help)
 
 
 def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfig:
-    """Flags win over ``SDXL_*`` variables, which win over ServerConfig's defaults."""
-    values: dict[str, Any] = {}
-    for option in _OPTIONS:
+    """Flags win over ``SDXL_*`` variables, which win over the dataclasses' defaults."""
+    values: dict[type, dict[str, Any]] = {EngineConfig: {}, ServerConfig: {}}
+    for option in OPTIONS:
         flag_value = getattr(args, option.field, None)
-        source, raw = (f"--{option.flag}", flag_value) if flag_value is not None else (option.env, None)
+        source, raw = (option.flag, flag_value) if flag_value is not None else (option.env, None)
         if raw is None:
             raw = env.get(option.env)
         if raw is None or (raw == "" and source == option.env):
             continue
         try:
-            values[option.field] = option.parse(raw)
+            values[option.owner][option.field] = option.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-    if "resolutions" not in values:
-        small = {"tiny": DEFAULT_TINY_RESOLUTIONS, "demo": DEFAULT_DEMO_RESOLUTIONS}
-        default = small.get(values.get("model", "tiny"), DEFAULT_RESOLUTIONS)
-        values["resolutions"] = parse_resolutions(default)
-    return ServerConfig(**values)
+    engine_values = values[EngineConfig]
+    engine_values.setdefault("model", DEFAULT_MODEL)
+    engine_values.setdefault("resolutions", default_resolutions(engine_values["model"]))
+    try:
+        engine = EngineConfig(**engine_values)
+    except SettingError as e:  # the engine names its field, which names the flag
+        raise ConfigError(f"{flag_name(e.field)}: {e.message}") from None
+    return ServerConfig(engine=engine, **values[ServerConfig])
 
 
 def parse_serve_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:

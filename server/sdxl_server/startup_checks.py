@@ -1,8 +1,9 @@
 """Checks that run before anything slow (importing JAX, loading the model), each failing as one line.
 
-A port already taken or a model path that does not exist would otherwise surface minutes later, deep in
-warm-up or as a traceback from the event loop. Binding a port here and releasing it is a probe, not a
-reservation: the real bind can still lose a race, and then fails with its own clear error.
+A port already taken, a model path that does not exist or a token file without a token would otherwise
+surface minutes later, deep in warm-up or as a traceback from the event loop. Binding a port here and
+releasing it is a probe, not a reservation: the real bind can still lose a race, and then fails with its
+own clear error.
 """
 
 from __future__ import annotations
@@ -85,9 +86,22 @@ def check_model(model: str, model_configs: str | None = None) -> None:
             raise ConfigError(f"--model-configs: {error}") from None
 
 
+def check_auth_token_file(path: str | None) -> None:
+    """The token file must hold at least one token, read by the reader the server uses (one per line)."""
+    if path is None:
+        return
+    from sdxl_server.service.auth import TokenFileError, read_tokens
+
+    try:
+        read_tokens(path)
+    except TokenFileError as error:
+        raise ConfigError(f"--auth-token-file: {error}") from None
+
+
 def check_before_start(config: ServerConfig) -> None:
     """Every start-up check; raises ConfigError with a message naming the flag."""
-    check_model(config.model, config.model_configs)
+    check_model(config.engine.model, config.engine.model_configs)
+    check_auth_token_file(config.auth_token_file)
     check_distinct_ports(_port_flags(config))
     for flag, port in _port_flags(config).items():
         check_port_free(config.host, port, flag)

@@ -50,4 +50,6 @@ def test_server_accepts_the_rendered_settings(value_set: str) -> None:
     settings.pop("SDXL_AUTH_TOKEN_FILE", None)
     config = config_from(parser.parse_args([]), settings)
     assert (config.port, config.metrics_port, config.host) == (50051, 8000, "0.0.0.0")
-    assert ",".join(f"{r.width}x{r.height}" for r in config.resolutions) == settings["SDXL_RESOLUTIONS"]
+    assert (
+        ",".join(f"{r.width}x{r.height}" for r in config.engine.resolutions) == settings["SDXL_RESOLUTIONS"]
+    )

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import pytest
-from sdxl_server.server_settings import ConfigError, ServerConfig, parse_resolutions, parse_serve_config
+from sdxl_server.server_settings import ConfigError, parse_serve_config
 from sdxl_test_support.chart_render import CHART, VALUE_SETS, HelmError, render, server_settings
 
 ACCEPTED: dict[str, dict[str, Any]] = {
@@ -44,9 +44,7 @@ ACCEPTED: dict[str, dict[str, Any]] = {
 
 def _server_config_from_chart(values: dict[str, Any]) -> Any:
     env = server_settings(render(values))
-    config = parse_serve_config([], env)
-    config.engine_config()  # the engine's own checks, as `sdxl-server serve` runs them before start
-    return config
+    return parse_serve_config([], env)  # the server's and the engine's checks, as `sdxl-server serve`
 
 
 @pytest.mark.parametrize("name", ACCEPTED)
@@ -54,9 +52,9 @@ def test_every_accepted_value_set_is_accepted_by_the_server(name):
     config = _server_config_from_chart(ACCEPTED[name])
     server = ACCEPTED[name].get("server", {})
     if "maxQueue" in server:
-        assert config.max_queue == server["maxQueue"]
+        assert config.engine.max_queue == server["maxQueue"]
     if "resolutions" in server:
-        assert [str(r) for r in config.resolutions] == server["resolutions"]
+        assert [str(r) for r in config.engine.resolutions] == server["resolutions"]
 
 
 def _resolution_pattern() -> re.Pattern[str]:
@@ -67,8 +65,8 @@ def _resolution_pattern() -> re.Pattern[str]:
 def _server_accepts(size: str) -> bool:
     """What `--resolutions SIZE` meets: the server's parser, then the server's and the engine's checks."""
     try:
-        ServerConfig(resolutions=parse_resolutions(size)).engine_config()
-    except (ConfigError, ValueError):
+        parse_serve_config(["--resolutions", size], env={})
+    except ConfigError:
         return False
     return True
 

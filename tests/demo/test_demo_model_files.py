@@ -46,4 +46,4 @@ def test_the_model_was_trained_on_the_world_the_tests_judge() -> None:
 
 
 def test_demo_serves_its_native_resolution_by_default() -> None:
-    assert parse_serve_config(["--model", "demo"], env={}).resolutions == (Resolution(64, 64),)
+    assert parse_serve_config(["--model", "demo"], env={}).engine.resolutions == (Resolution(64, 64),)

@@ -7,7 +7,8 @@ reads readiness only for CPU). Warming pods at 0 pull the average down, toward a
 they cannot take any load. A pod with no sample is "missing" instead: 0 on a scale-up, the target on a
 scale-down, which is what the HPA intends for pods whose load is unknown. Same while draining.
 
-A real server held in warm-up (the hidden ``--hold-warmup-until-file`` test hook), scraped over HTTP.
+A real server held in warm-up (the test-only entry point ``sdxl_test_support.held_warmup``), scraped over
+HTTP.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND
 from sdxl_test_support.servers import RunningServer
 
 from fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
@@ -36,6 +38,7 @@ def test_a_warming_server_reports_no_load_until_it_serves(tmp_path: Path) -> Non
     server = RunningServer(
         ["--model", "tiny", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
          "--resolutions", "64x64", "--hold-warmup-until-file", str(go)],
+        command=HELD_SERVER_COMMAND,
     )  # fmt: skip
     try:
         warming = _scrape(server.metrics_port)

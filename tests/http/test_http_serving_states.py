@@ -2,7 +2,7 @@
 draining after SIGTERM, for the same reasons (and from the same gate) as gRPC's UNAVAILABLE. The server
 serves TLS, so HTTPS is checked on the way (the gRPC door's certificate).
 
-The states are built from events: warm-up is held by the test-only ``--hold-warmup-until-file``; the
+The states are built from events: warm-up is held by the test-only entry point ``held_warmup``; the
 drain is kept open by a long gRPC stream that holds the only slot until the test cancels it.
 """
 
@@ -13,6 +13,7 @@ import signal
 import openai
 import pytest
 from http_helpers import base_url, curl, long_request, self_signed_certificate
+from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND
 
 
 def test_http_is_503_while_warming_up_then_serves_then_is_503_while_draining(http_server_factory, tmp_path):
@@ -22,6 +23,7 @@ def test_http_is_503_while_warming_up_then_serves_then_is_503_while_draining(htt
         "--hold-warmup-until-file", str(go), "--slots-per-device", "1", "--max-steps", "5000",
         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, wait_ready=False,
+        command=HELD_SERVER_COMMAND,
     )  # fmt: skip
     url = base_url(server, "https")
     https = openai.DefaultHttpxClient(verify=str(cert))

@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_test_support.grpc_details import decode, image_stub
+from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -16,11 +17,13 @@ IMAGE_SERVICE_HEALTH = health_pb2.HealthCheckRequest(service="sdxl.v1.ImageServi
 
 
 def test_not_serving_and_unavailable_until_warm_up_ends(server_factory, tmp_path) -> None:
-    # --hold-warmup-until-file is a hidden test-only flag: warm-up waits for the file. Without it a fast
-    # warm-up (compiled programs come from the shared cache) could end before the first health check,
-    # and the test would race the server instead of observing the NOT_SERVING window for sure.
+    # The test-only entry point held_warmup makes warm-up wait for the file. Without it a fast warm-up
+    # (compiled programs come from the shared cache) could end before the first health check, and the
+    # test would race the server instead of observing the NOT_SERVING window for sure.
     go = tmp_path / "start-warm-up"
-    server = server_factory("--hold-warmup-until-file", str(go), wait_ready=False)
+    server = server_factory(
+        "--hold-warmup-until-file", str(go), wait_ready=False, command=HELD_SERVER_COMMAND
+    )
     statuses = server.health_statuses()
     assert next(statuses) == NOT_SERVING
     with server.channel() as channel:

@@ -215,12 +215,17 @@ StartServer = Callable[..., RunningServer]
 
 @contextlib.contextmanager
 def started_servers(*always: str) -> Iterator[StartServer]:
-    """``start(*extra_args, env=None, wait_ready=True)``: DEFAULT_ARGS + ``always`` + ``extra_args`` (later
-    flags override earlier ones); every server started is killed on exit."""
+    """``start(*extra_args, env=None, wait_ready=True, command=SERVER_COMMAND)``: DEFAULT_ARGS + ``always``
+    + ``extra_args`` (later flags override earlier ones); every server started is killed on exit."""
     started: list[RunningServer] = []
 
-    def start(*extra_args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> RunningServer:
-        server = RunningServer([*DEFAULT_ARGS, *always, *extra_args], env)
+    def start(
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        command: Sequence[str] = SERVER_COMMAND,
+    ) -> RunningServer:
+        server = RunningServer([*DEFAULT_ARGS, *always, *extra_args], env, command=command)
         started.append(server)
         if wait_ready:
             server.wait_ready()

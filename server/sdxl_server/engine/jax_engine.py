@@ -54,7 +54,7 @@ from sdxl_server.engine.stats import LoopView, StatsBoard
 from sdxl_server.engine.step_loop import StepLoop
 from sdxl_server.engine.event_trace import Trace, TraceEvent
 from sdxl_server.engine.batching.tracked_request import TrackedRequest
-from sdxl_server.engine.validation import validate_request
+from sdxl_server.request_rules import check_request
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class JaxEngine:
     def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
         if self._phase != "ready" or self._model is None:
             raise NotReadyError(self._not_ready_reason())
-        validate_request(request, self.config)
+        check_request(request, self.limits())
         now = self._clock()
         if request.deadline is not None:
             if request.deadline <= now:

@@ -1,57 +1,93 @@
 """The engine's settings: one frozen value built at the edge (main.py) from flags and environment.
 
-The engine never reads the environment itself; everything it needs arrives here.
+The engine never reads the environment itself; everything it needs arrives here. Each field that an
+operator may set carries its ``--help`` text (settable.py); its flag, environment variable, parser and
+shown default are derived from the field by server_settings.py, so a new engine setting is one field
+here and one check in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from sdxl_server import request_rules
 from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.models.model_source import DEFAULT_TINY_MODEL_DIR
+from sdxl_server.settable import described, setting
 
 POLICIES = ("continuous", "static")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+class SettingError(ValueError):
+    """A setting out of its bounds; ``str()`` is ``"<field>: <message>"``, and the server names the flag."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """The engine's settings. Fields declared with ``setting``/``described`` are also flags of
+    ``sdxl-server serve`` (server_settings.py derives them); the others are set in code only."""
+
     # An SDXL: a diffusers folder (Flax or PyTorch-layout safetensors weights), a single-file SDXL
     # .safetensors, a hub id, or "tiny" (the tiny random model, built on first use into tiny_model_dir).
-    model: str
-    # Served resolutions; one compiled program set each. The first is the default.
-    resolutions: tuple[Resolution, ...]
+    # Required here; the server's default is "tiny" (server_settings.py).
+    model: str = dataclasses.field(
+        metadata=described(
+            "diffusers folder (Flax or PyTorch-layout safetensors), single-file SDXL .safetensors, hub id, "
+            "'tiny' (random, built on first use) or 'demo'"
+        )
+    )
+    # Served resolutions; one compiled program set each. The first is the default. Required here; the
+    # server's default depends on the model (server_settings.py).
+    resolutions: tuple[Resolution, ...] = dataclasses.field(
+        metadata=described("served WIDTHxHEIGHT list, the first is the default")
+    )
     # Batch slots per device; total slots = slots_per_device x local devices.
-    slots_per_device: int = 1
+    slots_per_device: int = setting(1, "images denoised concurrently per device")
     # Admission queue bound, in images (not requests): a full queue rejects at once.
-    max_queue: int = 64
+    max_queue: int = setting(64, "images that may wait for a slot before RESOURCE_EXHAUSTED")
     # "continuous": fill free slots at every step boundary; "static": start a batch only when all
     # slots are free (the reference recipe, kept for comparison).
-    policy: str = "continuous"
+    policy: str = setting("continuous", "admission policy: continuous or static")
     # Parameter dtype; "auto" is bfloat16 on TPU/GPU and float32 on CPU. Scheduler math is float32.
-    dtype: str = "auto"
+    dtype: str = setting("auto", "parameter dtype: float32, bfloat16 or auto")
     # Persistent XLA compilation cache (local path or gs://); None disables it.
-    compilation_cache_dir: str | None = None
+    compilation_cache_dir: str | None = setting(None, "persistent XLA compilation cache (path or gs://)")
     # Where "--model tiny" is built and loaded from; None means ~/.cache/sdxl-serve/tiny-sdxl.
-    tiny_model_dir: str | None = None
+    tiny_model_dir: str | None = setting(
+        None, "where --model tiny is built", shown_default=DEFAULT_TINY_MODEL_DIR
+    )
     # The configs a single-file checkpoint is read with: a folder of diffusers configs and tokenizers, or
     # an architecture name (engine/architectures/); None is "sdxl-base". Folders bring their own.
-    model_configs: str | None = None
+    model_configs: str | None = setting(
+        None,
+        "configs a single-file --model is read with: a diffusers folder of configs and tokenizers, "
+        "or an architecture name",
+        shown_default="sdxl-base",
+    )
     # Per-request bounds the service validates against (steps need no recompilation up to max_steps).
     min_steps: int = 1
-    max_steps: int = 50
-    default_steps: int = 30
+    max_steps: int = setting(50, "most denoising steps a request may ask for")
+    default_steps: int = setting(30, "steps when a request leaves them at 0")
     min_guidance_scale: float = 0.0
     max_guidance_scale: float = 30.0
     default_guidance_scale: float = 5.0
-    max_images_per_request: int = 4
+    max_images_per_request: int = setting(4, "most images per request")
     # Denoising steps run per device dispatch when no waiting image could join before they end (none
     # waits, or every slot is taken for at least K more steps): amortises the per-call dispatch
     # overhead; 1 is right on TPU where a step takes ~100 ms.
-    steps_per_dispatch: int = 1
+    steps_per_dispatch: int = setting(1, "steps per device call when no waiting image could join sooner")
     # How many denoising steps a finished image may wait for a decode batch that fills more devices
     # (decode_hold.py). It never waits when no other device has an image that could finish in time, nor
     # without a deep backlog (fewer images queued than slots): then the wait is latency, not throughput.
-    decode_hold_steps: int = 4
+    decode_hold_steps: int = setting(
+        4, "most steps a finished image waits to share a decode across devices, with a deep backlog"
+    )
     # Decoded batches waiting for or in the image workers before the step loop waits (backpressure).
     max_pending_decodes: int = 8
     # Threads that pull finished images to the host and encode them (PNG/JPEG/WebP) off the step loop.
@@ -64,24 +100,21 @@ class EngineConfig:
     trace_capacity: int = 4096
 
     def __post_init__(self) -> None:
+        """The one check of every engine setting; raises SettingError naming the field."""
+
         def require(ok: bool, field: str, message: str) -> None:
             if not ok:
-                raise ValueError(f"{field}: {message}")
+                raise SettingError(field, message)
 
         require(bool(self.model), "model", "must not be empty")
-        require(len(self.resolutions) > 0, "resolutions", "at least one resolution is required")
-        for res in self.resolutions:
-            require(
-                res.width > 0 and res.height > 0 and res.width % 8 == 0 and res.height % 8 == 0,
-                "resolutions",
-                f"{res} must have positive multiples of 8",
-            )
-        require(len(set(self.resolutions)) == len(self.resolutions), "resolutions", "duplicates")
+        problem = request_rules.servable_resolutions_problem(self.resolutions)
+        require(problem is None, "resolutions", str(problem))
         require(self.slots_per_device >= 1, "slots_per_device", "must be at least 1")
         require(self.max_queue >= 1, "max_queue", "must be at least 1")
         require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
-        require(1 <= self.min_steps <= self.max_steps, "max_steps", "must be >= min_steps >= 1")
+        require(self.min_steps >= 1, "min_steps", "must be at least 1")
+        require(self.max_steps >= self.min_steps, "max_steps", f"must be at least {self.min_steps}")
         require(
             self.min_steps <= self.default_steps <= self.max_steps,
             "default_steps",

@@ -95,40 +95,40 @@ class Generations:
         rate-limited rejection log when refused before.
         """
         started = time.monotonic()
-        trace = _Trace()
+        notes = _RequestLogNotes()
         code = "OK"
         try:
-            inner = self._admit_and_run(message, time_remaining, on_caller_gone, trace)
+            inner = self._admit_and_run(message, time_remaining, on_caller_gone, notes)
             async with contextlib.aclosing(inner) as events:
                 async for outcome, event in events:
                     if isinstance(event, api.Finished):
-                        trace.finished = event
+                        notes.finished = event
                     elif isinstance(event, api.Queued):
-                        trace.unknown_words = event.unknown_words
+                        notes.unknown_words = event.unknown_words
                     yield outcome, event
         except errors.ServiceError as e:
             code = e.code.name
-            if trace.request is None:
+            if notes.request is None:
                 self._rejections.record(e)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            deadline = trace.request.deadline if trace.request else None
+            deadline = notes.request.deadline if notes.request else None
             late = deadline is not None and time.monotonic() >= deadline
-            code = "OK" if trace.finished else "DEADLINE_EXCEEDED" if late else "CANCELLED"
+            code = "OK" if notes.finished else "DEADLINE_EXCEEDED" if late else "CANCELLED"
             raise
         except BaseException:
             code = "INTERNAL"
             raise
         finally:
-            if trace.request is not None:
-                log_done(trace.request, code, time.monotonic() - started, trace.finished, trace.unknown_words)
+            if notes.request is not None:
+                log_done(notes.request, code, time.monotonic() - started, notes.finished, notes.unknown_words)
 
     async def _admit_and_run(
         self,
         message: sdxl_pb2.GenerateRequest,
         time_remaining: float | None,
         on_caller_gone: OnCallerGone | None,
-        trace: _Trace,
+        notes: _RequestLogNotes,
     ) -> AsyncGenerator[tuple[Outcome, api.EngineEvent], None]:
         with self._admission.admitted():
             try:
@@ -143,7 +143,7 @@ class Generations:
                 await asyncio.to_thread(call.submit, request)
             except api.EngineError as e:
                 raise errors.from_engine_error(e) from None
-            trace.request = request
+            notes.request = request
             self._log_admitted(request)
             if on_caller_gone is not None:
                 on_caller_gone(call.cancel)
@@ -182,7 +182,7 @@ class Generations:
         log.info("request admitted", extra=fields(**extra))
 
 
-class _Trace:
+class _RequestLogNotes:
     """What ``run`` learns of a request for its log line: admitted as ``request``, and how it finished."""
 
     def __init__(self) -> None:

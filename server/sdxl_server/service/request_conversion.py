@@ -2,14 +2,15 @@
 
 Validation happens before admission, so a bad request never takes a queue place. Every problem is
 reported at once as (field, description) pairs, which become google.rpc.BadRequest field violations.
-Prompt length is not checked here: the engine's tokenizer truncates long prompts to the encoders' 77
-tokens and says so (``Queued.prompt_truncated``), which the response reports.
+This module applies the API's conventions (zero or unset means the server's default; width and height go
+together; the format enum) and leaves every rule about values to request_rules.py, which the HTTP door
+and the engine share. Within the prompt length bound, long prompts are truncated by the engine's
+tokenizer to the encoders' 77 tokens, which the response reports (``Queued.prompt_truncated``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 import time
 import uuid
@@ -18,15 +19,20 @@ from collections.abc import Callable
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
 from sdxl_server.engine.api import GenerationRequest, ImageFormat, Limits, Resolution
+from sdxl_server.request_rules import FieldViolation, request_violations
 
-# Longer text is certainly beyond 77 tokens; rejecting it bounds the work a request can make the
-# tokenizer do (the byte-level tokenizer reads at least one token per few bytes).
-MAX_PROMPT_CHARS = 16_384
-MAX_REQUEST_ID_CHARS = 128
+__all__ = [
+    "DEFAULT_QUALITY",
+    "FORMAT_TO_PROTO",
+    "FieldViolation",
+    "ValidationError",
+    "new_request_id",
+    "to_generation_request",
+]
+
 DEFAULT_QUALITY = 90
 # Random seeds stay below 2**31 so that seed + index fits every PRNG key type.
 _RANDOM_SEED_BITS = 31
-_MAX_SEED = 2**63 - 1
 
 _FORMATS = {
     sdxl_pb2.IMAGE_FORMAT_UNSPECIFIED: ImageFormat.PNG,
@@ -39,12 +45,6 @@ FORMAT_TO_PROTO = {
     ImageFormat.JPEG: sdxl_pb2.JPEG,
     ImageFormat.WEBP: sdxl_pb2.WEBP,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldViolation:
-    field: str
-    description: str
 
 
 class ValidationError(Exception):
@@ -69,82 +69,47 @@ def to_generation_request(
     def reject(field: str, description: str) -> None:
         violations.append(FieldViolation(field, description))
 
-    if not message.prompt.strip():
-        reject("prompt", "must not be empty")
-    for field, text in (("prompt", message.prompt), ("negative_prompt", message.negative_prompt)):
-        if len(text) > MAX_PROMPT_CHARS:
-            reject(field, f"is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
-
-    num_images = message.num_images or 1
-    if num_images > limits.max_images_per_request:
-        reject(
-            "num_images", f"{num_images} is more than the {limits.max_images_per_request} allowed per request"
-        )
-
-    steps = message.steps or limits.default_steps
-    if not limits.min_steps <= steps <= limits.max_steps:
-        reject("steps", f"{steps} is outside {limits.min_steps}..{limits.max_steps}")
-
-    guidance = message.guidance_scale or limits.default_guidance_scale
-    if not math.isfinite(guidance) or not (
-        limits.min_guidance_scale <= guidance <= limits.max_guidance_scale
-    ):
-        reject(
-            "guidance_scale",
-            f"{guidance} is outside {limits.min_guidance_scale}..{limits.max_guidance_scale}",
-        )
-
     resolution = _resolution(message, limits, reject)
-
     image_format = _FORMATS.get(message.format)
     if image_format is None:
         names = ", ".join(sdxl_pb2.ImageFormat.Name(f) for f in _FORMATS if f)
         reject("format", f"unknown value {message.format}; use one of {names}")
 
-    quality = message.quality or DEFAULT_QUALITY
-    if quality > 100:
-        reject("quality", f"{quality} is outside 1..100")
-
-    if len(message.request_id) > MAX_REQUEST_ID_CHARS or not message.request_id.isprintable():
-        reject("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
-
-    seed = message.seed if message.HasField("seed") else secrets.randbits(_RANDOM_SEED_BITS)
-    if seed + num_images - 1 > _MAX_SEED:
-        reject("seed", f"seed + num_images - 1 must be at most {_MAX_SEED}")
-
-    if violations:
-        raise ValidationError(violations)
-    return GenerationRequest(
-        request_id=message.request_id or new_request_id(),
+    request = GenerationRequest(
+        request_id=message.request_id,
         prompt=message.prompt,
         negative_prompt=message.negative_prompt,
-        seed=seed,
-        num_images=num_images,
-        steps=steps,
-        guidance_scale=float(guidance),
+        seed=message.seed if message.HasField("seed") else secrets.randbits(_RANDOM_SEED_BITS),
+        num_images=message.num_images or 1,
+        steps=message.steps or limits.default_steps,
+        guidance_scale=float(message.guidance_scale or limits.default_guidance_scale),
         resolution=resolution,
         image_format=image_format or ImageFormat.PNG,
-        quality=quality,
+        quality=message.quality or DEFAULT_QUALITY,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
+    violations += request_violations(request, limits)
+    if violations:
+        raise ValidationError(violations)
+    if not request.request_id:
+        # Checked before it is generated: the caller's id is the one the rules apply to.
+        request = dataclasses.replace(request, request_id=new_request_id())
+    return request
 
 
 def _resolution(
     message: sdxl_pb2.GenerateRequest, limits: Limits, reject: Callable[[str, str], None]
 ) -> Resolution:
+    """The requested size, or the default one when neither dimension is given. Whether it is served is
+    request_rules' question."""
     default = limits.resolutions[0]
     if message.width == 0 and message.height == 0:
         return default
-    served = ", ".join(str(r) for r in limits.resolutions)
     if message.width == 0 or message.height == 0:
+        served = ", ".join(str(r) for r in limits.resolutions)
         zero = "width" if message.width == 0 else "height"
         reject(
             zero, f"must be set together with {'height' if zero == 'width' else 'width'} (served: {served})"
         )
         return default
-    wanted = Resolution(message.width, message.height)
-    if wanted not in limits.resolutions:
-        # Name the dimension that is off: when the width is a served one, it is the height.
-        field = "height" if any(r.width == wanted.width for r in limits.resolutions) else "width"
-        reject(field, f"{wanted} is not served; use one of {served}")
-    return wanted
+    return Resolution(message.width, message.height)

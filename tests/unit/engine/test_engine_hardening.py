@@ -104,15 +104,3 @@ def test_queued_images_are_judged_once_when_the_loop_retires_them():
 
     removed = queue.remove_where(doomed)
     assert len(calls) == 6 and [i.request for i in removed] == [tracked[1]] * 2 and len(queue) == 4
-
-
-def test_more_images_than_the_queue_holds_is_a_bad_field_not_overload():
-    from sdxl_server.engine import EngineConfig
-    from sdxl_server.engine.api import InvalidRequestError
-    from sdxl_server.engine.validation import validate_request
-
-    config = EngineConfig(model="tiny", resolutions=(SQUARE,), max_queue=2, max_images_per_request=4)
-    with pytest.raises(InvalidRequestError) as refused:
-        validate_request(request("too-many", num_images=3), config)
-    assert refused.value.field == "num_images" and "[1, 2]" in str(refused.value)
-    validate_request(request("fits", num_images=2), config)

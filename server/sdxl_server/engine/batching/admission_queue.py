@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from sdxl_server.engine.api import QueueFullError
-from sdxl_server.engine.stats import StatsBoard
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
+from sdxl_server.engine.stats import StatsBoard
 
 
 class AdmissionQueue:
@@ -100,11 +100,3 @@ def admittable(policy: str, free_slots: int, busy_slots: int) -> int:
     if policy == "static" and busy_slots > 0:
         return 0
     return free_slots
-
-
-def requests_of(items: Iterable[WorkItem]) -> list[TrackedRequest]:
-    """The distinct requests of `items`, in first-seen order."""
-    seen: dict[int, TrackedRequest] = {}
-    for item in items:
-        seen.setdefault(id(item.request), item.request)
-    return list(seen.values())

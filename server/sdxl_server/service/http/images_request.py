@@ -1,9 +1,10 @@
 """An OpenAI ``POST /v1/images/generations`` body turned into the GenerateRequest that gRPC callers send.
 
 Only the JSON shape is checked here (types, the ``WxH`` size, OpenAI options this server cannot honour);
-everything about values - bounds, served sizes, formats, defaults - is checked by the validation shared
-with gRPC (``service/validation.py``), whose field names ``field_name`` translates back into OpenAI's,
-so that a caller is told about ``n`` and ``size``, the names it sent.
+everything about values - bounds, served sizes, formats, defaults - is checked after the conversion to
+gRPC's message, by the gRPC door's conversion and the rules it shares with the engine
+(``request_rules.py``), whose field names ``field_name`` translates back into OpenAI's, so that a caller
+is told about ``n`` and ``size``, the names it sent.
 
 Accepted: OpenAI's ``prompt``, ``model`` (absent or the served model), ``n``, ``size`` (``WxH`` or
 ``auto``), ``response_format`` (``b64_json``: images are returned inline, never stored), ``output_format``,
@@ -21,7 +22,8 @@ from typing import Any
 
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
-from sdxl_server.service.request_conversion import FieldViolation, ValidationError
+from sdxl_server.request_rules import MAX_SEED, FieldViolation
+from sdxl_server.service.request_conversion import ValidationError
 
 RESPONSE_FORMAT = "b64_json"
 FORMATS = {"png": sdxl_pb2.PNG, "jpeg": sdxl_pb2.JPEG, "webp": sdxl_pb2.WEBP}
@@ -30,7 +32,6 @@ _QUALITIES = ("auto", "standard")
 _IGNORED = ("user", "safety_identifier")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.IGNORECASE)
 _UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
 
 # Shared validation's names (the gRPC fields) -> the names an OpenAI caller sent.
 _OPENAI_NAMES = {"num_images": "n", "width": "size", "height": "size", "request_id": "x-request-id"}
@@ -51,7 +52,7 @@ def to_generate_request(
     """The GenerateRequest for an images/generations body, and the output format's name.
 
     Raises ValidationError naming every field whose JSON shape is wrong (values are checked later, by
-    the shared validation).
+    the gRPC door's conversion and request_rules).
     """
     if not isinstance(body, Mapping):
         raise ValidationError([FieldViolation("body", "must be a JSON object")])
@@ -98,7 +99,7 @@ def _whole_number(field: str, maximum: int) -> _Parser:
 
 
 def _n(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
-    # OpenAI's n has no "0 means the default" convention; the upper bound is the shared validation's.
+    # OpenAI's n has no "0 means the default" convention; the upper bound is request_rules'.
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _UINT32_MAX:
         return "must be a whole number of at least 1"
     message.num_images = value
@@ -157,8 +158,8 @@ def _stream(_message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str 
 
 
 def _seed(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
-        return f"must be a whole number within 0..{_UINT64_MAX}"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        return f"must be a whole number within 0..{MAX_SEED}"
     message.seed = value
     return None
 

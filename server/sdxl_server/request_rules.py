@@ -1,0 +1,128 @@
+"""What a request may ask for: the one copy of every rule, used by both doors and by the engine.
+
+The gRPC door (``service/request_conversion.py``) and the HTTP door (``service/http/images_request.py``)
+apply the server's defaults and check what only their wire format can get wrong (an unknown enum value, a
+width without a height, a JSON type); every rule about values lives here: served resolutions (and, for the
+settings, what a servable resolution is), steps, guidance bounds, seed, images per request, prompt
+(present, and its length in characters), format, quality and request id. The engine applies the same
+rules again on ``submit``, so that a caller that skips the service (benchmarks, tests, another front
+end) meets the same limits with the same words.
+
+Every rule names the request field it concerns (the gRPC name; the HTTP door translates to OpenAI's).
+Plain values in, ``(field, description)`` out: no JAX, no gRPC, no generated code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from sdxl_server.engine.api import GenerationRequest, ImageFormat, InvalidRequestError, Limits, Resolution
+
+# The API's seed is a uint64 (proto ``optional uint64 seed``); image i of a request uses seed + i, so the
+# last image's seed must fit as well.
+MAX_SEED = 2**64 - 1
+# Longer text is certainly beyond 77 tokens; rejecting it bounds the work a request can make the
+# tokenizer do (the byte-level tokenizer reads at least one token per few bytes). Longer prompts within
+# this bound are truncated to the encoders' tokens, which the response reports.
+MAX_PROMPT_CHARS = 16_384
+MAX_REQUEST_ID_CHARS = 128
+MIN_QUALITY, MAX_QUALITY = 1, 100
+# Height and width of every served size: the VAE scales by 8 (a latent pixel is 8x8 image pixels).
+RESOLUTION_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldViolation:
+    """One rule a request broke: the field (as the gRPC API names it) and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+def servable_resolutions_problem(resolutions: Sequence[Resolution]) -> str | None:
+    """What is wrong with a list of sizes to serve (a setting, not a request), or None."""
+    if not resolutions:
+        return "at least one WIDTHxHEIGHT is required"
+    for resolution in resolutions:
+        if not (
+            resolution.width > 0
+            and resolution.height > 0
+            and resolution.width % RESOLUTION_MULTIPLE == 0
+            and resolution.height % RESOLUTION_MULTIPLE == 0
+        ):
+            return f"{resolution} must have positive multiples of {RESOLUTION_MULTIPLE}"
+    if len(set(resolutions)) != len(resolutions):
+        return "duplicates"
+    return None
+
+
+def resolution_violation(wanted: Resolution, served: Sequence[Resolution]) -> FieldViolation | None:
+    """A size the server does not serve, naming the dimension that is off (when the width is a served
+    one, it is the height)."""
+    if wanted in served:
+        return None
+    field = "height" if any(r.width == wanted.width for r in served) else "width"
+    return FieldViolation(field, f"{wanted} is not served; use one of {', '.join(str(r) for r in served)}")
+
+
+def most_images(limits: Limits) -> int:
+    """Images one request may ask for. More than the whole queue holds could never be admitted: that is
+    refused as a bad field, not as overload (which a client would retry forever)."""
+    return min(limits.max_images_per_request, limits.max_queue)
+
+
+def request_violations(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:
+    """Every rule ``request`` (its defaults already applied) breaks under ``limits``, in field order."""
+    violations: list[FieldViolation] = []
+
+    def reject(field: str, description: str) -> None:
+        violations.append(FieldViolation(field, description))
+
+    for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if not isinstance(text, str):
+            reject(field, "must be text")
+        elif field == "prompt" and not text.strip():
+            reject(field, "must not be empty")
+        elif len(text) > MAX_PROMPT_CHARS:
+            reject(field, f"is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+
+    n, most = request.num_images, most_images(limits)
+    if n < 1:
+        reject("num_images", f"{n} is less than 1")
+    elif n > most:
+        reject("num_images", f"{n} is more than the {most} allowed per request")
+
+    if not limits.min_steps <= request.steps <= limits.max_steps:
+        reject("steps", f"{request.steps} is outside {limits.min_steps}..{limits.max_steps}")
+
+    g = request.guidance_scale
+    if not (math.isfinite(g) and limits.min_guidance_scale <= g <= limits.max_guidance_scale):
+        reject("guidance_scale", f"{g} is outside {limits.min_guidance_scale}..{limits.max_guidance_scale}")
+
+    unserved = resolution_violation(request.resolution, limits.resolutions)
+    if unserved is not None:
+        violations.append(unserved)
+
+    if request.seed < 0:
+        reject("seed", f"{request.seed} is negative")
+    elif request.seed + max(n, 1) - 1 > MAX_SEED:
+        reject("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
+
+    if not isinstance(request.image_format, ImageFormat):
+        reject("format", "must be PNG, JPEG or WEBP")
+    if not MIN_QUALITY <= request.quality <= MAX_QUALITY:
+        reject("quality", f"{request.quality} is outside {MIN_QUALITY}..{MAX_QUALITY}")
+
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
+        reject("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    return violations
+
+
+def check_request(request: GenerationRequest, limits: Limits) -> None:
+    """The engine's check on ``submit``: raises InvalidRequestError naming the first field that breaks a
+    rule (the doors have already reported every violation to their callers)."""
+    violations = request_violations(request, limits)
+    if violations:
+        raise InvalidRequestError(violations[0].field, violations[0].description)
