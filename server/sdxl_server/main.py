@@ -99,7 +99,7 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
     from sdxl_server.ready_hints import ready_hint
 
     return ready_hint(
-        config.model,
+        config.engine.model,
         config.host,
         port,
         http_port,
