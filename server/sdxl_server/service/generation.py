@@ -22,10 +22,10 @@ from sdxl_server.engine import api
 from sdxl_server.logs import fields
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import status_mapping as errors
-from sdxl_server.service.serving_gate import Admission
 from sdxl_server.service.bridge import EngineCall
-from sdxl_server.service.request_log import RejectionLog, log_done
 from sdxl_server.service.request_conversion import ValidationError, to_generation_request
+from sdxl_server.service.request_log import RejectionLog, log_done
+from sdxl_server.service.serving_gate import Admission
 
 log = logging.getLogger(__name__)
 
