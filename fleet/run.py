@@ -37,7 +37,7 @@ from fleet.scenario import LiveProfile, Scenario, load
 from fleet.traffic import Traffic
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SCENARIO = REPO / "bench" / "fleet" / "scenarios" / "standard.yaml"
+DEFAULT_SCENARIO = REPO / "fleet" / "scenarios" / "standard.yaml"
 DEFAULT_OUT = REPO / "bench" / "results" / "autoscale"
 # The adapter rule in the chart README averages over [1m].
 ADAPTER_WINDOW_SECONDS = 60.0

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIO = REPO / "bench" / "fleet" / "scenarios" / "ci.yaml"
+SCENARIO = REPO / "fleet" / "scenarios" / "ci.yaml"
 
 pytestmark = pytest.mark.slow
 
