@@ -1,4 +1,4 @@
-"""Composition root: ``sdxl-server serve``, ``build-tiny-model DIR`` and ``build-random-model DIR``.
+"""Composition root: ``sdxl-server serve``, ``compile``, ``build-tiny-model``, ``build-random-model``.
 
 Start-up order: the gRPC server listens first with health NOT_SERVING (so probes get an answer and
 requests a clean UNAVAILABLE), then the engine loads and compiles everything in a thread, then health
@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from sdxl_server.compile_command import add_compile_arguments, run_compile
 from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, default_log_format, fields
 from sdxl_server.metrics import EngineCollector, ServiceMetrics
@@ -270,7 +271,12 @@ def main(argv: Sequence[str] | None = None, before_warm_up: BeforeWarmUp | None 
     )
     random.add_argument("--arch", default="sdxl-base", choices=["sdxl-base"], help="the architecture")
     random.add_argument("directory")
+    add_compile_arguments(
+        commands.add_parser("compile", help="compile every program ahead of time for a TPU topology (or cpu)")
+    )
     args = parser.parse_args(argv)
+    if args.command == "compile":
+        return run_compile(args)
     if args.command == "build-tiny-model":
         return _build_tiny_model(args.directory)
     if args.command == "build-random-model":

@@ -82,6 +82,7 @@ class JaxEngine:
         self._thread: threading.Thread | None = None
         # Programs start() loaded from the compilation cache directory instead of compiling them.
         self.compilation_cache_hits = 0
+        self.programs_loaded = 0  # of those, programs the program cache held whole
         self.startup_phases: dict[str, float] = {}  # seconds spent in each part of start()
 
     # ---- lifecycle
@@ -109,6 +110,7 @@ class JaxEngine:
                 model, mesh, cfg.resolutions, cfg.slots_per_device, cfg.max_steps, ks, saved
             )
         self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
+        self.programs_loaded = saved.hits  # whole executables, no tracing (e.g. from `sdxl-server compile`)
         with _timed(phases, "schedules"):
             schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
         self._model, self._programs = model, programs

@@ -9,12 +9,20 @@ tracing. Only programs that XLA really compiled in this process are saved: re-se
 that was itself loaded from XLA's cache loses kernels on the CPU backend. Any failure to read or write
 falls back to the normal path, so this cache can only save time, never change a result. Like XLA's own
 cache, loading runs what the directory holds: it must be writable only by the server.
+
+The key has named parts (`key_parts`): the model (its modules' settings and configs, dtype included), the
+attention implementation, the topology (platform, device kind, each device's id and coordinates), the
+versions of jax, jaxlib, libtpu and the model libraries, and the program-building sources. Each saved
+program has a small JSON of its parts beside it (`sdxl-program-keys/`), so that a start that misses a
+program it expected can say which part differed. `sdxl-server compile --cache-dir` fills the same layout
+ahead of time, for a TPU topology from a machine without one (engine/device/ahead_of_time.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -30,7 +38,9 @@ from sdxl_server.engine.device import xla_cache as compile_cache
 
 log = logging.getLogger(__name__)
 
-_LIBRARIES = ("jax", "jaxlib", "flax", "diffusers", "transformers")
+# libtpu is absent off TPU ("?"): a key made with it never matches one made without it.
+_LIBRARIES = ("jax", "jaxlib", "libtpu", "flax", "diffusers", "transformers")
+_KEYS_DIRECTORY = "sdxl-program-keys"
 # The modules whose source shapes a compiled program, named by module so that moving a file cannot break
 # start-up (a missing module fails the import at once, loudly, instead of a file read at the first save).
 _SOURCE_MODULES = (
@@ -43,20 +53,32 @@ _SOURCE_MODULES = (
 
 
 class ProgramCache:
-    def __init__(self, directory: str | None, context: str, devices: list[Any]) -> None:
+    def __init__(
+        self, directory: str | None, context: str, devices: list[Any], attention: str = "xla"
+    ) -> None:
         """`directory`: the compilation cache directory (local paths only; None disables this cache).
         `context`: what every program depends on besides its arguments (model modules, dtype).
-        `devices`: the mesh's devices, in mesh order: programs are loaded onto exactly these."""
+        `devices`: the mesh's devices, in mesh order: programs are loaded onto exactly these (attached
+        devices, or a described TPU topology's when compiling ahead of time).
+        `attention`: the attention implementation the programs were built with."""
         local = directory is not None and "://" not in directory
-        self._directory = Path(directory) / "sdxl-programs" if local and directory else None
+        root = Path(directory) if local and directory else None
+        self._directory = root / "sdxl-programs" if root else None
+        self._keys = root / _KEYS_DIRECTORY if root else None
         self._devices = devices
-        device_list = repr([(d.id, d.device_kind) for d in devices])
-        self._context = f"{context}|{device_list}{_environment()}"
+        self.parts = key_parts(context, devices, attention)
+        self._context = "|".join(f"{part}={value}" for part, value in self.parts.items())
         self.hits = 0
+        self.misses = 0
 
     def get_or_compile(self, name: str, signature: Any, compile_program: Callable[[], Any]) -> Any:
         """The compiled program `name` for arguments like `signature` (abstract or concrete arrays)."""
         path = self._path(name, signature)
+        if path is not None and not path.exists():
+            self.misses += 1
+            log.info(
+                "program %s is not in the program cache: compiling it (%s)", name, self._why_missed(name)
+            )
         if path is not None and path.exists():
             try:
                 from jax.experimental.serialize_executable import deserialize_and_load
@@ -74,14 +96,35 @@ class ProgramCache:
             self._save(path, program)
         return program
 
+    def store(self, name: str, signature: Any, program: Any) -> None:
+        """Saves a program compiled elsewhere (ahead of time) under the key a start would look it up by."""
+        path = self._path(name, signature)
+        if path is not None:
+            self._save(path, program)
+
     def _path(self, name: str, signature: Any) -> Path | None:
         if self._directory is None:
             return None
-        described = jax.tree_util.tree_map(
-            lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))), signature
-        )
-        digest = hashlib.sha256(f"{self._context}|{name}|{described}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{self._context}|{name}|{_described(signature)}".encode()).hexdigest()
         return self._directory / f"{name}-{digest[:40]}.bin"
+
+    def _why_missed(self, name: str) -> str:
+        """Which key parts differ from the saved programs of the same name (they were built for another
+        model, attention, topology or library version), or that none of that name was saved."""
+        saved = sorted(self._keys.glob(f"{name}-*.json")) if self._keys and self._keys.is_dir() else []
+        differences = set()
+        for key_file in saved:
+            try:
+                theirs = json.loads(key_file.read_text())["parts"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            differing = [part for part in self.parts if theirs.get(part) != self.parts[part]]
+            differences.add(", ".join(differing) or "argument shapes")
+            if not differing:
+                break
+        if not differences:
+            return "none of that name saved"
+        return "saved ones differ in: " + " | ".join(sorted(differences))
 
     def _save(self, path: Path, program: Any) -> None:
         try:
@@ -93,6 +136,10 @@ class ProgramCache:
             with os.fdopen(handle, "wb") as out:
                 out.write(blob)
             os.replace(temporary, path)  # atomic: readers never see half a program
+            if self._keys is not None:
+                self._keys.mkdir(parents=True, exist_ok=True)
+                key = {"name": path.name, "parts": self.parts}
+                (self._keys / f"{path.stem}.json").write_text(json.dumps(key, indent=1) + "\n")
         except Exception as error:
             log.warning("could not save the compiled program %s: %s", path.name, error)
 
@@ -110,15 +157,45 @@ def architecture(pipeline: Any, dtype_name: str) -> str:
     return "|".join(parts)
 
 
-def _environment() -> str:
-    versions = []
+def key_parts(context: str, devices: list[Any], attention: str) -> dict[str, str]:
+    """Everything a program depends on besides its arguments, by name (long values as digests)."""
+    parts = {
+        "model": _digest(context),  # modules' settings and configs, parameter dtype
+        "attention": attention,
+        "topology": describe_topology(devices),
+    }
     for library in _LIBRARIES:
         try:
-            versions.append(f"{library}={metadata.version(library)}")
+            parts[library] = metadata.version(library)
         except metadata.PackageNotFoundError:
-            versions.append(f"{library}=?")
-    sources = hashlib.sha256(b"".join(_module_source(name) for name in _SOURCE_MODULES)).hexdigest()
-    return f"|{','.join(versions)}|{jax.default_backend()}|{sources}"
+            parts[library] = "?"
+    parts["sources"] = _digest(b"".join(_module_source(name) for name in _SOURCE_MODULES))
+    return parts
+
+
+def describe_topology(devices: list[Any]) -> str:
+    """Platform, device kind and each device's id (and coordinates on a TPU), in mesh order: what an
+    executable is compiled for. A v5e:2x2 described on a CPU host reads as the pod's attached chips do."""
+    first = devices[0]
+    placed = [
+        f"{d.id}@{','.join(str(c) for c in d.coords)}"
+        if getattr(d, "coords", None) is not None
+        else str(d.id)
+        for d in devices
+    ]
+    return f"{first.platform}:{first.device_kind}:{len(devices)}:{' '.join(placed)}"
+
+
+def _described(signature: Any) -> str:
+    described = jax.tree_util.tree_map(
+        lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))), signature
+    )
+    return str(described)
+
+
+def _digest(value: str | bytes) -> str:
+    data = value.encode() if isinstance(value, str) else value
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _module_source(name: str) -> bytes:

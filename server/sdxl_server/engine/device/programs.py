@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -29,8 +30,8 @@ from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
 from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
-from sdxl_server.engine.models.loader import LoadedModel
 from sdxl_server.engine.device.program_cache import ProgramCache
+from sdxl_server.engine.models.loader import LoadedModel
 
 # Two rows per encode call: the negative prompt (the unconditional row) and the prompt.
 ENCODE_ROWS = 2
@@ -168,12 +169,19 @@ def build_programs(
     max_steps: int,
     steps_per_dispatch: tuple[int, ...],
     cache: ProgramCache | None = None,
+    on_compiled: Callable[[str, Any, float], None] | None = None,
 ) -> ProgramSet:
-    """Places the parameters and compiles (or loads from `cache`) every program for every resolution."""
+    """Places the parameters and compiles (or loads from `cache`) every program for every resolution.
+
+    With abstract parameters (`jax.ShapeDtypeStruct` leaves, as `sdxl-server compile` passes for a TPU
+    topology that is not attached) nothing is placed or allocated: the same programs are compiled from
+    shapes alone, for the mesh's devices, and the returned set's params and empty banks are shapes too.
+    `on_compiled(name, program, seconds)` sees each program as it is built."""
     rep, sharded = replicated(mesh), slot_sharded(mesh)
     slots = slots_per_device * mesh.size
     buckets = bucket_sizes(slots_per_device)
-    params = jax.device_put(model.params, rep)
+    abstract = is_abstract(model.params)
+    params = _abstract_on(model.params, rep) if abstract else jax.device_put(model.params, rep)
     text_params = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
     compile_seconds = 0.0
     compiled_count = 0
@@ -187,8 +195,11 @@ def build_programs(
             return jitted.lower(*args).compile()
 
         compiled = cache.get_or_compile(name, args, compile_program) if cache else compile_program()
-        compile_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        compile_seconds += seconds
         compiled_count += 1
+        if on_compiled is not None:
+            on_compiled(name, compiled, seconds)
         return compiled
 
     token_spec = jax.ShapeDtypeStruct((ENCODE_ROWS, 2, model.max_tokens), jnp.int32, sharding=rep)
@@ -197,7 +208,8 @@ def build_programs(
 
     by_resolution = {}
     for resolution in resolutions:
-        bank = _empty_bank(model, resolution, slots, max_steps, embeds_spec, pooled_spec, sharded)
+        bank_shapes = _bank_shapes(model, resolution, slots, max_steps, embeds_spec, pooled_spec)
+        bank = _abstract_on(bank_shapes, sharded) if abstract else _zeros_on(bank_shapes, sharded)
         state = bank.slots
         state_shardings = SlotState(*([sharded] * len(SlotState._fields)))
         bank_shardings = Bank(state_shardings, sharded)
@@ -277,27 +289,41 @@ def build_programs(
     return ProgramSet(params, encode, by_resolution, compile_seconds, compiled_count)
 
 
-def _empty_bank(
+def is_abstract(params: Any) -> bool:
+    """Whether `params` are shapes only (every leaf a `jax.ShapeDtypeStruct`)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return bool(leaves) and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+
+
+def _abstract_on(tree: Any, sharding: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _zeros_on(tree: Any, sharding: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype, device=sharding), tree)
+
+
+def _bank_shapes(
     model: LoadedModel,
     resolution: Resolution,
     slots: int,
     max_steps: int,
     embeds_spec: Any,
     pooled_spec: Any,
-    sharding: Any,
 ) -> Bank:
+    """The shapes of one resolution's bank (all zeros when placed: empty slots, nothing held)."""
     h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
-    zeros = functools.partial(jnp.zeros, device=sharding)
+    shape = jax.ShapeDtypeStruct
     latent_shape = (slots, model.latent_channels, h, w)
     state = SlotState(
-        latents=zeros(latent_shape, jnp.float32),
-        prompt_embeds=zeros((slots, 2, *embeds_spec.shape[1:]), embeds_spec.dtype),
-        pooled=zeros((slots, 2, pooled_spec.shape[1]), pooled_spec.dtype),
-        guidance=zeros((slots,), jnp.float32),
-        timesteps=zeros((slots, max_steps), jnp.int32),
-        sigmas=zeros((slots, max_steps), jnp.float32),
-        next_sigmas=zeros((slots, max_steps), jnp.float32),
-        num_steps=zeros((slots,), jnp.int32),
-        step=zeros((slots,), jnp.int32),
+        latents=shape(latent_shape, jnp.float32),
+        prompt_embeds=shape((slots, 2, *embeds_spec.shape[1:]), embeds_spec.dtype),
+        pooled=shape((slots, 2, pooled_spec.shape[1]), pooled_spec.dtype),
+        guidance=shape((slots,), jnp.float32),
+        timesteps=shape((slots, max_steps), jnp.int32),
+        sigmas=shape((slots, max_steps), jnp.float32),
+        next_sigmas=shape((slots, max_steps), jnp.float32),
+        num_steps=shape((slots,), jnp.int32),
+        step=shape((slots,), jnp.int32),
     )
-    return Bank(state, zeros(latent_shape, jnp.float32))
+    return Bank(state, shape(latent_shape, jnp.float32))

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from sdxl_server.engine.models.checkpoints.component_configs import ModelConfigs
-from sdxl_server.engine.models.checkpoints.layout import DIFFUSERS, TRANSFORMERS, FlaxPath, expected_shapes, to_flax
+from sdxl_server.engine.models.checkpoints.layout import (
+    DIFFUSERS,
+    TRANSFORMERS,
+    FlaxPath,
+    expected_shapes,
+    to_flax,
+)
 from sdxl_server.engine.models.checkpoints.tensor_files import Weights
 
 log = logging.getLogger(__name__)
@@ -30,21 +36,13 @@ def build_pipeline(
     configs: ModelConfigs, weights: dict[str, Weights], *, dtype: Any, split_head_dim: bool
 ) -> tuple[Any, dict[str, Any]]:
     """(pipeline, params) as from_pretrained gives them: params holds every component and "scheduler"."""
-    from diffusers import (
-        FlaxAutoencoderKL,
-        FlaxEulerDiscreteScheduler,
-        FlaxStableDiffusionXLPipeline,
-        FlaxUNet2DConditionModel,
-    )
+    from diffusers import FlaxEulerDiscreteScheduler, FlaxStableDiffusionXLPipeline
 
     numpy_dtype = np.dtype(dtype)
     tokenizer, tokenizer_2 = configs.load_tokenizers()  # first: it may fail, and costs nothing
-    unet: Any = FlaxUNet2DConditionModel.from_config(
-        _public(configs.configs["unet"]), dtype=dtype, split_head_dim=split_head_dim
+    unet, vae, text_encoder, text_encoder_2 = build_modules(
+        configs, dtype=dtype, split_head_dim=split_head_dim
     )
-    vae: Any = FlaxAutoencoderKL.from_config(_public(configs.configs["vae"]), dtype=dtype)
-    text_encoder = _text_encoder(configs.configs["text_encoder"], with_projection=False)
-    text_encoder_2 = _text_encoder(configs.configs["text_encoder_2"], with_projection=True)
 
     params: dict[str, Any] = {}
     for component, module, naming in (
@@ -81,6 +79,20 @@ def build_pipeline(
         dtype=dtype,
     )
     return pipeline, params
+
+
+def build_modules(configs: ModelConfigs, *, dtype: Any, split_head_dim: bool) -> tuple[Any, Any, Any, Any]:
+    """The UNet, VAE and both text encoders as modules (no weights), from the configs, with the settings
+    the engine serves them with; `sdxl-server compile` builds abstract programs from these alone."""
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+    unet: Any = FlaxUNet2DConditionModel.from_config(
+        _public(configs.configs["unet"]), dtype=dtype, split_head_dim=split_head_dim
+    )
+    vae: Any = FlaxAutoencoderKL.from_config(_public(configs.configs["vae"]), dtype=dtype)
+    text_encoder = _text_encoder(configs.configs["text_encoder"], with_projection=False)
+    text_encoder_2 = _text_encoder(configs.configs["text_encoder_2"], with_projection=True)
+    return unet, vae, text_encoder, text_encoder_2
 
 
 def _expected_shapes(module: Any, naming: str, config: dict[str, Any]) -> dict[FlaxPath, Any]:

@@ -1,0 +1,186 @@
+"""`sdxl-server compile`: programs compiled ahead of time, the program cache's key, a pod that loads them.
+
+The CPU backend is the proxy for a TPU pod: a cache filled by the compile command for `--topology cpu`
+must be loaded by an engine start with no compile. The same command for a TPU topology needs libtpu,
+which lives in .venv-tpu (`make tpu-install`; CI installs it with the test prerequisites): without it
+that test is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from sdxl_server.engine.device.program_cache import ProgramCache
+
+HERE = pathlib.Path(__file__).parent
+REPO = HERE.parents[2]
+TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
+# Small and fast: one resolution, few steps (the engine start below uses the same values).
+TINY_ARGS = ["--model", "tiny", "--resolutions", "64x64", "--max-steps", "8", "--seed-steps", "0"]
+# engine_subprocess.config with these overrides is the server the cache is filled for.
+START_SCRIPT = """
+import json, sys
+from engine_subprocess import config
+from sdxl_server.engine import JaxEngine
+engine = JaxEngine(config(sys.argv[1], sys.argv[2], max_devices=1, slots_per_device=2))
+engine.start()
+programs = engine._programs
+engine.stop()
+print(json.dumps({"loaded": engine.programs_loaded, "built": programs.programs_compiled}))
+"""
+
+
+def compile_command(python: pathlib.Path | str, tiny_model_dir, *args: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        SDXL_TINY_MODEL_DIR=str(tiny_model_dir),
+    )
+    return subprocess.run(
+        [str(python), "-m", "sdxl_server.main", "compile", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def start_engine(tiny_model_dir, cache_dir) -> tuple[dict, str]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    completed = subprocess.run(
+        [sys.executable, "-c", START_SCRIPT, str(tiny_model_dir), str(cache_dir)],
+        env=env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
+
+
+@pytest.mark.slow
+def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_model_dir, tmp_path):
+    cache, report_file = tmp_path / "cache", tmp_path / "aot.json"
+    compiled = compile_command(
+        sys.executable,
+        tiny_model_dir,
+        "--topology",
+        "cpu",
+        *TINY_ARGS,
+        "--slots-per-device",
+        "2",
+        "--json",
+        str(report_file),
+        "--cache-dir",
+        str(cache),
+    )
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    report = json.loads(report_file.read_text())
+    assert report["topology"] == "cpu" and report["fits"] is True
+    assert report["total_hbm_bytes"] <= report["device_hbm_bytes"]
+    names = [p["name"] for p in report["programs"]]
+    # encode, insert, rearrange, and a step and a decode per batch bucket (2 slots: buckets 1 and 2)
+    per_resolution = ("insert", "step1x1", "step1x2", "rearrange", "decode1", "decode2")
+    assert sorted(names) == sorted(["encode", *(f"{name}-64x64" for name in per_resolution)])
+    for program in report["programs"]:
+        assert program["hbm_bytes"] >= program["argument_bytes"] > 0, program
+        assert program["compile_seconds"] > 0, program
+    steps = [p for p in report["programs"] if "step" in p["name"]]
+    assert all(p["flops"] > 0 and p["roofline_seconds"] > 0 for p in steps)
+
+    started, log = start_engine(tiny_model_dir, cache)
+    # Every program the server builds came whole from the cache: nothing was traced or compiled.
+    assert started == {"loaded": len(names), "built": len(names)}, log[-3000:]
+    assert "not in the program cache" not in log
+
+
+@pytest.mark.slow
+def test_a_start_that_misses_says_which_part_of_the_key_differed(tmp_path, caplog):
+    devices = jax.local_devices()[:1]
+    program = jax.jit(jnp.sin).lower(jax.ShapeDtypeStruct((4,), jnp.float32)).compile()
+    signature = (jax.ShapeDtypeStruct((4,), jnp.float32),)
+    ProgramCache(str(tmp_path), "model", devices, attention="xla").store("sin", signature, program)
+
+    compiles = []
+
+    def compile_program():
+        compiles.append(1)
+        return program
+
+    same = ProgramCache(str(tmp_path), "model", devices, attention="xla")
+    assert same.get_or_compile("sin", signature, compile_program) is not None
+    assert (same.hits, same.misses, compiles) == (1, 0, [])
+
+    other = ProgramCache(str(tmp_path), "model", devices, attention="flash")
+    with caplog.at_level(logging.INFO, logger="sdxl_server.engine.device.program_cache"):
+        other.get_or_compile("sin", signature, compile_program)
+    assert (other.hits, other.misses, compiles) == (0, 1, [1])
+    assert "saved ones differ in: attention" in caplog.text
+
+
+KEY_SCRIPT = """
+import json
+import jax
+from sdxl_server.engine.device.program_cache import ProgramCache
+devices = jax.local_devices()
+keys = {
+    f"{n}-{attention}": ProgramCache("/nonexistent", "model", devices[:n], attention)._path("step1x1", ())
+    for n in (1, 4) for attention in ("xla", "flash")
+}
+print(json.dumps({name: str(path) for name, path in keys.items()}))
+"""
+
+
+def test_the_cache_key_changes_with_attention_and_topology():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    completed = subprocess.run(
+        [sys.executable, "-c", KEY_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    paths = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(set(paths.values())) == 4, paths  # 1 vs 4 devices, xla vs flash: four different keys
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not TPU_PYTHON.exists(),
+    reason="libtpu is not installed (.venv-tpu is missing: `make tpu-install`, which `make test` runs)",
+)
+def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tmp_path):
+    report_file = tmp_path / "v5e.json"
+    compiled = compile_command(
+        TPU_PYTHON,
+        tiny_model_dir,
+        "--topology",
+        "v5e:1x1",
+        *TINY_ARGS,
+        "--slots-per-device",
+        "1",
+        "--json",
+        str(report_file),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    report = json.loads(report_file.read_text())
+    assert (report["topology"], report["chip"], report["dtype"]) == ("v5e:1x1", "TPU v5e", "bfloat16")
+    assert report["device_hbm_bytes"] == 16 * 1024**3 and report["fits"] is True
+    step = next(p for p in report["programs"] if p["name"] == "step1x1-64x64")
+    assert step["flops"] > 0 and step["bytes_accessed"] > 0
+    assert step["roofline_seconds"] == pytest.approx(
+        max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9)
+    )
+    saved = sorted(p.name for p in (tmp_path / "cache" / "sdxl-programs").iterdir())
+    assert len(saved) == len(report["programs"]) == 5, saved
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "sdxl-program-keys").iterdir()]
+    assert {k["parts"]["topology"].split(":")[0] for k in keys} == {"tpu"}
+    assert all(k["parts"]["libtpu"] != "?" for k in keys)
