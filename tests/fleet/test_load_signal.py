@@ -13,24 +13,20 @@ HTTP.
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND
+from sdxl_test_support.metrics_page import metric_samples
 from sdxl_test_support.servers import RunningServer
 
 from fleet.replica_calculator import PodInfo, PodPhase, get_metric_replicas
 
 
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith("sdxl_") and "{" not in line:
-            name, value = line.split()
-            samples[name] = float(value)
-    return samples
+def _unlabelled(server: RunningServer) -> dict[str, float]:
+    """The server's unlabelled samples by name (``sdxl_ready``, ``sdxl_load``, ...)."""
+    return {
+        name: value for (name, labels), value in metric_samples(server.scrape_metrics()).items() if not labels
+    }
 
 
 def test_a_warming_server_reports_no_load_until_it_serves(tmp_path: Path) -> None:
@@ -41,12 +37,12 @@ def test_a_warming_server_reports_no_load_until_it_serves(tmp_path: Path) -> Non
         command=HELD_SERVER_COMMAND,
     )  # fmt: skip
     try:
-        warming = _scrape(server.metrics_port)
+        warming = _unlabelled(server)
         assert warming["sdxl_ready"] == 0
         assert "sdxl_load" not in warming
         go.touch()
         server.wait_ready(timeout=300)
-        assert _scrape(server.metrics_port)["sdxl_load"] == 0.0
+        assert _unlabelled(server)["sdxl_load"] == 0.0
     finally:
         server.kill()
 
