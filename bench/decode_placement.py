@@ -43,8 +43,8 @@ def main() -> None:
     bench.ensure_bench_model(bench.BENCH_MODEL_DIR, bench.TINY_MODEL_DIR, heavy_vae=True)
     engine = JaxEngine(bench.engine_config("continuous", steps_per_dispatch=1))
     engine.start()
-    programs = engine._programs.by_resolution[bench.RESOLUTION]
-    params = engine._programs.params
+    programs = engine.compiled_programs().by_resolution[bench.RESOLUTION]
+    params = engine.compiled_programs().params
     bank = programs.empty_bank
     model = engine._model
     device = jax.local_devices()[0]

@@ -161,8 +161,7 @@ def engine_saturation(
     step_mix[i % len(step_mix)] steps."""
     tracker = Tracker(engine)
     busy_before = engine.device_busy_seconds()
-    host_before = engine._loop.host_seconds
-    blocked_before = engine._loop.backpressure_seconds
+    loop_before = engine.loop_statistics()
     began = time.perf_counter()
     for i in range(images):
         if interval:
@@ -182,9 +181,10 @@ def engine_saturation(
         "images_per_second": images / wall,
         "steady_images_per_second": steady,
         "device_busy_ratio": (engine.device_busy_seconds() - busy_before) / wall,
-        "host_seconds": engine._loop.host_seconds - host_before,
+        "host_seconds": engine.loop_statistics().host_seconds - loop_before.host_seconds,
         # The step loop's waits for room in the image workers' queue: host work delaying a dispatch.
-        "backpressure_seconds": engine._loop.backpressure_seconds - blocked_before,
+        "backpressure_seconds": engine.loop_statistics().backpressure_seconds
+        - loop_before.backpressure_seconds,
     }
 
 
@@ -292,8 +292,8 @@ def pooled(runs: list[dict]) -> dict:
 
 def cost_ratio(engine: JaxEngine) -> dict:
     """Decode of one image against one guided step of one image, from the engine's own bucket-1 programs."""
-    programs = engine._programs.by_resolution[RESOLUTION]
-    params = engine._programs.params
+    programs = engine.compiled_programs().by_resolution[RESOLUTION]
+    params = engine.compiled_programs().params
     bank = programs.empty_bank
 
     by_bucket = {

@@ -106,8 +106,8 @@ def measure_engine(busy: int, args, model: str, resolution, cache_dir: str, peak
     )
     engine.start()
     ready_seconds = time.perf_counter() - began
-    programs = engine._programs.by_resolution[resolution]
-    params = engine._programs.params
+    programs = engine.compiled_programs().by_resolution[resolution]
+    params = engine.compiled_programs().params
     bank = programs.empty_bank
     step, decode = programs.steps[(1, busy)], programs.decode[busy]
     step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))

@@ -1,4 +1,4 @@
-"""A bounded, in-memory record of what the step loop did, in order.
+"""The engine's event trace: a bounded, in-memory record of what the step loop did, in order.
 
 Tests assert on this order (admissions, step boundaries, finishes, cancellations) instead of on wall-clock
 time; operators can read it to see how requests shared the batch.
@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import threading
+
+
+class TraceKind(enum.StrEnum):
+    """What happened; exactly the kinds the engine emits (a str: `event.kind == "step"` holds)."""
+
+    SUBMIT = "submit"  # a request was queued (the caller's thread)
+    ADMIT = "admit"  # an image entered a slot; detail: its resolution
+    REARRANGE = "rearrange"  # a bank was packed and finished latents moved to its held buffer
+    DECODE = "decode"  # a bank's held images were decoded; detail: resolution, batch, images
+    STEP = "step"  # a step dispatch; detail: k, busy slots, batch per bank
+    FINISH = "finish"  # an image ran its last step
+    CANCEL = "cancel"  # an image left its slot or the queue: its request was cancelled
+    EXPIRE = "expire"  # ... its request's deadline passed
+    DROP = "drop"  # ... its request had already ended elsewhere (e.g. an engine failure)
 
 
 @dataclasses.dataclass(frozen=True)
 class TraceEvent:
-    # submit | admit | step | finish | cancel | expire | reject
-    kind: str
+    kind: TraceKind
     # Step boundary at which it happened: the number of step dispatches made so far.
     boundary: int
     request_id: str = ""
@@ -23,7 +37,7 @@ class TraceEvent:
     detail: str = ""
 
 
-class Trace:
+class EventTrace:
     def __init__(self, capacity: int) -> None:
         self._events: collections.deque[TraceEvent] = collections.deque(maxlen=max(capacity, 1))
         self._enabled = capacity > 0

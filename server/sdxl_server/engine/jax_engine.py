@@ -8,6 +8,7 @@ that bad input fails at once and the loop only computes.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import math
@@ -20,8 +21,6 @@ from importlib import metadata
 import jax
 import numpy as np
 
-from sdxl_server.engine.device import xla_cache as compile_cache
-from sdxl_server.engine.batching.admission_queue import AdmissionQueue
 from sdxl_server.engine.api import (
     CancelledError,
     DeadlineUnreachableError,
@@ -39,21 +38,23 @@ from sdxl_server.engine.api import (
     Resolution,
     Ticket,
 )
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue
 from sdxl_server.engine.batching.buckets import bucket_sizes
-from sdxl_server.engine.settings import EngineConfig
-from sdxl_server.engine.device_clock import DeviceClock
-from sdxl_server.engine.image_workers import ImageWorkers
+from sdxl_server.engine.batching.slot_table import SlotTable
+from sdxl_server.engine.batching.tracked_request import TrackedRequest
+from sdxl_server.engine.device import xla_cache as compile_cache
 from sdxl_server.engine.device.mesh import make_mesh
-from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
-from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.engine.device.noise_schedule import ScheduleBook
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
 from sdxl_server.engine.device.programs import ProgramSet, Rearrangement, build_programs
-from sdxl_server.engine.device.noise_schedule import ScheduleBook
-from sdxl_server.engine.batching.slot_table import SlotTable
-from sdxl_server.engine.stats import LoopView, StatsBoard
+from sdxl_server.engine.device_clock import DeviceClock
+from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
+from sdxl_server.engine.image_workers import ImageWorkers
+from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
+from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.engine.settings import EngineConfig
+from sdxl_server.engine.stats import LoopStatistics, LoopView, StatsBoard
 from sdxl_server.engine.step_loop import StepLoop
-from sdxl_server.engine.event_trace import Trace, TraceEvent
-from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.request_rules import check_request
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,27 @@ log = logging.getLogger(__name__)
 _VERSIONED = ("jax", "jaxlib", "flax", "diffusers", "transformers")
 
 
+class _Phase(enum.Enum):
+    """The engine's lifecycle: new -> starting -> ready -> draining -> stopped, or failed from any."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
 class JaxEngine:
     def __init__(self, config: EngineConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         """`clock` gives the time deadlines are measured in (time.monotonic; tests pass their own)."""
         self.config = config
         self._clock = clock
-        self._phase = "new"  # new | starting | ready | draining | stopped | failed
+        self._phase = _Phase.NEW
         self._failure: BaseException | None = None
         self._stats = StatsBoard(slots_total=0)
         self._queue = AdmissionQueue(config.max_queue, self._stats)
-        self._trace = Trace(config.trace_capacity)
+        self._trace = EventTrace(config.trace_capacity)
         self._live: set[TrackedRequest] = set()
         self._live_lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -88,9 +100,9 @@ class JaxEngine:
     # ---- lifecycle
 
     def start(self) -> None:
-        if self._phase != "new":
-            raise RuntimeError(f"engine already {self._phase}")
-        self._phase = "starting"
+        if self._phase is not _Phase.NEW:
+            raise RuntimeError(f"engine already {self._phase.value}")
+        self._phase = _Phase.STARTING
         started = time.monotonic()
         cfg = self.config
         phases = self.startup_phases
@@ -126,7 +138,9 @@ class JaxEngine:
                 decode_seconds=self._device.decode_seconds_ewma,
             )
         )  # the warm-up's estimates, before the step loop publishes its first view
-        self._workers = ImageWorkers(cfg.encode_workers, self._fail, cfg.max_pending_decodes)
+        self._workers = ImageWorkers(
+            cfg.encode_workers, self._fail, cfg.max_pending_decodes, stats=self._stats, clock=self._clock
+        )
         self._loop = StepLoop(
             config=cfg,
             programs=programs,
@@ -146,7 +160,7 @@ class JaxEngine:
         counters.compile_seconds = programs.compile_seconds
         counters.startup_seconds = time.monotonic() - started
         counters.ready = True
-        self._phase = "ready"
+        self._phase = _Phase.READY
         self._publish()
         log.info(
             "engine ready: %d slots on %d devices in %.1fs (%s); %d programs (batch buckets %s per "
@@ -199,13 +213,13 @@ class JaxEngine:
         return max(by_resolution.values()), decode_seconds, by_resolution
 
     def stop(self, drain_seconds: float = 0.0) -> None:
-        if self._phase == "stopped":
+        if self._phase is _Phase.STOPPED:
             return
-        if self._phase in ("new", "starting"):
-            self._phase = "stopped"
+        if self._phase in (_Phase.NEW, _Phase.STARTING):
+            self._phase = _Phase.STOPPED
             return
-        if self._phase == "ready":
-            self._phase = "draining"
+        if self._phase is _Phase.READY:
+            self._phase = _Phase.DRAINING
             self._publish(ready=False)
         if self._loop is not None and self._thread is not None:
             self._loop.finish_and_exit()
@@ -219,8 +233,8 @@ class JaxEngine:
         self._fail_live(NotReadyError("the engine stopped before the request finished"))
         if self._device is not None:
             self._device.stop()
-        if self._phase != "failed":
-            self._phase = "stopped"
+        if self._phase is not _Phase.FAILED:
+            self._phase = _Phase.STOPPED
         self._publish(ready=False)
 
     # ---- the interface
@@ -260,7 +274,7 @@ class JaxEngine:
         )
 
     def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
-        if self._phase != "ready" or self._model is None:
+        if self._phase is not _Phase.READY or self._model is None:
             raise NotReadyError(self._not_ready_reason())
         check_request(request, self.limits())
         now = self._clock()
@@ -296,7 +310,7 @@ class JaxEngine:
 
         def queued(ahead: int) -> None:
             boundary = self._loop.boundary if self._loop else 0
-            self._trace.add(TraceEvent("submit", boundary, request.request_id))
+            self._trace.add(TraceEvent(TraceKind.SUBMIT, boundary, request.request_id))
             tracked.deliver(
                 Queued(position=ahead, prompt_truncated=prompt_truncated, unknown_words=unknown_words)
             )
@@ -306,7 +320,8 @@ class JaxEngine:
         except Exception:
             self._forget(tracked)
             raise
-        if self._phase in ("failed", "stopped"):  # it failed or stopped while this request was admitted
+        # It failed or stopped while this request was admitted.
+        if self._phase in (_Phase.FAILED, _Phase.STOPPED):
             tracked.deliver(Failed(NotReadyError(self._not_ready_reason())))
         return tracked
 
@@ -314,7 +329,7 @@ class JaxEngine:
         if not isinstance(ticket, TrackedRequest) or ticket.terminal:
             return
         ticket.cancel_requested = True
-        if self._phase in ("ready", "draining"):
+        if self._phase in (_Phase.READY, _Phase.DRAINING):
             self._queue.wake()  # the step loop frees its slots at the next boundary and reports Failed
         else:
             ticket.deliver(Failed(CancelledError("cancelled by the caller")))
@@ -344,6 +359,18 @@ class JaxEngine:
         """What the step loop did, in order (admissions, step boundaries, finishes, cancellations)."""
         return self._trace.events()
 
+    def loop_statistics(self) -> LoopStatistics:
+        """The step loop's running totals (boundaries, steps, host and backpressure seconds) and what was
+        compiled, for benchmarks and tests; all zero before start."""
+        return self._loop.statistics() if self._loop is not None else LoopStatistics()
+
+    def compiled_programs(self) -> ProgramSet:
+        """The programs start() built, for benchmarks that time them on their own and tests that inspect
+        them; the step loop runs these same objects."""
+        if self._programs is None:
+            raise RuntimeError("the engine has no programs before start()")
+        return self._programs
+
     def device_busy_seconds(self, since: float | None = None) -> float:
         """Device time measured since start, or since the time.monotonic() `since` (within the busy
         window), for benchmarks: the busy ratio over any interval."""
@@ -362,10 +389,10 @@ class JaxEngine:
         return self._stats.snapshot().retry_after_seconds
 
     def _not_ready_reason(self) -> str:
-        if self._phase == "failed":
+        if self._phase is _Phase.FAILED:
             return f"the engine failed and will not recover: {self._failure}"
-        return {"new": "the engine is not started", "starting": "the engine is warming up"}.get(
-            self._phase, f"the engine is {self._phase}"
+        return {_Phase.NEW: "the engine is not started", _Phase.STARTING: "the engine is warming up"}.get(
+            self._phase, f"the engine is {self._phase.value}"
         )
 
     def _forget(self, request: TrackedRequest) -> None:
@@ -381,11 +408,11 @@ class JaxEngine:
 
     def _fail(self, error: BaseException) -> None:
         """A fatal error (device or step loop): unhealthy from now on, every waiting caller is told."""
-        if self._phase == "failed":
+        if self._phase is _Phase.FAILED:
             return
         log.error("engine failed: %s", error, exc_info=error)
         self._failure = error
-        self._phase = "failed"
+        self._phase = _Phase.FAILED
         self._stats.counters.healthy = False
         if self._loop is not None:
             self._loop.abort()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Mapping
 
-from sdxl_server.engine.api import EngineStats
+from sdxl_server.engine.api import EngineStats, Resolution
 
 # Bounds of the retry delay suggested when the queue is full (seconds).
 MIN_RETRY_SECONDS = 0.1
@@ -41,6 +42,22 @@ class LoopView:
     busy_ratio: float = 0.0
     work_ahead_steps: int = 0  # steps still to run for the images in slots and in the queue
     soonest_free_steps: int = 0  # steps until the first slot frees (0 when one is free)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopStatistics:
+    """The step loop's running totals and what was compiled, read by benchmarks and tests
+    (`JaxEngine.loop_statistics()`); the service reads `EngineStats` instead."""
+
+    boundary: int = 0  # step dispatches so far: the boundary number trace events carry
+    steps_dispatched: int = 0  # denoising steps dispatched (k per dispatch)
+    host_seconds: float = 0.0  # the loop's own work, not waiting on the device or a queue
+    # Waits for room in the image workers' bounded queue: host work (copies to the host, encoding)
+    # delaying the next dispatch. It should stay near zero.
+    backpressure_seconds: float = 0.0
+    programs_compiled: int = 0  # programs built at start (compiled, or loaded from the cache)
+    buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    steps_per_dispatch: tuple[int, ...] = ()  # 1, 2, 4, ..., K: the step programs' step counts
 
 
 class StatsBoard:

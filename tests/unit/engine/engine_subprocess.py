@@ -55,7 +55,7 @@ def devices(model_dir: str, cache_dir: str) -> dict:
     ):
         engine = JaxEngine(config(model_dir, cache_dir, **overrides))
         engine.start()
-        programs = engine._programs.by_resolution[Resolution(64, 64)]
+        programs = engine.compiled_programs().by_resolution[Resolution(64, 64)]
         # Every compiled size of the step and of the decode: none may move data between devices.
         step_hlo = "".join(p.as_text() for p in [*programs.steps.values(), *programs.decode.values()])
         result[name] = {
@@ -94,7 +94,7 @@ def hold(model_dir: str, cache_dir: str) -> dict:
     engine.start()
     result: dict = {"devices": jax.local_device_count()}
     for name, queued in (("shallow", 2), ("deep", 3)):
-        start_boundary = engine._loop.boundary
+        start_boundary = engine.loop_statistics().boundary
         release = threading.Event()
         recorders = [Recorder(on_progress=lambda _, gate=release: gate.wait(WAIT_SECONDS))]
         engine.submit(request(f"{name}-first", seed=1, steps=3), recorders[0])

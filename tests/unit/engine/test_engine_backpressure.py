@@ -47,19 +47,20 @@ def test_a_stalled_image_worker_holds_the_step_loop_at_the_bounded_queue(
 
         while not decoded("second"):
             gate.wait(0.01)  # polls the trace until the second decode was dispatched
-        frozen_at = engine._loop.boundary
+        frozen_at = engine.loop_statistics().boundary
         # The one worker is busy with the first image and the queue's one place is taken, so the loop
         # waits in the second decode's hand-off: no boundary passes while the worker stays stalled.
         gate.wait(0.3)
-        assert engine._loop.boundary == frozen_at
+        assert engine.loop_statistics().boundary == frozen_at
         assert not gate.is_set()
         gate.set()
 
         for recorder in (stalled, *others):
             assert isinstance(recorder.wait(), Finished)
             assert len(recorder.images()) == 1  # nothing dropped
-        assert engine._loop.backpressure_seconds >= 0.25  # the 0.3 s stall, less the hand-off
-        assert engine._loop.boundary > frozen_at
+        after = engine.loop_statistics()
+        assert after.backpressure_seconds >= 0.25  # the 0.3 s stall, less the hand-off
+        assert after.boundary > frozen_at
     finally:
         gate.set()
         engine.stop(drain_seconds=10)

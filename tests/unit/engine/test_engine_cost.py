@@ -30,7 +30,7 @@ def bucket_of(event, resolution=SQUARE) -> int:
 
 
 def test_a_lone_request_runs_the_smallest_step_and_decode(engine):
-    start = engine._loop.boundary
+    start = engine.loop_statistics().boundary
     run(engine, request("lone", seed=31, steps=5))
     steps = trace_between(engine, start, "step")
     (decode,) = trace_between(engine, start, "decode")
@@ -40,7 +40,7 @@ def test_a_lone_request_runs_the_smallest_step_and_decode(engine):
 
 def test_a_full_bank_runs_the_largest_step_and_one_decode_for_the_batch(engine):
     slots = engine.config.slots_per_device
-    start = engine._loop.boundary
+    start = engine.loop_statistics().boundary
     # Hold the step loop inside the first image's first Progress until the rest are queued: they all
     # join at the next boundary and, with equal steps, finish at the same one.
     release = threading.Event()
@@ -64,7 +64,7 @@ def test_a_full_bank_runs_the_largest_step_and_one_decode_for_the_batch(engine):
 
 def test_every_decode_is_the_finished_count_rounded_up_to_a_bucket(engine):
     """Over everything the shared engine decoded in this session (one device: all images in one block)."""
-    buckets = engine._programs.by_resolution[SQUARE].buckets
+    buckets = engine.loop_statistics().buckets[SQUARE]
     decodes = [e for e in engine.trace() if e.kind == "decode"]
     assert decodes
     for event in decodes:

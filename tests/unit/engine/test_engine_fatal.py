@@ -33,7 +33,7 @@ def test_a_failed_dispatch_fails_everyone_and_marks_the_engine_unhealthy(
         engine.submit(request("doomed-first", steps=8), first)
         while not any(e.kind == "step" for e in engine.trace()):
             release.wait(0.01)  # polls the trace until the first step was dispatched
-        steps = engine._programs.by_resolution[SQUARE].steps
+        steps = engine.compiled_programs().by_resolution[SQUARE].steps
         for key in steps:  # every batch bucket: whichever the next boundary picks fails
             steps[key] = broken_step
         others = [Recorder() for _ in range(4)]

@@ -91,7 +91,7 @@ def test_images_stay_equal_to_the_pipeline_when_busy_slots_are_packed(engine, or
     cases = [("a small boat", 11, 3), ("a green hill", 12, 7), ("an old clock", 13, 5)]
     release = threading.Event()
     recorders = [Recorder(on_progress=lambda _: release.wait(WAIT_SECONDS)), Recorder(), Recorder()]
-    start = engine._loop.boundary
+    start = engine.loop_statistics().boundary
     prompt, seed, steps = cases[0]
     engine.submit(request("pack-0", prompt=prompt, seed=seed, steps=steps), recorders[0])
     while not any(e.kind == "step" and e.boundary > start for e in engine.trace()):

@@ -1,0 +1,364 @@
+"""The batching policy, decided as data: boundary plans over plain requests, applied to fake programs.
+
+No JAX here. `FakePrograms` stands in for the compiled programs: it keeps, per bank, which image sits in
+each slot with its steps left and which image sits in each held row, applies a plan the way the step
+loop does (the same order, the same indices), and checks what the real programs silently assume: a step
+reaches only the first `bucket` slots of each block and no slot runs past its last step; a rearrangement
+stashes only finished images into empty held rows; a decode's rows hold exactly the images it names.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sdxl_server.engine.api import DeadlineUnreachableError, GenerationRequest, Resolution
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue
+from sdxl_server.engine.batching.boundary_plan import (
+    Admission,
+    BoundaryPlan,
+    BoundaryPlanner,
+    Decode,
+    Dispatch,
+    ProgramSizes,
+    Repacking,
+    steps_per_dispatch,
+)
+from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.batching.slot_table import SlotTable
+from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
+from sdxl_server.engine.stats import StatsBoard
+
+SQUARE = Resolution(64, 64)
+WIDE = Resolution(96, 64)
+
+
+def test_neither_the_planning_module_nor_these_tests_import_jax():
+    load_this_file = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('policy_tests', {__file__!r}); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        "import sdxl_server.engine.batching.boundary_plan; "
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))"
+    )
+    subprocess.run([sys.executable, "-c", load_this_file], check=True)
+
+
+def tracked(
+    request_id: str,
+    *,
+    steps: int = 4,
+    num_images: int = 1,
+    resolution: Resolution = SQUARE,
+    deadline: float | None = None,
+) -> TrackedRequest:
+    request = GenerationRequest(
+        request_id=request_id,
+        prompt="a cat",
+        negative_prompt="",
+        seed=0,
+        num_images=num_images,
+        steps=steps,
+        guidance_scale=7.5,
+        resolution=resolution,
+        deadline=deadline,
+    )
+    return TrackedRequest(request, lambda event: None, np.zeros((2, 2, 4), np.int32), True, submitted_at=0.0)
+
+
+class FakeBank:
+    def __init__(self, total: int) -> None:
+        self.slots: list[list | None] = [None] * total  # [image, steps left] per slot
+        self.held: list[WorkItem | None] = [None] * total
+
+
+class FakePrograms:
+    def __init__(self, resolutions: tuple[Resolution, ...], devices: int, per_device: int) -> None:
+        self.per = per_device
+        self.banks = {res: FakeBank(devices * per_device) for res in resolutions}
+        self.decoded: list[WorkItem] = []  # in decode order
+        self.dispatches: list[Dispatch] = []
+
+    def apply(self, plan: BoundaryPlan, planner: BoundaryPlanner) -> None:
+        for compaction in plan.compactions:
+            if compaction.room is not None:
+                self.decode(compaction.room)
+            if compaction.repacking is not None:
+                self.rearrange(self.banks[compaction.resolution], compaction.repacking)
+        for admission in plan.admissions:
+            self.insert(admission)
+        for decode in plan.decodes:
+            self.decode(decode)
+        if plan.dispatch is not None:
+            self.step(plan.dispatch)
+            planner.record_dispatch(plan.dispatch)
+
+    def rearrange(self, bank: FakeBank, r: Repacking) -> None:
+        per, old = self.per, list(bank.slots)
+        for position, source in enumerate(r.held_source):
+            if r.held_take[position]:
+                base = position - position % per
+                stashed = old[base + source]
+                assert stashed is not None and stashed[1] == 0, "only a finished image is stashed"
+                assert bank.held[position] is None, "a held image was overwritten before its decode"
+                bank.held[position] = stashed[0]
+        for position, source in enumerate(r.order):
+            base = position - position % per
+            bank.slots[position] = old[base + source] if r.live[position] else None
+
+    def insert(self, admission: Admission) -> None:
+        bank = self.banks[admission.resolution]
+        assert admission.device == admission.slot // self.per
+        assert bank.slots[admission.slot] is None, "admitted into a busy slot"
+        bank.slots[admission.slot] = [admission.item, admission.item.steps]
+
+    def decode(self, decode: Decode) -> None:
+        bank = self.banks[decode.resolution]
+        for device, row, item in decode.images():
+            assert row < decode.bucket, "a decoded image outside the compiled batch"
+            assert bank.held[device * self.per + row] is item
+            bank.held[device * self.per + row] = None
+            self.decoded.append(item)
+        assert not any(bank.held), "a decode leaves every held image of its bank decoded"
+
+    def step(self, dispatch: Dispatch) -> None:
+        self.dispatches.append(dispatch)
+        buckets = dict(dispatch.buckets)
+        for resolution, bank in self.banks.items():
+            for position, entry in enumerate(bank.slots):
+                if entry is None or entry[1] == 0:
+                    continue
+                assert position % self.per < buckets.get(resolution, 0), "a busy slot the step skips"
+                assert dispatch.steps <= entry[1], "a slot ran past its last step"
+                entry[1] -= dispatch.steps
+
+
+class Server:
+    """A planner over a real slot table and queue, its plans applied to fake programs."""
+
+    def __init__(
+        self,
+        *,
+        devices: int = 1,
+        per_device: int = 2,
+        policy: str = "continuous",
+        hold_steps: int = 0,
+        most_steps_per_dispatch: int = 1,
+        resolutions: tuple[Resolution, ...] = (SQUARE,),
+    ) -> None:
+        board = StatsBoard(slots_total=devices * per_device)
+        self.queue = AdmissionQueue(max_images=1000, board=board)
+        self.slots = SlotTable(resolutions, devices, per_device)
+        sizes = ProgramSizes(
+            buckets={res: bucket_sizes(per_device) for res in resolutions},
+            steps_per_dispatch=bucket_sizes(most_steps_per_dispatch),
+        )
+        self.planner = BoundaryPlanner(
+            policy=policy, decode_hold_steps=hold_steps, sizes=sizes, slots=self.slots, queue=self.queue
+        )
+        self.programs = FakePrograms(resolutions, devices, per_device)
+        self.plans: list[BoundaryPlan] = []
+
+    def submit(self, *requests: TrackedRequest) -> None:
+        for request in requests:
+            self.queue.put(request, lambda: 1.0, lambda ahead: None)
+
+    def boundary(self, now: float = 0.0) -> BoundaryPlan:
+        self.queue.receive()
+        plan = self.planner.plan(now)
+        self.programs.apply(plan, self.planner)
+        self.plans.append(plan)
+        for occupant in self.slots.occupants():  # the host's mirror matches the device
+            entry = self.programs.banks[occupant.resolution].slots[occupant.slot]
+            assert entry is not None and entry[0] is occupant.item and entry[1] == occupant.remaining
+        return plan
+
+    def run_until_idle(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            plan = self.boundary()
+            if plan.dispatch is None and not self.slots.busy and not len(self.queue):
+                return
+        raise AssertionError("the server did not become idle")
+
+
+def admitted(plan: BoundaryPlan) -> list[str]:
+    return [a.item.request.request_id for a in plan.admissions]
+
+
+def test_continuous_admission_fills_a_free_slot_at_the_next_boundary():
+    server = Server(per_device=2)
+    server.submit(tracked("long", steps=6))
+    assert admitted(server.boundary()) == ["long"]
+    server.submit(tracked("late", steps=2))
+    assert admitted(server.boundary()) == ["late"]  # while "long" still runs
+    assert server.slots.busy == 2
+
+
+def test_static_admission_waits_for_the_whole_batch_to_finish():
+    server = Server(per_device=2, policy="static")
+    server.submit(tracked("long", steps=3))
+    assert admitted(server.boundary()) == ["long"]
+    server.submit(tracked("late", steps=2))
+    assert [admitted(server.boundary()) for _ in range(2)] == [[], []]  # "long" runs its steps 2 and 3
+    assert admitted(server.boundary()) == ["late"]  # the slots are all free again
+
+
+def test_a_boundary_admits_no_more_images_than_free_slots_in_queue_order():
+    server = Server(per_device=2)
+    server.submit(tracked("a", num_images=2), tracked("b"))
+    plan = server.boundary()
+    assert [(a.item.request.request_id, a.item.index) for a in plan.admissions] == [("a", 0), ("a", 1)]
+    assert len(server.queue) == 1 and plan.left_queue == 2
+
+
+def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
+    server = Server(per_device=4)  # compiled batches 1, 2, 4
+    server.submit(tracked("short", steps=1), tracked("b", steps=5), tracked("c", steps=5))
+    first = server.boundary()
+    assert [a.slot for a in first.admissions] == [0, 1, 2]
+    assert first.dispatch is not None and first.dispatch.buckets == ((SQUARE, 4),)  # 3 busy: batch 4
+    second = server.boundary()  # "short" finished: its latents go to the held buffer, b and c move up
+    (compaction,) = second.compactions
+    assert compaction.repacking is not None
+    assert list(compaction.repacking.order) == [1, 2, 0, 3]
+    assert list(compaction.repacking.live) == [True, True, False, False]
+    assert compaction.repacking.held_counts == [1]
+    assert [o.slot for o in server.slots.occupants()] == [0, 1]
+    assert second.dispatch is not None and second.dispatch.buckets == ((SQUARE, 2),)
+    server.submit(tracked("d", steps=2))
+    third = server.boundary()
+    assert [a.slot for a in third.admissions] == [2]  # at the end of the packed block
+
+
+def test_an_image_goes_to_the_least_loaded_device():
+    server = Server(devices=2, per_device=2)
+    server.submit(tracked("a", steps=5), tracked("b", steps=1), tracked("c", steps=5))
+    assert [a.device for a in server.boundary().admissions] == [0, 1, 0]
+    server.boundary()  # "b" finished on device 1
+    server.submit(tracked("d", steps=5))
+    assert [a.device for a in server.boundary().admissions] == [1]  # device 0 has a free slot too
+
+
+def test_placement_counts_the_load_of_every_bank_on_a_device():
+    server = Server(devices=2, per_device=2, resolutions=(SQUARE, WIDE))
+    server.submit(tracked("wide", steps=5, resolution=WIDE), tracked("square", steps=5))
+    placed = {a.item.request.request_id: a.device for a in server.boundary().admissions}
+    assert placed == {"wide": 0, "square": 1}  # both banks' blocks were empty: device 1 had less to do
+    plan = server.plans[-1]
+    assert plan.dispatch is not None and plan.dispatch.buckets == ((SQUARE, 1), (WIDE, 1))
+
+
+def hold_scenario(queued_behind: int) -> list[BoundaryPlan]:
+    """2 devices x 1 slot, decode hold 4 steps: "first" (2 steps) on device 0 and "second" (3 steps) on
+    device 1; "first" finishes at dispatch 2, its latents are held at boundary 3, when a queued image
+    takes its slot and `queued_behind` - 1 images still wait."""
+    server = Server(devices=2, per_device=1, hold_steps=4)
+    server.submit(tracked("first", steps=2), tracked("second", steps=3))
+    server.submit(*(tracked(f"queued-{i}", steps=8) for i in range(queued_behind)))
+    for _ in range(4):
+        server.boundary()
+    return server.plans
+
+
+def decoded_counts(plans: list[BoundaryPlan]) -> list[int]:
+    return [len(d.images()) for plan in plans for d in plan.decodes]
+
+
+def test_with_a_deep_backlog_a_lone_finished_image_waits_to_be_decoded_with_another_devices():
+    plans = hold_scenario(queued_behind=3)  # 2 still wait after boundary 3: as many as slots
+    assert plans[2].decodes == ()  # "second" (on the other device) finishes within the budget
+    (decode,) = plans[3].decodes
+    assert decode.bucket == 1 and len(decode.images()) == 2  # one image on each device, one program
+    assert decoded_counts(plans) == [2]
+
+
+def test_with_a_shallow_backlog_a_finished_image_is_decoded_at_once():
+    plans = hold_scenario(queued_behind=1)  # nothing waits after boundary 3: the hold would be latency
+    (decode,) = plans[2].decodes
+    assert [item.request.request_id for _, _, item in decode.images()] == ["first"]
+    assert decoded_counts(plans) == [1, 1]
+
+
+def test_a_dispatch_runs_the_most_steps_no_slot_overshoots():
+    server = Server(per_device=2, most_steps_per_dispatch=4)  # 1, 2 or 4 steps per dispatch
+    server.submit(tracked("seven", steps=7))
+    server.run_until_idle()
+    assert [d.steps for d in server.programs.dispatches] == [4, 2, 1]
+    server.submit(tracked("a", steps=3), tracked("b", steps=6))
+    server.run_until_idle()
+    # min steps left: 3 -> 2 (a: 1 left) -> 1 (a done; b: 3 left) -> 2 -> 1
+    assert [d.steps for d in server.programs.dispatches[3:]] == [2, 1, 2, 1]
+
+
+def test_a_waiting_image_that_could_take_a_slot_keeps_dispatches_to_one_step():
+    sizes = bucket_sizes(4)
+    assert steps_per_dispatch(sizes, [7, 9], waiting=1, could_enter=1) == 1
+    assert steps_per_dispatch(sizes, [7, 9], waiting=1, could_enter=0) == 4  # every slot is taken
+    assert steps_per_dispatch(sizes, [7, 3], waiting=0, could_enter=2) == 2  # nobody waits
+
+
+def test_a_full_server_still_runs_k_steps_while_images_wait():
+    server = Server(per_device=1, most_steps_per_dispatch=4)
+    server.submit(tracked("running", steps=8), tracked("waiting", steps=8))
+    plan = server.boundary()
+    assert plan.dispatch is not None and plan.dispatch.steps == 4 and len(server.queue) == 1
+
+
+def test_cancelled_and_expired_images_leave_their_slots_and_the_queue_and_each_request_fails_once():
+    server = Server(per_device=2)
+    cancelled = tracked("cancelled", num_images=2, steps=9)
+    late = tracked("late", steps=9, deadline=5.0)
+    waiting = tracked("waiting", steps=9, deadline=5.0)
+    server.submit(cancelled, late, waiting)
+    server.boundary(now=0.0)  # "cancelled" takes both slots; the others wait
+    cancelled.cancel_requested = True
+    plan = server.boundary(now=1.0)
+    assert [(r.item.request.request_id, r.slot) for r in plan.retirements] == [
+        ("cancelled", 0),
+        ("cancelled", 1),
+    ]
+    assert admitted(plan) == ["late", "waiting"]
+    assert [request.request_id for request, _ in plan.failures()] == ["cancelled"]
+    plan = server.boundary(now=5.0)
+    assert sorted(r.item.request.request_id for r in plan.retirements) == ["late", "waiting"]
+    assert [str(error) for _, error in plan.failures()] == ["deadline passed after 1 of 9 steps"] * 2
+    assert all(isinstance(error, DeadlineUnreachableError) for _, error in plan.failures())
+    assert server.slots.busy == 0 and plan.dispatch is None
+
+
+def test_a_queued_image_whose_deadline_passed_never_reaches_a_slot():
+    server = Server(per_device=1)
+    server.submit(tracked("running", steps=3), tracked("late", steps=3, deadline=2.0))
+    server.boundary(now=0.0)
+    plan = server.boundary(now=2.0)
+    assert [(r.item.request.request_id, r.slot) for r in plan.retirements] == [("late", -1)]
+    assert plan.left_queue == 1 and len(server.queue) == 0
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy):
+    """Two devices, two banks, steps per dispatch up to 4, a decode hold, arrivals between boundaries:
+    the fake programs check every plan along the way."""
+    rng = random.Random(7)
+    server = Server(
+        devices=2,
+        per_device=3,
+        policy=policy,
+        hold_steps=3,
+        most_steps_per_dispatch=4,
+        resolutions=(SQUARE, WIDE),
+    )
+    images = 0
+    for i in range(40):
+        count = rng.choice([1, 1, 2])
+        images += count
+        resolution = rng.choice([SQUARE, WIDE])
+        server.submit(tracked(f"r{i}", steps=rng.randint(1, 9), num_images=count, resolution=resolution))
+        for _ in range(rng.randint(0, 2)):
+            server.boundary()
+    server.run_until_idle()
+    decoded = [(item.request.request_id, item.index) for item in server.programs.decoded]
+    assert len(decoded) == images and len(set(decoded)) == images
