@@ -52,10 +52,9 @@ def ready_hint(
     sdxl = installed_command("sdxl") or "sdxl (pip install ./client)"
     token = " --token <token>" if auth else ""
     tls_flag = " --tls" if tls else ""
-    lines = [
-        f"ready. Try: {sdxl} generate {shlex.quote(prompt)} -o shape.png --target {target}{tls_flag}{token}"
-    ]
-    body = f'{{"prompt": "{prompt}"}}'
+    options = f"--seed 1 -o shape.png --target {target}{tls_flag}{token}"
+    lines = [f"ready. Try: {sdxl} generate {shlex.quote(prompt)} {options}"]
+    body = f'{{"prompt": "{prompt}", "seed": 1}}'
     if shutil.which("grpcurl"):
         grpcurl_tls = "-insecure" if tls else "-plaintext"
         grpcurl_auth = " -H 'authorization: Bearer <token>'" if auth else ""

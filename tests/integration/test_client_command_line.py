@@ -64,7 +64,7 @@ def test_generate_to_a_file_with_json_summary(shared_server, tmp_path, capsys):
 
 def test_generate_bad_field_is_one_clear_line(shared_server, capsys):
     assert (
-        main(["generate", "x", "--target", shared_server.target, "--steps", "99", "-o", "/nonexistent/"]) == 1
+        main(["generate", "x", "--target", shared_server.target, "--steps", "99", "-o", "/nonexistent/"]) == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("error: INVALID_ARGUMENT") and "steps" in err and "Traceback" not in err

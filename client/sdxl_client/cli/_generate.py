@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from dataclasses import dataclass, replace
@@ -191,12 +192,13 @@ def image_size(args: argparse.Namespace) -> tuple[int, int]:
     return args.size
 
 
-def make_output_directories(plan: OutputPlan) -> str | None:
-    """Creates the directories ``-o`` names that do not exist yet, before the request (so that a path that
-    cannot be made fails at once, not after the images were generated); returns a note naming them.
+def missing_output_directory(plan: OutputPlan) -> pathlib.Path | None:
+    """The directory ``-o`` names that does not exist yet (created when the first image arrives, with a
+    note), or None. Checked before the call, so that a path that cannot be made fails at once rather than
+    after the images were generated, and without creating anything for a request the server refuses.
 
     Raises:
-        UsageError: A directory cannot be created (permissions, a file in the way).
+        UsageError: The directory cannot be created (a file in the way, no permission).
     """
     if plan.to_stdout:
         return None
@@ -204,12 +206,19 @@ def make_output_directories(plan: OutputPlan) -> str | None:
     directory = path if plan.to_directory else path.parent
     if directory.is_dir():
         return None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = error.strerror or error
-        raise UsageError(f"-o {plan.raw}: cannot create the directory {directory}: {reason}") from None
-    return f"created the directory {directory}/ for -o {plan.raw}"
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = (
+        "is not a directory"
+        if not existing.is_dir()
+        else "is not writable"
+        if not os.access(existing, os.W_OK | os.X_OK)
+        else None
+    )
+    if problem:
+        raise UsageError(f"-o {plan.raw}: cannot create the directory {directory}: {existing} {problem}")
+    return directory
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,9 +243,7 @@ def run(args: argparse.Namespace) -> int:
                 _check_signs(args, width, height, None)  # a usage error outranks an unreachable server
                 raise
             _check_signs(args, width, height, info)
-            created = make_output_directories(plan)
-            if created:
-                print(f"note: {created}", file=sys.stderr)
+            missing = missing_output_directory(plan)
             parameters = Parameters(
                 prompt=args.prompt,
                 negative_prompt=args.negative_prompt,
@@ -279,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
                         written.append({"path": STDOUT, "seed": event.seed, "index": event.index})
                         continue
                     path = output_path(output, plan.raw, event, request_id, count)
+                    if missing is not None and not missing.is_dir():
+                        missing.mkdir(parents=True, exist_ok=True)
+                        line.note(f"note: created the directory {missing}/ for -o {plan.raw}")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
                     written.append({"path": str(path), "seed": event.seed, "index": event.index})
