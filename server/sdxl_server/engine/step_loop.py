@@ -25,11 +25,12 @@ applied here with the compiled programs, in this order:
    effect within one step.
 
 Ownership: only this thread touches the slot table, the queue's contents, the held buffers and the device
-state, and only it publishes the stats view; no StepLoop method runs on another thread. Other threads
-reach it through messages it handles at the next boundary: a submission lands in the queue's arrivals
-(moved in by `receive`), a cancellation is a flag on the request read when the boundary is planned, stop
-and abort are flags read at the top of each boundary. `statistics()` may be read from any thread (plain
-numbers, written only by this one).
+state, and only it publishes the stats view; the image workers run their own code (image_workers.py).
+Other threads reach the loop through messages it handles at the next boundary: a submission lands in the
+queue's arrivals (moved in by `receive`), a cancellation is a flag on the request read when the boundary
+is planned, stop and abort (`finish_and_exit`, `abort`) set flags read at the top of each boundary. Those
+two and `statistics()` (a copy of plain numbers only this thread writes) are the only methods other
+threads call.
 """
 
 from __future__ import annotations
