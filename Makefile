@@ -51,7 +51,7 @@ run: install
 	@echo "Once it logs \"ready\", copy the command it prints into another terminal; the demo draws prompts like"
 	@echo "  'a yellow circle on a purple background' (colours: red green blue yellow orange purple white black;"
 	@echo "  shapes: circle square triangle). Other flags: make run ARGS=\"--http-port 8080 --port 50061\""
-	$(VENV)/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051 $(ARGS)
+	STARTED_BY_MAKE_RUN=1 $(VENV)/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051 $(ARGS)
 
 bench: install
 	$(PY) bench/engine_vs_recipe.py
@@ -60,4 +60,3 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache .tools
-

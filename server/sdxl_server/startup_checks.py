@@ -17,6 +17,7 @@ import socket
 
 from sdxl_server.server_settings import ConfigError, ServerConfig
 
+MAKE_RUN_MARKER = "STARTED_BY_MAKE_RUN"
 _KNOWN_NAMES = "'demo' (the trained demo model: coloured shapes) or 'tiny' (random weights)"
 # What a Hugging Face hub id looks like: owner/name, letters, digits, '-', '_' and '.'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -42,9 +43,16 @@ def check_port_free(host: str, port: int, flag: str) -> None:
                 if error.errno == errno.EADDRINUSE
                 else f"cannot be bound ({error.strerror})"
             )
+            # Under `make run` (its recipe sets STARTED_BY_MAKE_RUN), a flag goes through make's ARGS: make
+            # would read a bare --port as its own option.
+            through_make = (
+                f' (with make: make run ARGS="--{flag} {port + 10}")'
+                if os.environ.get(MAKE_RUN_MARKER)
+                else ""
+            )
             raise ConfigError(
                 f"--{flag}: port {port} on {host} {reason} (another sdxl-server?); "
-                f"choose another with --{flag} (0 picks a free one)"
+                f"choose another with --{flag} (0 picks a free one){through_make}"
             ) from None
 
 

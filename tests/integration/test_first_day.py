@@ -10,6 +10,7 @@ refuse their flags in about a second, before JAX or the model is loaded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import shlex
@@ -26,6 +27,7 @@ import pytest
 from PIL import Image
 from sdxl_client.cli import EXIT_STATUSES
 from sdxl_server.engine.models import shapes
+from sdxl_server.startup_checks import MAKE_RUN_MARKER
 from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND, HOLD_OPTION
 from sdxl_test_support.servers import RunningServer, StartServer
 
@@ -40,8 +42,11 @@ def sdxl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
     return subprocess.run([SDXL, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SERVER, "serve", *args], capture_output=True, text=True, timeout=60)
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != MAKE_RUN_MARKER} | (env or {})
+    return subprocess.run(
+        [*SERVER, "serve", *args], capture_output=True, text=True, timeout=60, env=environment
+    )
 
 
 def free_port() -> int:
@@ -133,7 +138,8 @@ def test_make_run_passes_args_to_the_server():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].endswith(
-        "sdxl-server serve --model demo --host 127.0.0.1 --port 50051 --http-port 8080 --port 50061"
+        "STARTED_BY_MAKE_RUN=1 .venv/bin/sdxl-server serve --model demo --host 127.0.0.1 --port 50051 "
+        "--http-port 8080 --port 50061"
     )
 
 
@@ -294,6 +300,22 @@ def test_a_taken_http_port_names_http_port():
     assert done.stderr.splitlines() == [
         f"sdxl-server serve: error: --http-port: port {port} on 127.0.0.1 is already in use "
         "(another sdxl-server?); choose another with --http-port (0 picks a free one)"
+    ]
+
+
+def test_a_taken_port_under_make_run_says_how_to_choose_another_through_make():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve(
+            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", env={MAKE_RUN_MARKER: "1"}
+        )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"sdxl-server serve: error: --port: port {port} on 127.0.0.1 is already in use "
+        "(another sdxl-server?); choose another with --port (0 picks a free one) "
+        f'(with make: make run ARGS="--port {port + 10}")'
     ]
 
 
