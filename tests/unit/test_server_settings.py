@@ -160,6 +160,8 @@ _REFUSED_ENGINE_VALUES = {
     "max_images_per_request": "0",
     "steps_per_dispatch": "0",
     "decode_hold_steps": "-1",
+    "memory_fraction": "1.5",
+    "attention": "fast",
 }
 
 

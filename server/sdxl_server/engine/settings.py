@@ -17,6 +17,19 @@ from sdxl_server.settable import described, setting
 
 POLICIES = ("continuous", "static")
 DTYPES = ("auto", "float32", "bfloat16")
+ATTENTIONS = ("auto", "xla", "flash")
+# slots_per_device's value for "auto": the memory plan (device/memory_plan.py) fits as many as it can.
+AUTO_SLOTS = -1
+
+
+def parse_slots(text: str) -> int:
+    """``--slots-per-device``: a whole number (checked by EngineConfig) or ``auto`` (AUTO_SLOTS)."""
+    if text.strip().lower() == "auto":
+        return AUTO_SLOTS
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number or auto") from None
 
 
 class SettingError(ValueError):
@@ -47,8 +60,18 @@ class EngineConfig:
     resolutions: tuple[Resolution, ...] = dataclasses.field(
         metadata=described("served WIDTHxHEIGHT list, the first is the default")
     )
-    # Batch slots per device; total slots = slots_per_device x local devices.
-    slots_per_device: int = setting(1, "images denoised concurrently per device")
+    # Batch slots per device; total slots = slots_per_device x local devices. AUTO_SLOTS: the most that
+    # fit under memory_fraction, decided at start by the memory plan (which also refuses a number that
+    # does not fit, before anything is compiled for real).
+    slots_per_device: int = setting(
+        1, "images denoised concurrently per device, or auto: the most that fit", parse=parse_slots
+    )
+    # The share of the device's memory (on CPU: of the host's available RAM) that parameters, slot state
+    # and the largest program's temporaries may fill; the memory plan checks it at start.
+    memory_fraction: float = setting(0.9, "share of device memory (host RAM on CPU) the server may fill")
+    # "xla" writes each attention's score matrix to memory; "flash" never does (device/attention.py);
+    # "auto" is flash on TPU and CPU, xla on GPU (measured: docs/PERFORMANCE.md, "Attention").
+    attention: str = setting("auto", "attention: xla, flash or auto (flash on TPU and CPU, xla on GPU)")
     # Admission queue bound, in images (not requests): a full queue rejects at once.
     max_queue: int = setting(64, "images that may wait for a slot before RESOURCE_EXHAUSTED")
     # "continuous": fill free slots at every step boundary; "static": start a batch only when all
@@ -109,7 +132,13 @@ class EngineConfig:
         require(bool(self.model), "model", "must not be empty")
         problem = request_rules.servable_resolutions_problem(self.resolutions)
         require(problem is None, "resolutions", str(problem))
-        require(self.slots_per_device >= 1, "slots_per_device", "must be at least 1")
+        require(
+            self.slots_per_device >= 1 or self.slots_per_device == AUTO_SLOTS,
+            "slots_per_device",
+            "must be at least 1, or auto",
+        )
+        require(0 < self.memory_fraction <= 1, "memory_fraction", "must be within (0, 1]")
+        require(self.attention in ATTENTIONS, "attention", f"must be one of {', '.join(ATTENTIONS)}")
         require(self.max_queue >= 1, "max_queue", "must be at least 1")
         require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")

@@ -57,6 +57,11 @@ def default_attention(platform: str) -> str:
     return "xla" if platform in ("gpu", "cuda", "rocm") else "flash"
 
 
+def resolve_attention(setting: str, platform: str) -> str:
+    """The attention a setting means on `platform`: "auto" is the platform's default."""
+    return default_attention(platform) if setting == "auto" else setting
+
+
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """diffusers' `split_head_dim` arithmetic: the score matrix in memory, softmax over keys."""
     scores = jnp.einsum("btnh,bfnh->bnft", k, q) * scale

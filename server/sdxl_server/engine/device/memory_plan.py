@@ -1,0 +1,281 @@
+"""The memory plan: before the real compile, whether the slots and resolutions fit the device's memory.
+
+What one device holds while serving:
+
+* the parameters (replicated: every device holds all of them);
+* per resolution, the slot state of its block (latents, embeddings, schedules) and the held latents;
+* the temporaries of the program that runs, one at a time: the largest is a step or a decode.
+
+Temporaries come from XLA's memory analysis of probe programs compiled from abstract shapes (no weights
+placed, nothing allocated): the per-device step body and the VAE decode on one slot, traced with the
+configured attention, scaled by the slots per device (activations grow with the batch; the parameters,
+which do not, are arguments, not temporaries). A probe costs one compile of one program (seconds on CPU
+for the demo model at 1024x1024), and the persistent compilation cache keeps it.
+
+The device's memory: `memory_stats()["bytes_limit"]` on TPU and GPU; on the CPU the host's available RAM
+(`MemAvailable`, and the cgroup's limit less its usage when that is smaller: in a pod, /proc/meminfo
+shows the node), shared by every CPU device. XLA:CPU's runtime peak exceeds its analysed temporaries
+(measured with the demo UNet and `xla` attention: 2.9 GiB analysed, 8.2 GB peak at 768x768; 0.6 GiB
+and 1.2 GB at 512x512), so on the CPU temporaries count `CPU_TEMP_FACTOR` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
+from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps
+from sdxl_server.engine.models.loader import LoadedModel
+from sdxl_server.engine.settings import AUTO_SLOTS, EngineConfig, SettingError
+
+log = logging.getLogger(__name__)
+
+CPU_TEMP_FACTOR = 3.0
+# `auto` stops here even where memory allows more: every bucket up to it is a compiled program, and a
+# step's latency grows with its batch. A number given explicitly may go beyond.
+MAX_AUTO_SLOTS = 16
+GIB = 2**30
+
+
+class MemoryPlanError(SettingError):
+    """The configuration does not fit the device: the field to change (slots_per_device or resolutions)
+    and one line of figures; the server prints it after the field's flag and exits 2."""
+
+
+def fit_to_memory(config: EngineConfig, model: LoadedModel, devices: Sequence[Any]) -> EngineConfig:
+    """`config` with its attention resolved for the platform and its slots per device checked against
+    the memory plan (`auto`: the most that fit); MemoryPlanError when they do not fit."""
+    attention = resolve_attention(config.attention, devices[0].platform)
+    plan = plan_memory(
+        model, devices, config.resolutions, config.max_steps, attention, config.memory_fraction
+    )
+    slots = plan.slots_per_device(config.slots_per_device)
+    log.info(
+        "%s%s",
+        plan.describe(slots),
+        " (--slots-per-device auto)" if config.slots_per_device == AUTO_SLOTS else "",
+    )
+    return dataclasses.replace(config, slots_per_device=slots, attention=attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    bytes: int  # the memory the devices below share (one device's HBM; the host's RAM for CPU devices)
+    described: str  # e.g. "15.7 GiB of TPU v5 lite HBM", "22.6 GiB of available RAM (MemAvailable)"
+    shared_by: int = 1  # devices that use it at once
+
+
+def device_memory(devices: Sequence[Any]) -> DeviceMemory:
+    """The memory one of `devices` may use: its own (accelerators) or the host's, shared (CPU)."""
+    device = devices[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        limit = int(stats["bytes_limit"])
+        return DeviceMemory(limit, f"{limit / GIB:.1f} GiB of {device.device_kind} memory")
+    available, source = host_available_bytes()
+    return DeviceMemory(available, f"{available / GIB:.1f} GiB of available RAM ({source})", len(devices))
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """The RAM this process may still take, and where the figure comes from."""
+    available, source = _meminfo_available(meminfo), "MemAvailable"
+    limit, usage = (
+        _read_int(os.path.join(cgroup, "memory.max")),
+        _read_int(os.path.join(cgroup, "memory.current")),
+    )
+    if limit is not None and usage is not None and limit - usage < available:
+        available, source = max(limit - usage, 0), "the cgroup's memory.max less memory.current"
+    return available, source
+
+
+def _meminfo_available(path: str) -> int:
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{path} has no MemAvailable line")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolutionNeeds:
+    """Per slot, at one resolution: what stays resident and what one program needs while it runs."""
+
+    resolution: Resolution
+    state_bytes: int  # the slot's state and its held-latents row
+    step_temp_bytes: int  # the guided step's temporaries
+    decode_temp_bytes: int  # the VAE decode's temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    params_bytes: int
+    needs: tuple[ResolutionNeeds, ...]
+    memory: DeviceMemory
+    memory_fraction: float
+    temp_factor: float  # CPU_TEMP_FACTOR on the CPU, 1 on accelerators
+    attention: str
+
+    @property
+    def budget_bytes(self) -> int:
+        """What one device may use: its share of the memory, times the memory fraction."""
+        return int(self.memory.bytes * self.memory_fraction / self.memory.shared_by)
+
+    def bytes_per_device(self, slots_per_device: int, needs: Sequence[ResolutionNeeds] | None = None) -> int:
+        chosen = self.needs if needs is None else needs
+        state = sum(n.state_bytes for n in chosen)
+        temps = max(max(n.step_temp_bytes, n.decode_temp_bytes) for n in chosen) * self.temp_factor
+        return self.params_bytes + math.ceil(slots_per_device * (state + temps))
+
+    def most_slots(self, needs: Sequence[ResolutionNeeds] | None = None) -> int:
+        """The most slots per device that fit the budget (0: not even one)."""
+        per_slot = self.bytes_per_device(1, needs) - self.params_bytes
+        room = self.budget_bytes - self.params_bytes
+        return max(room // per_slot, 0) if per_slot > 0 else 1 << 20
+
+    def slots_per_device(self, requested: int) -> int:
+        """`requested` if it fits, the most that fit for `auto`; else MemoryPlanError naming the setting."""
+        if self.most_slots() < 1:
+            alone = [n for n in self.needs if self.most_slots([n]) < 1]
+            if alone:
+                worst = max(alone, key=lambda n: self.bytes_per_device(1, [n]))
+                raise MemoryPlanError(
+                    "resolutions",
+                    f"{', '.join(str(n.resolution) for n in alone)} does not fit the device: "
+                    f"{self._figures(1, [worst])}; serve smaller --resolutions{self._flash_hint()}",
+                )
+            raise MemoryPlanError(
+                "resolutions",
+                f"{len(self.needs)} resolutions together do not fit the device: "
+                f"{self._figures(1, self.needs)}; serve fewer --resolutions{self._flash_hint()}",
+            )
+        if requested == AUTO_SLOTS:
+            return min(self.most_slots(), MAX_AUTO_SLOTS)
+        if self.bytes_per_device(requested) > self.budget_bytes:
+            raise MemoryPlanError(
+                "slots_per_device",
+                f"{_slots(requested)} per device do not fit: {self._figures(requested, self.needs)}; "
+                f"at most {self.most_slots()} fit (--slots-per-device {self.most_slots()} or auto)",
+            )
+        return requested
+
+    def describe(self, slots_per_device: int) -> str:
+        """One line for the start-up log."""
+        return f"memory plan: {self._figures(slots_per_device, self.needs)}; at most {self.most_slots()} fit"
+
+    def _figures(self, slots: int, needs: Sequence[ResolutionNeeds]) -> str:
+        largest = max(needs, key=lambda n: max(n.step_temp_bytes, n.decode_temp_bytes))
+        program = "step" if largest.step_temp_bytes >= largest.decode_temp_bytes else "decode"
+        temps = max(largest.step_temp_bytes, largest.decode_temp_bytes) * slots * self.temp_factor
+        counted = f", {self.temp_factor:g}x XLA:CPU's analysis" if self.temp_factor != 1 else ""
+        state = slots * sum(n.state_bytes for n in needs)
+        share = f" shared by {self.memory.shared_by} devices" if self.memory.shared_by > 1 else ""
+        return (
+            f"{_slots(slots)} per device need {self.bytes_per_device(slots, needs) / GIB:.2f} GiB "
+            f"(parameters {self.params_bytes / GIB:.2f} GiB, slot state {state / GIB:.2f} GiB, "
+            f"the {program}'s temporaries at {largest.resolution} {temps / GIB:.2f} GiB "
+            f"with --attention {self.attention}{counted}) but --memory-fraction {self.memory_fraction:g} "
+            f"of {self.memory.described}{share} is {self.budget_bytes / GIB:.2f} GiB"
+        )
+
+    def _flash_hint(self) -> str:
+        return " or use --attention flash" if self.attention != "flash" else ""
+
+
+def _slots(count: int) -> str:
+    return "one slot" if count == 1 else f"{count} slots"
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def plan_memory(
+    model: LoadedModel,
+    devices: Sequence[Any],
+    resolutions: Sequence[Resolution],
+    max_steps: int,
+    attention: str,
+    memory_fraction: float,
+) -> MemoryPlan:
+    """Compiles the probe programs from shapes and returns the plan (nothing is placed on a device)."""
+    platform = devices[0].platform
+    abstract = functools.partial(jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+    text_params = {
+        "text_encoder": model.params["text_encoder"],
+        "text_encoder_2": model.params["text_encoder_2"],
+    }
+    token_ids = jax.ShapeDtypeStruct((2, 2, model.max_tokens), jnp.int32)
+    embeds, pooled = jax.eval_shape(model.pipeline.get_embeddings, token_ids, abstract(text_params))
+    unet_params, vae_params = abstract(model.params["unet"]), abstract(model.params["vae"])
+    needs = []
+    with attention_kernel(attention, platform):
+        for resolution in resolutions:
+            h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
+            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
+            one_slot = _one_slot(latents, embeds, pooled, max_steps)
+            step = jax.jit(functools.partial(denoise_steps, model, resolution, 1)).lower(
+                unet_params, one_slot
+            )
+            decode = jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents)
+            needs.append(
+                ResolutionNeeds(
+                    resolution,
+                    state_bytes=tree_bytes(one_slot) + tree_bytes(latents),
+                    step_temp_bytes=_temp_bytes(step.compile()),
+                    decode_temp_bytes=_temp_bytes(decode.compile()),
+                )
+            )
+    return MemoryPlan(
+        params_bytes=tree_bytes(model.params),
+        needs=tuple(needs),
+        memory=device_memory(devices),
+        memory_fraction=memory_fraction,
+        temp_factor=CPU_TEMP_FACTOR if platform == "cpu" else 1.0,
+        attention=attention,
+    )
+
+
+def _one_slot(latents: Any, embeds: Any, pooled: Any, max_steps: int) -> SlotState:
+    def shape(*dims: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(dims, dtype)
+
+    return SlotState(
+        latents=latents,
+        prompt_embeds=shape(1, 2, *embeds.shape[1:], dtype=embeds.dtype),
+        pooled=shape(1, 2, pooled.shape[1], dtype=pooled.dtype),
+        guidance=shape(1),
+        timesteps=shape(1, max_steps, dtype=jnp.int32),
+        sigmas=shape(1, max_steps),
+        next_sigmas=shape(1, max_steps),
+        num_steps=shape(1, dtype=jnp.int32),
+        step=shape(1, dtype=jnp.int32),
+    )
+
+
+def _temp_bytes(compiled: Any) -> int:
+    """Temporaries plus outputs (the outputs are live while it runs, beside the inputs already counted)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # a backend without the analysis: nothing to add beyond the resident state
+        return 0
+    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)

@@ -1,0 +1,143 @@
+"""The memory plan: figures from XLA's memory analysis of probe programs, and the decision they make."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.device.memory_plan import (
+    CPU_TEMP_FACTOR,
+    GIB,
+    MAX_AUTO_SLOTS,
+    DeviceMemory,
+    MemoryPlan,
+    MemoryPlanError,
+    ResolutionNeeds,
+    host_available_bytes,
+    plan_memory,
+)
+from sdxl_server.engine.settings import AUTO_SLOTS, EngineConfig, SettingError, parse_slots
+
+SMALL, LARGE = Resolution(64, 64), Resolution(512, 512)
+
+
+def plan_with(budget_gib: float, needs, params_gib: float = 1.0, attention: str = "xla") -> MemoryPlan:
+    """A plan over made-up needs with exactly `budget_gib` per device (fraction 1, one device, factor 1)."""
+    return MemoryPlan(
+        params_bytes=int(params_gib * GIB),
+        needs=tuple(needs),
+        memory=DeviceMemory(int(budget_gib * GIB), f"{budget_gib} GiB of test memory"),
+        memory_fraction=1.0,
+        temp_factor=1.0,
+        attention=attention,
+    )
+
+
+def needs(resolution, state_gib, step_gib, decode_gib=0.0):
+    return ResolutionNeeds(resolution, int(state_gib * GIB), int(step_gib * GIB), int(decode_gib * GIB))
+
+
+def test_slots_that_fit_are_kept_and_auto_takes_the_most_that_fit():
+    # Per slot: 0.5 GiB of state at both sizes, and the largest program's 1.5 GiB: 2.5 GiB a slot.
+    plan = plan_with(11.0, [needs(SMALL, 0.25, 0.5), needs(LARGE, 0.25, 1.5, decode_gib=1.0)])
+    assert plan.bytes_per_device(4) == int(1.0 * GIB) + 4 * int(2.0 * GIB)
+    assert plan.most_slots() == 5
+    assert plan.slots_per_device(3) == 3
+    assert plan.slots_per_device(AUTO_SLOTS) == 5
+
+
+def test_auto_stops_at_its_bound_where_memory_would_allow_more():
+    plan = plan_with(1000.0, [needs(SMALL, 0.001, 0.001)])
+    assert plan.most_slots() > MAX_AUTO_SLOTS
+    assert plan.slots_per_device(AUTO_SLOTS) == MAX_AUTO_SLOTS
+
+
+def test_too_many_slots_are_refused_naming_the_flag_the_figures_and_what_fits():
+    plan = plan_with(11.0, [needs(LARGE, 0.5, 1.5)])
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.slots_per_device(8)
+    assert refused.value.field == "slots_per_device"
+    line = refused.value.message
+    assert "\n" not in line
+    assert line.startswith("8 slots per device do not fit: 8 slots per device need 17.00 GiB")
+    assert "the step's temporaries at 512x512 12.00 GiB with --attention xla" in line
+    assert "is 11.00 GiB" in line and line.endswith("at most 5 fit (--slots-per-device 5 or auto)")
+
+
+def test_a_size_that_does_not_fit_one_slot_is_refused_naming_resolutions():
+    plan = plan_with(4.0, [needs(SMALL, 0.1, 0.2), needs(LARGE, 0.5, 9.0)])
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.slots_per_device(1)
+    assert refused.value.field == "resolutions"
+    assert refused.value.message.startswith("512x512 does not fit the device: one slot per device need")
+    assert refused.value.message.endswith("serve smaller --resolutions or use --attention flash")
+    # MemoryPlanError is a SettingError: the server writes the field's flag before the message.
+    assert isinstance(refused.value, SettingError)
+
+
+def test_sizes_that_fit_alone_but_not_together_are_refused_naming_resolutions():
+    plan = plan_with(4.0, [needs(SMALL, 1.5, 0.5), needs(LARGE, 1.5, 0.5)], attention="flash")
+    with pytest.raises(MemoryPlanError, match="2 resolutions together do not fit") as refused:
+        plan.slots_per_device(1)
+    assert refused.value.field == "resolutions"
+    assert refused.value.message.endswith("serve fewer --resolutions")  # flash already: no hint to use it
+
+
+def test_cpu_devices_share_the_host_s_ram():
+    memory = DeviceMemory(int(16 * GIB), "16 GiB of available RAM (MemAvailable)", shared_by=4)
+    plan = dataclasses.replace(plan_with(0, [needs(SMALL, 0.5, 0.5)]), memory=memory, memory_fraction=0.5)
+    assert plan.budget_bytes == 2 * GIB
+
+
+def test_available_ram_is_the_cgroup_s_room_when_that_is_smaller(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal: 33554432 kB\nMemAvailable: 16777216 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert host_available_bytes(str(tmp_path / "meminfo"), str(cgroup)) == (16 * GIB, "MemAvailable")
+    (cgroup / "memory.max").write_text(f"{8 * GIB}\n")
+    (cgroup / "memory.current").write_text(f"{3 * GIB}\n")
+    available, source = host_available_bytes(str(tmp_path / "meminfo"), str(cgroup))
+    assert available == 5 * GIB and "memory.max" in source
+    (cgroup / "memory.max").write_text("max\n")  # no limit: the node's figure stands
+    assert host_available_bytes(str(tmp_path / "meminfo"), str(cgroup))[0] == 16 * GIB
+
+
+def test_slots_per_device_takes_auto_or_a_positive_number():
+    assert parse_slots("auto") == AUTO_SLOTS and parse_slots("3") == 3
+    with pytest.raises(ValueError, match="whole number or auto"):
+        parse_slots("two")
+    config = EngineConfig(model="tiny", resolutions=(SMALL,), slots_per_device=AUTO_SLOTS)
+    assert config.slots_per_device == AUTO_SLOTS
+    with pytest.raises(SettingError, match="slots_per_device: must be at least 1, or auto"):
+        EngineConfig(model="tiny", resolutions=(SMALL,), slots_per_device=0)
+    with pytest.raises(SettingError, match="memory_fraction"):
+        EngineConfig(model="tiny", resolutions=(SMALL,), memory_fraction=1.5)
+    with pytest.raises(SettingError, match="attention"):
+        EngineConfig(model="tiny", resolutions=(SMALL,), attention="fast")
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from sdxl_server.engine.models.loader import load_model
+    from sdxl_server.engine.models.model_source import resolve_model
+
+    return load_model(resolve_model("demo", None), "float32")
+
+
+@pytest.mark.slow
+def test_the_demo_model_s_figures_come_from_xla_s_analysis_on_the_cpu(demo_model):
+    """On the CPU: the host's RAM, temporaries counted 3x, and the score matrices of `xla` attention at
+    full latent resolution (512x512: 2 rows x 4 heads x 4,096^2 x 4 bytes = 512 MiB) in the step's."""
+    import jax
+
+    xla = plan_memory(demo_model, jax.local_devices()[:1], (SMALL, LARGE), 50, "xla", 0.9)
+    flash = plan_memory(demo_model, jax.local_devices()[:1], (LARGE,), 50, "flash", 0.9)
+    assert xla.temp_factor == CPU_TEMP_FACTOR and "available RAM" in xla.memory.described
+    small, large = xla.needs
+    assert 0 < small.step_temp_bytes < large.step_temp_bytes
+    assert large.step_temp_bytes >= 2 * 4 * 4096**2 * 4
+    assert flash.needs[0].step_temp_bytes < large.step_temp_bytes / 4
+    # The resident state is the slot's latents (twice: the slot and its held row), embeddings, schedules.
+    assert large.state_bytes >= 2 * 4 * 64 * 64 * 4
+    assert xla.params_bytes > 0
