@@ -71,3 +71,16 @@ def test_every_decode_is_the_finished_count_rounded_up_to_a_bucket(engine):
         images = int(event.detail.split("images=")[1])
         resolution = event.detail.split()[0]
         assert bucket_of(event, resolution) == covering_bucket(buckets, images), event
+
+
+def test_the_loop_statistics_count_what_the_trace_shows(engine):
+    before = engine.loop_statistics()
+    run(engine, request("counted", seed=32, steps=5))
+    after = engine.loop_statistics()
+    steps = trace_between(engine, before.boundary, "step")
+    assert after.boundary - before.boundary == len(steps) > 0
+    ks = [int(e.detail.split()[0].removeprefix("k=")) for e in steps]
+    assert after.steps_dispatched - before.steps_dispatched == sum(ks) == 5  # a lone request: no overshoot
+    assert after.steps_per_dispatch == (1, 2) and set(ks) <= {1, 2}  # the shared engine's K is 2
+    assert after.buckets[SQUARE] == (1, 2, 3) and after.programs_compiled > 0
+    assert after.host_seconds >= before.host_seconds
