@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
-from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps
+from sdxl_server.engine.device.denoise import decode_latents
 from sdxl_server.engine.models.loader import LoadedModel
 from sdxl_server.engine.settings import AUTO_SLOTS, EngineConfig, SettingError
 
@@ -189,7 +189,8 @@ class MemoryPlan:
         state = slots * sum(n.state_bytes for n in needs)
         share = f" shared by {self.memory.shared_by} devices" if self.memory.shared_by > 1 else ""
         return (
-            f"{_slots(slots)} per device need {self.bytes_per_device(slots, needs) / GIB:.2f} GiB "
+            f"{_slots(slots)} per device need{'s' if slots == 1 else ''} "
+            f"{self.bytes_per_device(slots, needs) / GIB:.2f} GiB "
             f"(parameters {self.params_bytes / GIB:.2f} GiB, slot state {state / GIB:.2f} GiB, "
             f"the {program}'s temporaries at {largest.resolution} {temps / GIB:.2f} GiB "
             f"with --attention {self.attention}{counted}) but --memory-fraction {self.memory_fraction:g} "
@@ -228,48 +229,73 @@ def plan_memory(
     token_ids = jax.ShapeDtypeStruct((2, 2, model.max_tokens), jnp.int32)
     embeds, pooled = jax.eval_shape(model.pipeline.get_embeddings, token_ids, abstract(text_params))
     unet_params, vae_params = abstract(model.params["unet"]), abstract(model.params["vae"])
-    needs = []
-    with attention_kernel(attention, platform):
-        for resolution in resolutions:
-            h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
-            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
-            one_slot = _one_slot(latents, embeds, pooled, max_steps)
-            step = jax.jit(functools.partial(denoise_steps, model, resolution, 1)).lower(
-                unet_params, one_slot
-            )
-            decode = jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents)
-            needs.append(
-                ResolutionNeeds(
-                    resolution,
-                    state_bytes=tree_bytes(one_slot) + tree_bytes(latents),
-                    step_temp_bytes=_temp_bytes(step.compile()),
-                    decode_temp_bytes=_temp_bytes(decode.compile()),
-                )
-            )
-    return MemoryPlan(
+    plan = MemoryPlan(
         params_bytes=tree_bytes(model.params),
-        needs=tuple(needs),
+        needs=(),
         memory=device_memory(devices),
         memory_fraction=memory_fraction,
         temp_factor=CPU_TEMP_FACTOR if platform == "cpu" else 1.0,
         attention=attention,
     )
+    with attention_kernel(attention, platform):
+        for resolution in resolutions:  # the steps first: the usual reason not to fit, found soonest
+            h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
+            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
+            step = jax.jit(functools.partial(_guided_unet, model)).lower(
+                unet_params,
+                _rows(latents, GUIDED_ROWS),
+                _rows(embeds, GUIDED_ROWS),
+                _rows(pooled, GUIDED_ROWS),
+            )
+            needs = ResolutionNeeds(
+                resolution,
+                _slot_state_bytes(latents, embeds, pooled, max_steps),
+                _temp_bytes(step.compile()),
+                0,
+            )
+            plan = dataclasses.replace(plan, needs=(*plan.needs, needs))
+        if plan.most_slots() < 1:
+            return plan  # refused already: the decodes cannot make it fit
+        with_decodes = []
+        for needs in plan.needs:
+            h, w = (
+                needs.resolution.height // model.vae_scale_factor,
+                needs.resolution.width // model.vae_scale_factor,
+            )
+            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
+            decode = jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents)
+            with_decodes.append(dataclasses.replace(needs, decode_temp_bytes=_temp_bytes(decode.compile())))
+    return dataclasses.replace(plan, needs=tuple(with_decodes))
 
 
-def _one_slot(latents: Any, embeds: Any, pooled: Any, max_steps: int) -> SlotState:
-    def shape(*dims: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(dims, dtype)
+# A guided step runs the UNet on two rows per slot (unconditional and conditional).
+GUIDED_ROWS = 2
+# Per-step tables a slot keeps (timesteps and the sampler's coefficients), float32 or int32 each: an upper
+# bound on the samplers' needs (the tables are a few KiB; the latents dominate the slot's state).
+_TABLES_PER_STEP = 8
 
-    return SlotState(
-        latents=latents,
-        prompt_embeds=shape(1, 2, *embeds.shape[1:], dtype=embeds.dtype),
-        pooled=shape(1, 2, pooled.shape[1], dtype=pooled.dtype),
-        guidance=shape(1),
-        timesteps=shape(1, max_steps, dtype=jnp.int32),
-        sigmas=shape(1, max_steps),
-        next_sigmas=shape(1, max_steps),
-        num_steps=shape(1, dtype=jnp.int32),
-        step=shape(1, dtype=jnp.int32),
+
+def _rows(spec: Any, rows: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((rows, *spec.shape[1:]), spec.dtype)
+
+
+def _guided_unet(model: LoadedModel, unet_params: Any, sample: Any, embeds: Any, pooled: Any) -> Any:
+    """The step's cost: the UNet on one slot's guided rows (the sampler's arithmetic around it is a few
+    latents-sized arrays). Independent of the slot state's layout, which the samplers own."""
+    rows = sample.shape[0]
+    time_ids = jnp.ones((rows, 6), embeds.dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    timesteps = jnp.full((rows,), 500, jnp.int32)
+    return model.pipeline.unet.apply({"params": unet_params}, sample, timesteps, embeds, added).sample
+
+
+def _slot_state_bytes(latents: Any, embeds: Any, pooled: Any, max_steps: int) -> int:
+    """One slot's resident state: latents-sized arrays three times (the slot's latents, the sampler's
+    history, the held row waiting for a decode), two rows of embeddings, and its per-step tables."""
+    return (
+        3 * tree_bytes(latents)
+        + GUIDED_ROWS * (tree_bytes(_rows(embeds, 1)) + tree_bytes(_rows(pooled, 1)))
+        + _TABLES_PER_STEP * 4 * max_steps
     )
 
 

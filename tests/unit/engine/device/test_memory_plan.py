@@ -70,7 +70,7 @@ def test_a_size_that_does_not_fit_one_slot_is_refused_naming_resolutions():
     with pytest.raises(MemoryPlanError) as refused:
         plan.slots_per_device(1)
     assert refused.value.field == "resolutions"
-    assert refused.value.message.startswith("512x512 does not fit the device: one slot per device need")
+    assert refused.value.message.startswith("512x512 does not fit the device: one slot per device needs")
     assert refused.value.message.endswith("serve smaller --resolutions or use --attention flash")
     # MemoryPlanError is a SettingError: the server writes the field's flag before the message.
     assert isinstance(refused.value, SettingError)
