@@ -31,7 +31,13 @@ from sdxl_server.engine.api import Engine
 from sdxl_server.logs import configure_logging, default_log_format, fields
 from sdxl_server.metrics import EngineCollector, ServiceMetrics
 from sdxl_server.metrics_endpoint import MetricsServer
-from sdxl_server.server_settings import ConfigError, ServerConfig, add_serve_arguments, config_from
+from sdxl_server.server_settings import (
+    ConfigError,
+    ServerConfig,
+    add_serve_arguments,
+    config_from,
+    flag_name,
+)
 from sdxl_server.service.auth import TokenFile
 from sdxl_server.service.generation import Generations
 from sdxl_server.service.grpc_server import (
@@ -111,6 +117,7 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
 
 async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None) -> int:
     from sdxl_server.engine import JaxEngine
+    from sdxl_server.engine.device.memory_plan import MemoryPlanError
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
@@ -171,7 +178,13 @@ async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None
     first: list[asyncio.Future[Any]] = [warm_up, stopping]
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
-    if warm_up.done() and warm_up.exception() is not None:
+    if warm_up.done() and isinstance(warm_up.exception(), MemoryPlanError):
+        # Slots or sizes that do not fit the device: one line, exit 2, like the other start-up refusals.
+        refusal = warm_up.exception()
+        assert isinstance(refusal, MemoryPlanError)
+        sys.stderr.write(f"sdxl-server serve: error: {flag_name(refusal.field)}: {refusal.message}\n")
+        exit_code = 2
+    elif warm_up.done() and warm_up.exception() is not None:
         log.error("engine warm-up failed", exc_info=warm_up.exception(), extra=fields(event="failed"))
         exit_code = 1
     elif warm_up.done():

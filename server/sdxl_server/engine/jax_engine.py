@@ -43,6 +43,8 @@ from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.engine.device import xla_cache as compile_cache
+from sdxl_server.engine.device.attention import attention_kernel
+from sdxl_server.engine.device.memory_plan import fit_to_memory
 from sdxl_server.engine.device.mesh import make_mesh
 from sdxl_server.engine.device.noise_schedule import ScheduleBook
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
@@ -112,12 +114,18 @@ class JaxEngine:
         with _timed(phases, "load"):
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
         mesh = make_mesh(cfg.max_devices)
+        with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
+            cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat))
         slots = cfg.slots_per_device * mesh.size
         ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
         saved = ProgramCache(
-            cfg.compilation_cache_dir, architecture(model.pipeline, model.dtype_name), list(mesh.devices.flat)
+            cfg.compilation_cache_dir,
+            architecture(model.pipeline, model.dtype_name),
+            list(mesh.devices.flat),
+            attention=cfg.attention,  # resolved by the memory plan; part of the programs' key
         )
-        with _timed(phases, "trace_and_compile"):
+        platform = mesh.devices.flat[0].platform
+        with _timed(phases, "trace_and_compile"), attention_kernel(cfg.attention, platform):
             programs = build_programs(
                 model, mesh, cfg.resolutions, cfg.slots_per_device, cfg.max_steps, ks, saved
             )
