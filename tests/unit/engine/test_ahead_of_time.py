@@ -32,9 +32,9 @@ from engine_subprocess import config
 from sdxl_server.engine import JaxEngine
 engine = JaxEngine(config(sys.argv[1], sys.argv[2], max_devices=1, slots_per_device=2))
 engine.start()
-programs = engine._programs
+built = engine.loop_statistics().programs_compiled
 engine.stop()
-print(json.dumps({"loaded": engine.programs_loaded, "built": programs.programs_compiled}))
+print(json.dumps({"loaded": engine.programs_loaded, "built": built}))
 """
 
 
