@@ -1,4 +1,4 @@
-"""What tests and benchmarks share (installed as ``sdxl_test_support`` by ``make install``; no sys.path edits).
+"""What tests and benchmarks share (installed as ``sdxl_test_support`` by ``make install``: no path edits).
 
 - ``servers``: real ``sdxl-server serve`` processes on free ports (``RunningServer``: the one reader of the
   "listening" line; readiness through the gRPC health service), for tests/ and bench/;
