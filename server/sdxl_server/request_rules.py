@@ -73,8 +73,13 @@ def most_images(limits: Limits) -> int:
     return min(limits.max_images_per_request, limits.max_queue)
 
 
-def request_violations(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:
-    """Every rule ``request`` (its defaults already applied) breaks under ``limits``, in field order."""
+def request_violations(
+    request: GenerationRequest, limits: Limits, *, prompt_required: bool = True
+) -> list[FieldViolation]:
+    """Every rule ``request`` (its defaults already applied) breaks under ``limits``, in field order.
+
+    ``prompt_required``: the API asks for a prompt (an empty one is almost always a caller's mistake), but
+    the engine can denoise one (the oracle pipeline accepts it too), so the engine's own check waives it."""
     violations: list[FieldViolation] = []
 
     def reject(field: str, description: str) -> None:
@@ -83,7 +88,7 @@ def request_violations(request: GenerationRequest, limits: Limits) -> list[Field
     for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         if not isinstance(text, str):
             reject(field, "must be text")
-        elif field == "prompt" and not text.strip():
+        elif field == "prompt" and prompt_required and not text.strip():
             reject(field, "must not be empty")
         elif len(text) > MAX_PROMPT_CHARS:
             reject(field, f"is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
@@ -123,6 +128,6 @@ def request_violations(request: GenerationRequest, limits: Limits) -> list[Field
 def check_request(request: GenerationRequest, limits: Limits) -> None:
     """The engine's check on ``submit``: raises InvalidRequestError naming the first field that breaks a
     rule (the doors have already reported every violation to their callers)."""
-    violations = request_violations(request, limits)
+    violations = request_violations(request, limits, prompt_required=False)
     if violations:
         raise InvalidRequestError(violations[0].field, violations[0].description)

@@ -76,6 +76,9 @@ def test_a_request_within_every_bound_breaks_no_rule() -> None:
 )
 def test_each_broken_rule_names_its_field_and_the_engine_refuses_it_too(changes, field) -> None:
     assert _fields(**changes) == [field]
+    if changes == {"prompt": "  "}:  # the API's rule, not the engine's: it can denoise an empty prompt
+        check_request(dataclasses.replace(GOOD, **changes), LIMITS)
+        return
     with pytest.raises(InvalidRequestError) as refused:
         check_request(dataclasses.replace(GOOD, **changes), LIMITS)
     assert refused.value.field == field
