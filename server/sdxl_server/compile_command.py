@@ -9,47 +9,95 @@ tpu-aot` installs it into .venv-tpu); `--topology cpu` compiles for this host's 
 --cache-dir the executables go into the engine's program cache, where a server of the same key (model,
 dtype, resolution, buckets, attention, topology, jax and libtpu versions) loads them instead of compiling.
 Exit status: 0 when the configuration fits the device memory, 1 when it does not, 2 for bad arguments.
+
+The flags that shape programs default to serve's environment variables (SDXL_MODEL, SDXL_RESOLUTIONS,
+SDXL_SLOTS_PER_DEVICE, ...): the chart's compile Job reads the servers' ConfigMap, so that it compiles
+exactly what the pods will look up.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from sdxl_server.engine.api import Resolution
 
 # The serve defaults the programs' shapes depend on (server_settings.py): a different value compiles
 # different programs, so a cache meant for a server must be filled with the server's values.
 _DEFAULT_MAX_STEPS = 50
-_ATTENTION = ("xla", "flash")
+_ATTENTION = ("xla", "flash", "auto")
+_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     from sdxl_server.engine.device.ahead_of_time import TOPOLOGIES
+
+    env = os.environ if env is None else env
+
+    def serve_default(name: str, fallback: str | None = None) -> dict[str, Any]:
+        value = env.get(f"SDXL_{name}", fallback)
+        return {"default": value} if value is not None else {"required": True}
 
     parser.add_argument("--topology", required=True, choices=TOPOLOGIES, help="the slice to compile for")
     parser.add_argument(
         "--model",
-        required=True,
-        help="a model directory or checkpoint, tiny, demo, or an architecture name (sdxl-base: no weights)",
+        **serve_default("MODEL"),
+        help="a model directory or checkpoint, tiny, demo, or an architecture name (sdxl-base: no weights) "
+        "[$SDXL_MODEL]",
     )
-    parser.add_argument("--model-configs", default=None, help="configs for a single-file checkpoint")
-    parser.add_argument("--resolutions", required=True, help="comma-separated WIDTHxHEIGHT, as serve takes")
-    parser.add_argument("--slots-per-device", type=int, required=True, help="batch slots per chip")
-    parser.add_argument("--steps-per-dispatch", type=int, default=1, help="as serve's [1]")
-    parser.add_argument("--max-steps", type=int, default=_DEFAULT_MAX_STEPS, help="as serve's [50]")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="[auto]")
-    parser.add_argument("--attention", default="xla", choices=_ATTENTION, help="[xla]")
-    parser.add_argument("--max-devices", type=int, default=None, help="as serve's (the CPU topology)")
+    parser.add_argument(
+        "--model-configs", **serve_default("MODEL_CONFIGS", ""), help="configs for a single-file checkpoint"
+    )
+    parser.add_argument(
+        "--resolutions",
+        **serve_default("RESOLUTIONS"),
+        help="comma-separated WIDTHxHEIGHT [$SDXL_RESOLUTIONS]",
+    )
+    parser.add_argument(
+        "--slots-per-device",
+        **serve_default("SLOTS_PER_DEVICE"),
+        help="batch slots per chip [$SDXL_SLOTS_PER_DEVICE]",
+    )
+    parser.add_argument(
+        "--steps-per-dispatch", **serve_default("STEPS_PER_DISPATCH", "1"), help="as serve's [1]"
+    )
+    parser.add_argument(
+        "--max-steps", **serve_default("MAX_STEPS", str(_DEFAULT_MAX_STEPS)), help="as serve's [50]"
+    )
+    parser.add_argument("--dtype", **serve_default("DTYPE", "auto"), choices=_DTYPES, help="[auto]")
+    parser.add_argument(
+        "--attention",
+        **serve_default("ATTENTION", "auto"),
+        choices=_ATTENTION,
+        help="as serve's: xla, flash, or auto (the platform's default) [auto]",
+    )
+    parser.add_argument(
+        "--max-devices", **serve_default("MAX_DEVICES", ""), help="as serve's (the CPU topology)"
+    )
     parser.add_argument(
         "--seed-steps",
         type=int,
         default=20,
         help="also compile the seed's per-chip generate with this many steps (0: not) [20]",
+    )
+    parser.add_argument(
+        "--seed-images",
+        type=int,
+        default=None,
+        help="images per chip of the seed's program [slots per device]",
+    )
+    parser.add_argument(
+        "--programs",
+        default=None,
+        help="compile only the programs whose name matches this regular expression (a partial report, "
+        "for measuring; nothing the server could start from)",
     )
     parser.add_argument("--json", default=None, help="write the report here as JSON")
     parser.add_argument("--cache-dir", default=None, help="write the executables into this compilation cache")
@@ -63,18 +111,29 @@ def run_compile(args: argparse.Namespace) -> int:
         resolutions: tuple[Resolution, ...] = parse_resolutions(args.resolutions)
     except ValueError as error:
         return _refuse(f"--resolutions: {error}")
-    for flag, value in (
-        ("--slots-per-device", args.slots_per_device),
-        ("--steps-per-dispatch", args.steps_per_dispatch),
-        ("--max-steps", args.max_steps),
-    ):
-        if value < 1:
-            return _refuse(f"{flag}: must be at least 1 (got {value})")
-    if args.attention == "flash" and not _flash_available():
+    if args.cache_dir and args.programs:
         return _refuse(
-            "--attention flash: the flash attention kernels (engine/device/attention.py) are not in "
-            "this build yet; compile with --attention xla"
+            "--programs and --cache-dir: a partial cache would leave the server compiling the rest"
         )
+    numbers = {}
+    for flag in ("slots_per_device", "steps_per_dispatch", "max_steps", "max_devices"):
+        text = str(getattr(args, flag))
+        if flag == "max_devices" and not text:
+            continue
+        if flag == "slots_per_device" and text == "auto":
+            return _refuse(
+                "--slots-per-device auto: the server decides it at start from the device's memory; compile "
+                "for the number it chooses (its log's memory plan line, or the `fits` of this command's runs)"
+            )
+        if not text.isdigit() or int(text) < 1:
+            return _refuse(f"--{flag.replace('_', '-')}: must be a whole number >= 1 (got {text!r})")
+        numbers[flag] = int(text)
+    args.slots_per_device, args.steps_per_dispatch = (
+        numbers["slots_per_device"],
+        numbers["steps_per_dispatch"],
+    )
+    args.max_steps, args.max_devices = numbers["max_steps"], numbers.get("max_devices")
+    args.model_configs = args.model_configs or None
     from sdxl_server.engine.device.ahead_of_time import allow_libtpu_without_a_tpu
 
     allow_libtpu_without_a_tpu()  # before anything initialises JAX's backends
@@ -82,14 +141,17 @@ def run_compile(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from sdxl_server.engine.device.ahead_of_time import (
         CPU_TOPOLOGY,
+        ProgramReport,
         TopologyUnavailable,
         abstract_model,
         compile_for_topology,
         describe,
         topology_devices,
     )
+    from sdxl_server.engine.device.attention import default_attention
 
     platform = "cpu" if args.topology == CPU_TOPOLOGY else "tpu"
+    attention = default_attention(platform) if args.attention == "auto" else args.attention
     try:
         topology_devices(args.topology, args.max_devices)  # fails fast, before the model is built
     except TopologyUnavailable as error:
@@ -97,10 +159,9 @@ def run_compile(args: argparse.Namespace) -> int:
     tiny_dir = os.environ.get("SDXL_TINY_MODEL_DIR")
     model = abstract_model(args.model, args.dtype, platform, args.model_configs, tiny_dir)
 
-    def progress(program: object) -> None:
-        name = getattr(program, "name", "?")
-        seconds = getattr(program, "compile_seconds", 0.0)
-        print(f"compiled {name} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    def progress(program: ProgramReport) -> None:
+        # The whole row as JSON as soon as it exists: a real SDXL takes minutes per program here.
+        print(f"compiled {json.dumps(dataclasses.asdict(program))}", file=sys.stderr, flush=True)
 
     report = compile_for_topology(
         args.topology,
@@ -110,11 +171,13 @@ def run_compile(args: argparse.Namespace) -> int:
         args.slots_per_device,
         args.max_steps,
         args.steps_per_dispatch,
-        attention=args.attention,
+        attention=attention,
         cache_dir=args.cache_dir,
         seed_steps=args.seed_steps or None,
         max_devices=args.max_devices,
         progress=progress,
+        programs=args.programs,
+        seed_images=args.seed_images,
     )
     print(describe(report), flush=True)
     if args.json:
@@ -124,12 +187,6 @@ def run_compile(args: argparse.Namespace) -> int:
     if args.cache_dir:
         print(f"executables written into the program cache under {args.cache_dir}", flush=True)
     return 0 if report.fits else 1
-
-
-def _flash_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sdxl_server.engine.device.attention") is not None
 
 
 def _refuse(message: str) -> int:

@@ -88,9 +88,10 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
     assert report["topology"] == "cpu" and report["fits"] is True
     assert report["total_hbm_bytes"] <= report["device_hbm_bytes"]
     names = [p["name"] for p in report["programs"]]
-    # encode, insert, rearrange, and a step and a decode per batch bucket (2 slots: buckets 1 and 2)
-    per_resolution = ("insert", "step1x1", "step1x2", "rearrange", "decode1", "decode2")
-    assert sorted(names) == sorted(["encode", *(f"{name}-64x64" for name in per_resolution)])
+    # encode, insert, rearrange, and a step per row bucket and a decode per batch bucket (2 slots: decodes
+    # of 1 and 2 images)
+    assert {"encode", "insert-64x64", "rearrange-64x64", "decode1-64x64", "decode2-64x64"} <= set(names)
+    assert len([name for name in names if name.startswith("step")]) >= 2, names
     for program in report["programs"]:
         assert program["hbm_bytes"] >= program["argument_bytes"] > 0, program
         assert program["compile_seconds"] > 0, program
@@ -180,7 +181,7 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
         max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9)
     )
     saved = sorted(p.name for p in (tmp_path / "cache" / "sdxl-programs").iterdir())
-    assert len(saved) == len(report["programs"]) == 5, saved
+    assert len(saved) == len(report["programs"]) >= 5, saved
     keys = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "sdxl-program-keys").iterdir()]
     assert {k["parts"]["topology"].split(":")[0] for k in keys} == {"tpu"}
     assert all(k["parts"]["libtpu"] != "?" for k in keys)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.device.attention import Kernel, attention_flops, attention_kernel, flash_kernel
 from sdxl_server.engine.device.mesh import DATA_AXIS
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
 from sdxl_server.engine.device.programs import ENCODE_ROWS, build_programs, is_abstract
@@ -184,9 +186,12 @@ class ProgramReport:
     bytes_accessed: float
     roofline_seconds: float  # max(FLOPs / peak, bytes / bandwidth)
     compile_seconds: float
-    images: int = 0  # step programs: images advanced per device per iteration (the bucket)
+    images: int = 0  # step programs: guided images advanced per device per iteration (rows / 2)
     loop_iterations: int = 1  # steps per dispatch: the cost figures cover one iteration
-    per_image_step_seconds: float | None = None  # step programs: roofline / images
+    per_image_step_seconds: float | None = None  # step programs: roofline per guided image (2 rows)
+    # Flash attention's FLOPs counted analytically from the traced shapes (0 with xla). XLA's own count
+    # already includes them on TPU (the Pallas kernel declares a cost estimate); shown to say how much.
+    attention_flops: float = 0.0
 
     @property
     def resident_extra_bytes(self) -> int:
@@ -210,12 +215,13 @@ def report_of(name: str, compiled: Any, seconds: float, chip: Chip) -> ProgramRe
 
 
 def _step_shape(name: str) -> tuple[int, int] | None:
-    """(k, b) of a step program's name (programs.py: "step{k}x{b}-{resolution}"), else None."""
+    """(k, rows) of a step program's name (programs.py: "step{k}x{rows}-{resolution}": k steps per
+    dispatch of `rows` UNet rows per device), else None."""
     head = name.split("-", 1)[0]
     if not head.startswith("step"):
         return None
-    k, b = head[len("step") :].split("x")
-    return int(k), int(b)
+    k, rows = head[len("step") :].split("x")
+    return int(k), int(rows)
 
 
 @dataclasses.dataclass
@@ -231,6 +237,7 @@ class AheadOfTimeReport:
     resident_bytes: int  # per device: parameters and every resolution's slot bank
     programs: list[ProgramReport]
     seed_programs: list[ProgramReport]
+    selected: str | None = None  # the --programs pattern of a partial run (totals cover only those)
 
     @property
     def total_hbm_bytes(self) -> int:
@@ -258,6 +265,8 @@ class AheadOfTimeReport:
             "resident_bytes": self.resident_bytes,
             "total_hbm_bytes": self.total_hbm_bytes,
             "fits": self.fits,
+            "partial": self.selected is not None,
+            "programs_selected": self.selected,
             "peak_flops": self.chip.peak_flops,
             "memory_bytes_per_second": self.chip.memory_bytes_per_second,
             "programs": [dataclasses.asdict(p) for p in self.programs],
@@ -267,9 +276,16 @@ class AheadOfTimeReport:
 
 class _WritingCache(ProgramCache):
     """The program cache as `compile --cache-dir` fills it: always compiles (an executable for a TPU
-    cannot be loaded on this host to check it) and saves under the key a pod of the topology computes."""
+    cannot be loaded on this host to check it) and saves under the key a pod of the topology computes.
+    Programs `selected` refuses are not compiled at all (None): a partial run, for measuring a few."""
+
+    def __init__(self, *args: Any, selected: Callable[[str], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._selected = selected
 
     def get_or_compile(self, name: str, signature: Any, compile_program: Callable[[], Any]) -> Any:
+        if not self._selected(name):
+            return None
         program = compile_program()
         self.store(name, signature, program)
         return program
@@ -283,50 +299,67 @@ def compile_for_topology(
     slots_per_device: int,
     max_steps: int,
     steps_per_dispatch: int,
-    attention: str = "xla",
+    attention: str = "xla",  # xla or flash, as the server resolves it for the topology's platform
     cache_dir: str | None = None,
     seed_steps: int | None = None,
     max_devices: int | None = None,
     progress: Callable[[ProgramReport], None] | None = None,
+    programs: str | None = None,
+    seed_images: int | None = None,
 ) -> AheadOfTimeReport:
-    """Compiles every program of the server's configuration for `topology`; with `seed_steps`, also the
-    seed's per-chip generate (the Flax pipeline's, `slots_per_device` images per chip) per resolution."""
+    """Compiles every program of the server's configuration for `topology` (only those whose name
+    matches the regular expression `programs`, when given: the report is then partial); with
+    `seed_steps`, also the seed's per-chip generate (the Flax pipeline's, `seed_images` images per chip,
+    default `slots_per_device`) per resolution."""
     devices, chip = topology_devices(topology, max_devices)
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
-    cache = (
-        _WritingCache(cache_dir, architecture(model.pipeline, model.dtype_name), devices, attention)
-        if cache_dir
-        else None
+    pattern = re.compile(programs) if programs else None
+    cache = _WritingCache(
+        cache_dir,  # None: nothing is written
+        architecture(model.pipeline, model.dtype_name),
+        devices,
+        attention,
+        selected=lambda name: pattern is None or pattern.search(name) is not None,
     )
     reports: list[ProgramReport] = []
+    attention_calls: list[int] = []  # FLOPs of each flash attention traced since the last program
 
     def observe(name: str, compiled: Any, seconds: float) -> None:
+        if compiled is None:  # not selected
+            return
         report = report_of(name, compiled, seconds, chip)
+        report.attention_flops = float(sum(attention_calls))
+        attention_calls.clear()
         shape = _step_shape(name)
         if shape is not None:
-            report.loop_iterations, report.images = shape
-            report.per_image_step_seconds = report.roofline_seconds / report.images
+            report.loop_iterations, rows = shape
+            # A guided image (SDXL's default) is two UNet rows; a lone unguided image runs one row.
+            report.images = max(rows // 2, 1)
+            report.per_image_step_seconds = report.roofline_seconds * 2 / rows
         reports.append(report)
         if progress is not None:
             progress(report)
 
-    programs = build_programs(
-        model,
-        mesh,
-        resolutions,
-        slots_per_device,
-        max_steps,
-        bucket_sizes(steps_per_dispatch),
-        cache,
-        on_compiled=observe,
-    )
-    resident = _bytes_per_device(programs.params, 1) + sum(
-        _bytes_per_device(p.empty_bank, mesh.size) for p in programs.by_resolution.values()
+    platform = devices[0].platform
+    with attention_kernel(attention, platform, _counting(flash_kernel(platform), attention_calls)):
+        built = build_programs(
+            model,
+            mesh,
+            resolutions,
+            slots_per_device,
+            max_steps,
+            bucket_sizes(steps_per_dispatch),
+            cache,
+            on_compiled=observe,
+        )
+    resident = _bytes_per_device(built.params, 1) + sum(
+        _bytes_per_device(p.empty_bank, mesh.size) for p in built.by_resolution.values()
     )
     seed: list[ProgramReport] = []
     if seed_steps:
+        images = seed_images or slots_per_device
         for resolution in resolutions:
-            seed.append(seed_program(model, devices[0], chip, resolution, slots_per_device, seed_steps))
+            seed.append(seed_program(model, devices[0], chip, resolution, images, seed_steps))
             if progress is not None:
                 progress(seed[-1])
     return AheadOfTimeReport(
@@ -341,7 +374,19 @@ def compile_for_topology(
         resident_bytes=resident,
         programs=reports,
         seed_programs=seed,
+        selected=programs,
     )
+
+
+def _counting(kernel: Kernel, calls: list[int]) -> Kernel:
+    """`kernel`, noting each call's FLOPs (analytic): the per-device shapes it is traced with."""
+
+    def counted(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+        batch, q_len, heads, head_dim = q.shape
+        calls.append(attention_flops(batch, heads, q_len, k.shape[1], head_dim))
+        return kernel(q, k, v, scale)
+
+    return counted
 
 
 def _bytes_per_device(tree: Any, shards: int) -> int:
@@ -416,6 +461,8 @@ def describe(report: AheadOfTimeReport) -> str:
         lines.append("the seed's per-chip program (one loop iteration counted by cost analysis):")
         lines += [row(p) for p in report.seed_programs]
     verdict = "fits" if report.fits else "DOES NOT FIT"
+    if report.selected is not None:
+        verdict += f" (partial: only programs matching {report.selected!r})"
     lines.append(
         f"per device: resident {report.resident_bytes / GIB:.2f} GiB (parameters, slot banks), worst moment "
         f"{report.total_hbm_bytes / GIB:.2f} GiB of {report.chip.memory_bytes / GIB:.2f} GiB: {verdict}"

@@ -1,0 +1,80 @@
+"""compilationCache.aheadOfTime: a Job on a CPU node fills the shared cache with the pods' executables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sdxl_test_support.chart_render import HelmError, objects_of_kind, one, render, render_value_set
+
+PRODUCTION = "gke-tpu-production"
+
+
+def _job_pod(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(manifests, "Job")["spec"]["template"]["spec"]
+
+
+def test_the_job_compiles_the_pods_settings_for_their_slice_into_their_cache() -> None:
+    manifests = render_value_set(PRODUCTION)
+    job = _job_pod(manifests)
+    server = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    args = container["args"]
+    assert args[0] == "compile"
+    assert args[args.index("--topology") + 1] == "v5e:2x2"  # the pods' accelerator.tpu.topology
+    (server_container,) = server["containers"]
+    # The same settings (ConfigMap) and the same cache volume, mounted where the servers mount it.
+    assert container["envFrom"] == server_container["envFrom"]
+    cache_mount = next(m for m in container["volumeMounts"] if m["name"] == "compilation-cache")
+    server_mount = next(m for m in server_container["volumeMounts"] if m["name"] == "compilation-cache")
+    assert args[args.index("--cache-dir") + 1] == cache_mount["mountPath"] == server_mount["mountPath"]
+    volumes = {v["name"]: v for v in job["volumes"]}
+    server_volumes = {v["name"]: v for v in server["volumes"]}
+    assert volumes["compilation-cache"] == server_volumes["compilation-cache"]
+    assert volumes["model"] == server_volumes["model"]
+    assert container["image"] == server_container["image"]  # the TPU flavour: libtpu is in the key
+
+
+def test_the_job_needs_no_tpu() -> None:
+    job = _job_pod(render_value_set(PRODUCTION))
+    (container,) = job["containers"]
+    assert "google.com/tpu" not in str(container["resources"])
+    assert "gke-tpu" not in str(job.get("nodeSelector", {}))
+    assert job["restartPolicy"] == "Never"
+
+
+def test_changed_settings_make_a_new_job() -> None:
+    """A Job's pod template cannot change: new settings (new programs) are a Job of another name."""
+    values = {
+        "compilationCache": {"type": "pvc", "pvc": {"claimName": "cache"}, "aheadOfTime": {"enabled": True}}
+    }
+    before = one(render(values), "Job")["metadata"]["name"]
+    after = one(render({**values, "server": {"slotsPerDevice": 2}}), "Job")["metadata"]["name"]
+    assert before != after
+    assert before == one(render(values), "Job")["metadata"]["name"]  # and the same settings the same Job
+
+
+def test_off_by_default() -> None:
+    assert objects_of_kind(render_value_set("defaults"), "Job") == []
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"compilationCache": {"aheadOfTime": {"enabled": True}}}, "compilationCache.type"),
+        (
+            {
+                "accelerator": {"type": "cpu"},
+                "compilationCache": {
+                    "type": "pvc",
+                    "pvc": {"claimName": "c"},
+                    "aheadOfTime": {"enabled": True},
+                },
+            },
+            "accelerator.type",
+        ),
+    ],
+)
+def test_a_job_that_could_not_help_is_refused_naming_the_value(values: dict[str, Any], named: str) -> None:
+    with pytest.raises(HelmError, match=named.replace(".", r"\.")):
+        render(values)
