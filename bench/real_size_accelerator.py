@@ -15,7 +15,10 @@ CPU a small smoke run checks the script itself:
         --model .cache/bench-sdxl-heavy-vae --resolution 128x128 --steps 4 --dtype float32 --slots 1,2
 
 On an accelerator (the defaults): `python bench/real_size_accelerator.py`. Prints a table, writes
-bench/results/real_size_accelerator.json.
+bench/results/real_size_accelerator.json. `--attention xla,flash` (the default) measures each slot count
+with both attention implementations (engine/device/attention.py): step and decode seconds, images/s,
+MFU, and the memory each needs (the step's and decode's compiled temporaries, and the device's bytes in
+use once the engine is ready). Nothing of it runs in CI.
 """
 
 from __future__ import annotations
@@ -86,8 +89,17 @@ def engine_images_per_second(engine, busy: int, waves: int, steps: int, resoluti
     return total / (time.perf_counter() - began)
 
 
-def measure_engine(busy: int, args, model: str, resolution, cache_dir: str, peak: float | None) -> dict:
-    """One engine with `busy` slots on one device: program times and FLOPs, images/s, MFU."""
+def temp_bytes(compiled) -> int | None:
+    """XLA's temporaries of a compiled program (None where the backend gives no memory analysis)."""
+    analysis = compiled.memory_analysis()
+    return int(analysis.temp_size_in_bytes) if analysis is not None else None
+
+
+def measure_engine(
+    busy: int, args, model: str, resolution, cache_dir: str, peak: float | None, attention: str = "auto"
+) -> dict:
+    """One engine with `busy` slots on one device: program times and FLOPs, images/s, MFU, memory."""
+    import jax
     from sdxl_server.engine import EngineConfig, JaxEngine
 
     began = time.perf_counter()
@@ -102,14 +114,18 @@ def measure_engine(busy: int, args, model: str, resolution, cache_dir: str, peak
             default_steps=args.steps,
             dtype=args.dtype,
             compilation_cache_dir=cache_dir,
+            attention=attention,
         )
     )
     engine.start()
+    device = jax.local_devices()[0]
+    in_use = (device.memory_stats() or {}).get("bytes_in_use")
     ready_seconds = time.perf_counter() - began
     programs = engine.compiled_programs().by_resolution[resolution]
     params = engine.compiled_programs().params
     bank = programs.empty_bank
-    step, decode = programs.steps[(1, busy)], programs.decode[busy]
+    # One step of every slot: the largest single-step program (its UNet rows: two per guided image).
+    step, decode = programs.steps[max(key for key in programs.steps if key[0] == 1)], programs.decode[busy]
     step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))
     decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held))
     step_flops, decode_flops = flops_of(step), flops_of(decode)
@@ -120,9 +136,16 @@ def measure_engine(busy: int, args, model: str, resolution, cache_dir: str, peak
     engine.stop()
     rate = statistics.median(rates)
     flops_per_image = (args.steps * step_flops + decode_flops) / busy
-    print(f"engine, {busy} slots: {rate:.3f} images/s (ready in {ready_seconds:.0f}s)", flush=True)
+    print(
+        f"engine, {busy} slots, attention {attention}: {rate:.3f} images/s (ready in {ready_seconds:.0f}s)",
+        flush=True,
+    )
     return {
         "slots": busy,
+        "attention": engine.config.attention,  # resolved for the platform
+        "step_temp_bytes": temp_bytes(step),
+        "decode_temp_bytes": temp_bytes(decode),
+        "device_bytes_in_use_when_ready": in_use,
         "ready_seconds": ready_seconds,
         "guided_step_seconds": step_seconds,
         "decode_seconds": decode_seconds,
@@ -150,8 +173,10 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=3, help="batches of requests per slot count")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's bf16 peak")
+    parser.add_argument("--attention", default="xla,flash", help="attention implementations to compare")
     args = parser.parse_args()
     slot_counts = [int(n) for n in args.slots.split(",")]
+    attentions = args.attention.split(",")
 
     import jax
     from sdxl_server.engine.api import Resolution
@@ -167,11 +192,20 @@ def main() -> None:
     peak = args.peak_tflops or peak_tflops(device.device_kind)
     cache_dir = os.environ.get("SDXL_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax-compilation-cache"))
 
-    rows = [measure_engine(busy, args, model, resolution, cache_dir, peak) for busy in slot_counts]
+    rows = [
+        measure_engine(busy, args, model, resolution, cache_dir, peak, attention)
+        for attention in attentions
+        for busy in slot_counts
+    ]
 
     recipe = SeedRecipe(model, 1, dtype=args.dtype)
+    recipe_rates: dict[int, float] = {}
     for row in rows:
         batch = row["slots"]
+        if batch in recipe_rates:  # the recipe has no attention setting: once per batch size
+            row["recipe_images_per_second"] = recipe_rates[batch]
+            row["engine_over_recipe"] = row["engine_images_per_second"] / recipe_rates[batch]
+            continue
         prompts = [f"a photograph of an astronaut riding a horse, number {i}" for i in range(batch)]
 
         def generate(batch_prompts=prompts, seed=0):
@@ -187,7 +221,7 @@ def main() -> None:
             began = time.perf_counter()
             generate(seed=seed + 1)
             times.append(time.perf_counter() - began)
-        row["recipe_images_per_second"] = batch / statistics.median(times)
+        row["recipe_images_per_second"] = recipe_rates[batch] = batch / statistics.median(times)
         row["engine_over_recipe"] = row["engine_images_per_second"] / row["recipe_images_per_second"]
         print(f"recipe, batch {batch}: {row['recipe_images_per_second']:.3f} images/s", flush=True)
 
@@ -206,16 +240,17 @@ def main() -> None:
     }
     print(f"\n{device.device_kind}, {resolution}, {args.steps} steps, {args.dtype}")
     print(
-        f"{'slots':>5}{'step s':>9}{'decode s':>10}{'engine img/s':>14}{'recipe img/s':>14}{'ratio':>7}"
-        f"{'MFU':>7}{'s/image':>9}{'vs seed chip':>14}"
+        f"{'attention':>9}{'slots':>6}{'step s':>9}{'decode s':>10}{'engine img/s':>14}{'recipe img/s':>14}"
+        f"{'ratio':>7}{'MFU':>7}{'s/image':>9}{'vs seed chip':>14}{'step temp GiB':>15}"
     )
     for r in rows:
         mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
+        temp = f"{r['step_temp_bytes'] / 2**30:.2f}" if r["step_temp_bytes"] is not None else "-"
         print(
-            f"{r['slots']:>5}{r['guided_step_seconds']:>9.3f}{r['decode_seconds']:>10.3f}"
+            f"{r['attention']:>9}{r['slots']:>6}{r['guided_step_seconds']:>9.3f}{r['decode_seconds']:>10.3f}"
             f"{r['engine_images_per_second']:>14.3f}{r['recipe_images_per_second']:>14.3f}"
             f"{r['engine_over_recipe']:>7.2f}{mfu:>7}{r['seconds_per_image']:>9.3f}"
-            f"{r['over_seed_per_chip']:>14.2f}"
+            f"{r['over_seed_per_chip']:>14.2f}{temp:>15}"
         )
     if result["peak_device_bytes"]:
         print(f"peak device memory: {result['peak_device_bytes'] / 2**30:.1f} GiB")
