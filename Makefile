@@ -60,3 +60,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache .tools
+
