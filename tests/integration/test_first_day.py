@@ -203,7 +203,8 @@ def test_size_and_width_together_are_refused():
 def test_exit_statuses_are_the_same_in_help_and_readme():
     for command in ((), ("generate",)):
         assert EXIT_STATUSES in sdxl(*command, "--help").stdout
-    assert EXIT_STATUSES in (ROOT / "README.md").read_text()
+    for readme in (ROOT / "README.md", ROOT / "client" / "README.md"):
+        assert EXIT_STATUSES in readme.read_text(), readme
 
 
 def test_exit_statuses_follow_the_kind_of_failure(shared_server):
