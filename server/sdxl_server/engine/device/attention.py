@@ -43,6 +43,11 @@ QUERY_BLOCK = 1024
 KEY_BLOCK = 512
 # The TPU kernel's tiles: 128 is the kernel's own default and the MXU's width.
 TPU_BLOCK = 128
+# Attentions with at most this many scores per row and head (one blockwise block) keep diffusers' code
+# under `flash`: their score matrix is no larger than a kernel's working block, and a kernel only adds
+# cost there (measured, bench/attention.py: the blockwise kernel 1.3-2x slower than XLA on this CPU at 256
+# tokens; on v5e the 77-token cross attention padded to a 128-token tile costs 1.6x the FLOPs).
+SMALLEST_SCORES = QUERY_BLOCK * KEY_BLOCK
 
 
 def default_attention(platform: str) -> str:
@@ -82,6 +87,10 @@ def blockwise_attention(
     Arithmetic in float32 whatever the input dtype; the result in the input's dtype."""
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
+    if q_len <= query_block and k_len <= key_block:
+        # One block holds everything: no scan, and the scores are no larger than one block of it.
+        f32 = jnp.float32
+        return reference_attention(q.astype(f32), k.astype(f32), v.astype(f32), scale).astype(q.dtype)
     key_block = min(key_block, k_len)
     query_block = min(query_block, q_len)
     k_blocks = -(-k_len // key_block)
@@ -185,29 +194,43 @@ def flash_kernel(platform: str) -> Kernel:
 
 
 @contextlib.contextmanager
-def attention_kernel(kind: str, platform: str, kernel: Kernel | None = None) -> Iterator[None]:
+def attention_kernel(
+    kind: str, platform: str, kernel: Kernel | None = None, smallest_scores: int = SMALLEST_SCORES
+) -> Iterator[None]:
     """While active, programs traced with diffusers' Flax UNet and VAE use `kind`'s attention.
 
-    `kernel` overrides the platform's flash kernel (tests use the TPU kernel in interpret mode).
+    With `flash`, an attention whose score matrix has more than `smallest_scores` entries per row and
+    head goes through the kernel; a smaller one keeps diffusers' own code. `kernel` overrides the
+    platform's flash kernel (tests use the TPU kernel in interpret mode, and `smallest_scores=0` to put
+    it under every attention).
     """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention: must be one of {', '.join(ATTENTION_KINDS)}, not {kind!r}")
     if kind == "xla":
         yield
         return
-    with nn.intercept_methods(functools.partial(_intercept, kernel or flash_kernel(platform))):
+    chosen = kernel or flash_kernel(platform)
+    with nn.intercept_methods(functools.partial(_intercept, chosen, smallest_scores)):
         yield
 
 
-def _intercept(kernel: Kernel, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+def _intercept(
+    kernel: Kernel, smallest_scores: int, next_fun: Any, args: Any, kwargs: Any, context: Any
+) -> Any:
     from diffusers.models.attention_flax import FlaxAttention
     from diffusers.models.vae_flax import FlaxAttentionBlock
 
     if context.method_name == "__call__":
         if isinstance(context.module, FlaxAttention):
-            return _unet_attention(context.module, kernel, *args, **kwargs)
+            hidden_states = args[0]
+            keys = args[1] if len(args) > 1 else kwargs.get("context")
+            k_len = hidden_states.shape[1] if keys is None else keys.shape[1]
+            if hidden_states.shape[1] * k_len > smallest_scores:
+                return _unet_attention(context.module, kernel, *args, **kwargs)
         if isinstance(context.module, FlaxAttentionBlock):
-            return _vae_attention(context.module, kernel, *args, **kwargs)
+            _, height, width, _ = args[0].shape
+            if (height * width) ** 2 > smallest_scores:
+                return _vae_attention(context.module, kernel, *args, **kwargs)
     return next_fun(*args, **kwargs)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sdxl_server.engine.device.attention import (
+    SMALLEST_SCORES,
     attention_flops,
     attention_kernel,
     blockwise_attention,
@@ -88,8 +89,9 @@ def demo_model():
     return load_model(resolve_model("demo", None), "float32")
 
 
-def unet_noise(model, kind, kernel=None, latent_size=16):
-    """The demo UNet on two rows (a guided image), traced under `kind`'s attention."""
+def unet_noise(model, kind, kernel=None, latent_size=16, smallest_scores=0):
+    """The demo UNet on two rows (a guided image), traced under `kind`'s attention (by default with the
+    kernel under every attention, however small)."""
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     sample = jax.random.normal(keys[0], (2, 4, latent_size, latent_size))
     embeds = jax.random.normal(keys[1], (2, 77, 64))
@@ -98,7 +100,7 @@ def unet_noise(model, kind, kernel=None, latent_size=16):
     unet = model.pipeline.unet
 
     def apply(params, sample):
-        with attention_kernel(kind, "cpu", kernel):
+        with attention_kernel(kind, "cpu", kernel, smallest_scores):
             return unet.apply(
                 {"params": params},
                 sample,
@@ -110,28 +112,46 @@ def unet_noise(model, kind, kernel=None, latent_size=16):
     return jax.jit(apply)(model.params["unet"], sample)
 
 
-def test_flash_reaches_every_attention_of_the_unet_and_the_vae(demo_model):
-    """A kernel that counts its calls is traced once per attention module: 4 of the UNet's (self and
-    cross attention at both levels, the mid block's pair, and up blocks') and the VAE's mid block."""
+def traced_calls(model, smallest_scores, latent_size):
+    """(q, k) shapes of each kernel call while the demo UNet and VAE are traced (eval_shape: no compile)."""
     calls = []
 
     def counting(q, k, v, scale):
         calls.append((q.shape, k.shape))
         return reference_attention(q, k, v, scale)
 
-    unet_noise(demo_model, "flash", counting)
-    vae = demo_model.pipeline.vae
-    unet_calls = len(calls)
-    with attention_kernel("flash", "cpu", counting):
+    unet, vae = model.pipeline.unet, model.pipeline.vae
+    with attention_kernel("flash", "cpu", counting, smallest_scores):
+        jax.eval_shape(
+            lambda p, x: unet.apply({"params": p}, x, jnp.array([1, 1]), jnp.ones((2, 77, 64)),
+                                    {"text_embeds": jnp.ones((2, 32)), "time_ids": jnp.ones((2, 6))}),
+            model.params["unet"],
+            jax.ShapeDtypeStruct((2, 4, latent_size, latent_size), jnp.float32),
+        )  # fmt: skip
+        unet_calls = list(calls)
         jax.eval_shape(
             lambda p, x: vae.apply({"params": p}, x, method=vae.decode),
-            demo_model.params["vae"],
-            jax.ShapeDtypeStruct((1, 4, 8, 8), jnp.float32),
+            model.params["vae"],
+            jax.ShapeDtypeStruct((1, 4, latent_size, latent_size), jnp.float32),
         )
+    return unet_calls, calls[len(unet_calls) :]
+
+
+def test_flash_can_reach_every_attention_of_the_unet_and_the_vae(demo_model):
+    """Each transformer block's self and cross attention, and the VAE's mid-block attention."""
+    unet_calls, vae_calls = traced_calls(demo_model, smallest_scores=0, latent_size=8)
     attentions = sum(1 for _ in _modules(demo_model.params["unet"], "attn1"))
-    assert unet_calls == 2 * attentions  # each transformer block: self attention and cross attention
-    assert any(k[1] == 77 for _, k in calls[:unet_calls])  # cross attention over the text tokens
-    assert len(calls) == unet_calls + 1  # the VAE's mid-block attention
+    assert len(unet_calls) == 2 * attentions
+    assert sum(1 for _, k in unet_calls if k[1] == 77) == attentions  # cross attention over the text
+    assert len(vae_calls) == 1
+
+
+def test_flash_keeps_diffusers_code_for_attentions_no_larger_than_one_block(demo_model):
+    """At 32x32 latents the demo's first level attends over 1,024 tokens (1,024^2 scores: the kernel);
+    its second level over 256 and its cross attention over 1,024 x 77 (one block each: diffusers')."""
+    unet_calls, vae_calls = traced_calls(demo_model, SMALLEST_SCORES, latent_size=32)
+    assert unet_calls and all(q[1] == k[1] == 1024 for q, k in unet_calls)
+    assert [(q[1], k[1]) for q, k in vae_calls] == [(1024, 1024)]
 
 
 def _modules(tree, name):
