@@ -8,6 +8,8 @@ protobuf ``ValueError``; the bounds (steps, sizes, ...) are the server's to chec
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from sdxl_client._errors import FieldViolation, InvalidRequest
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
@@ -29,14 +31,19 @@ def build_generate_request(
     seed: int | None = None,
     num_images: int = 0,
     steps: int = 0,
-    guidance_scale: float = 0.0,
+    guidance_scale: float | None = None,
     width: int = 0,
     height: int = 0,
     format: ImageFormat | str | None = None,
     quality: int = 0,
     request_id: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    sampler: str | None = None,
+    timestep_spacing: str | None = None,
+    timesteps: Sequence[int] = (),
 ) -> sdxl_pb2.GenerateRequest:
-    """Builds a GenerateRequest; zero means the server's default (see the proto).
+    """Builds a GenerateRequest; zero or None means the server's default (see the proto); a
+    guidance_scale of 0 is sent (no guidance), None is not.
 
     Raises:
         InvalidRequest: A field has the wrong type or sign, or names an unknown format; ``.field`` names it.
@@ -64,9 +71,23 @@ def build_generate_request(
             ("quality", quality),
         )
     }
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
+    if guidance_scale is not None and (
+        isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0
+    ):
         violations.append(FieldViolation("guidance_scale", f"must be a number >= 0, got {guidance_scale!r}"))
-        guidance_scale = 0.0
+        guidance_scale = None
+    interval = None
+    if guidance_interval is not None:
+        try:
+            start, end = (float(x) for x in guidance_interval)
+            interval = sdxl_pb2.GuidanceInterval(start=start, end=end)
+        except (TypeError, ValueError):
+            violations.append(
+                FieldViolation("guidance_interval", f"must be (start, end), got {guidance_interval!r}")
+            )
+    sampler_value = _enum_value("sampler", sampler, sdxl_pb2.Sampler, violations)
+    spacing_value = _enum_value("timestep_spacing", timestep_spacing, sdxl_pb2.TimestepSpacing, violations)
+    checked_timesteps = [check_int("timesteps", t) for t in timesteps]
     try:
         image_format = ImageFormat.parse(format)
     except ValueError as error:
@@ -78,11 +99,30 @@ def build_generate_request(
     request = sdxl_pb2.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
-        guidance_scale=float(guidance_scale),
         format=image_format.value,
         request_id=request_id or new_request_id(),
-        **counts,
     )
+    for name, count in counts.items():
+        setattr(request, name, count)
+    request.sampler = sampler_value
+    request.timestep_spacing = spacing_value
+    request.timesteps.extend(checked_timesteps)
+    if guidance_scale is not None:
+        request.guidance_scale = float(guidance_scale)
+    if interval is not None:
+        request.guidance_interval.CopyFrom(interval)
     if checked_seed is not None:
         request.seed = checked_seed
     return request
+
+
+def _enum_value(field: str, name: str | None, enum: Any, violations: list[FieldViolation]) -> Any:
+    """The proto enum number of a lower-case name (``"dpmpp_2m"`` -> DPMPP_2M); None is 0, the default."""
+    if name is None:
+        return 0
+    try:
+        return int(enum.Value(str(name).upper()))
+    except ValueError:
+        names = [n.lower() for n in enum.keys() if not n.endswith("UNSPECIFIED")]  # noqa: SIM118 (an enum wrapper)
+        violations.append(FieldViolation(field, f"{name!r} is not one of {', '.join(names)}"))
+        return 0

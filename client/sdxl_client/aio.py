@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar, cast
 
 import grpc
@@ -65,7 +65,11 @@ class AsyncClient(ClientBase):
         seed: int | None = None,
         num_images: int = 0,
         steps: int = 0,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        sampler: str | None = None,
+        timestep_spacing: str | None = None,
+        timesteps: Sequence[int] = (),
         width: int = 0,
         height: int = 0,
         format: ImageFormat | str | None = None,
@@ -84,7 +88,12 @@ class AsyncClient(ClientBase):
             seed: Seed of the first image (image i uses seed + i); None lets the server pick and report it.
             num_images: Images to generate (0 means 1).
             steps: Denoising steps per image.
-            guidance_scale: Classifier-free guidance scale.
+            guidance_scale: Classifier-free guidance scale; None for the model's default, <= 1 for
+                none (one UNet row per step, as diffusers does; 0 is what Turbo/Lightning use).
+            guidance_interval: (start, end) fractions of the steps with guidance; None for all of them.
+            sampler: ``"euler"``, ``"ddim"``, ``"dpmpp_2m"`` or ``"lcm"``; None for the model's default.
+            timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; None for the default.
+            timesteps: Explicit timesteps, strictly decreasing (their count is the steps).
             width: Image width in pixels; width x height must be a served resolution.
             height: Image height in pixels.
             format: ``"png"``, ``"jpeg"``, ``"webp"`` or an :class:`ImageFormat`.
@@ -111,6 +120,10 @@ class AsyncClient(ClientBase):
             num_images=num_images,
             steps=steps,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            sampler=sampler,
+            timestep_spacing=timestep_spacing,
+            timesteps=timesteps,
             width=width,
             height=height,
             format=format,
@@ -132,7 +145,11 @@ class AsyncClient(ClientBase):
         seed: int | None = None,
         num_images: int = 0,
         steps: int = 0,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        sampler: str | None = None,
+        timestep_spacing: str | None = None,
+        timesteps: Sequence[int] = (),
         width: int = 0,
         height: int = 0,
         format: ImageFormat | str | None = None,
@@ -162,6 +179,10 @@ class AsyncClient(ClientBase):
             num_images=num_images,
             steps=steps,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            sampler=sampler,
+            timestep_spacing=timestep_spacing,
+            timesteps=timesteps,
             width=width,
             height=height,
             format=format,

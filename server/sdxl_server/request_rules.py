@@ -3,8 +3,9 @@
 The gRPC door (``service/request_conversion.py``) and the HTTP door (``service/http/images_request.py``)
 apply the server's defaults and check what only their wire format can get wrong (an unknown enum value, a
 width without a height, a JSON type); every rule about values lives here: served resolutions (and, for the
-settings, what a servable resolution is), steps, guidance bounds, seed, images per request, prompt
-(present, and its length in characters), format, quality and request id. The engine applies the same
+settings, what a servable resolution is), steps, guidance bounds and interval, sampler, timestep
+spacing and explicit timesteps, seed, images per request, prompt (present, and its length in
+characters), format, quality and request id. The engine applies the same
 rules again on ``submit``, so that a caller that skips the service (benchmarks, tests, another front
 end) meets the same limits with the same words.
 
@@ -15,6 +16,7 @@ Plain values in, ``(field, description)`` out: no JAX, no gRPC, no generated cod
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -31,6 +33,10 @@ MAX_REQUEST_ID_CHARS = 128
 MIN_QUALITY, MAX_QUALITY = 1, 100
 # Height and width of every served size: the VAE scales by 8 (a latent pixel is 8x8 image pixels).
 RESOLUTION_MULTIPLE = 8
+# Every sampler and timestep spacing the API names (diffusers' names); which of them a server runs, and
+# which spacings each sampler can use, is in its Limits.
+SAMPLERS = ("euler", "ddim", "dpmpp_2m", "lcm")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,8 @@ def request_violations(
     if not (math.isfinite(g) and limits.min_guidance_scale <= g <= limits.max_guidance_scale):
         reject("guidance_scale", f"{g} is outside {limits.min_guidance_scale}..{limits.max_guidance_scale}")
 
+    violations += sampling_violations(request, limits)
+
     unserved = resolution_violation(request.resolution, limits.resolutions)
     if unserved is not None:
         violations.append(unserved)
@@ -123,6 +131,53 @@ def request_violations(
     if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
         reject("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return violations
+
+
+def sampling_violations(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:
+    """The guidance interval, sampler, timestep spacing and explicit timesteps."""
+    violations: list[FieldViolation] = []
+
+    def reject(field: str, description: str) -> None:
+        violations.append(FieldViolation(field, description))
+
+    start, end = request.guidance_interval
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end <= 1):
+        reject("guidance_interval", f"({start:g}, {end:g}) must satisfy 0 <= start <= end <= 1")
+
+    sampler, spacing = request.sampler, request.timestep_spacing
+    usable = limits.samplers.get(sampler)
+    if usable is None:
+        served = ", ".join(limits.samplers)
+        known = "unknown sampler" if sampler not in SAMPLERS else "not served by this server"
+        reject("sampler", f"{sampler!r}: {known}; use one of {served}")
+    if request.timesteps:
+        if spacing:
+            reject("timestep_spacing", "not allowed together with explicit timesteps")
+        reject_timesteps = timesteps_problem(request.timesteps, request.steps, limits)
+        if reject_timesteps is not None:
+            reject("timesteps", reject_timesteps)
+    elif spacing not in SPACINGS:
+        reject("timestep_spacing", f"{spacing!r}: unknown spacing; use one of {', '.join(SPACINGS)}")
+    elif usable is not None and spacing not in usable:
+        reject(
+            "timestep_spacing", f"the {sampler} sampler cannot use {spacing}; use one of {', '.join(usable)}"
+        )
+    return violations
+
+
+def timesteps_problem(timesteps: Sequence[int], steps: int, limits: Limits) -> str | None:
+    """What is wrong with explicit timesteps (strictly decreasing, within the training range, one per
+    step), or None."""
+    if not limits.accepts_timesteps:
+        return "explicit timesteps are not served by this server"
+    last = limits.train_timesteps - 1
+    if any(not 0 <= t <= last for t in timesteps):
+        return f"each must be within 0..{last}, the model's training timesteps"
+    if any(later >= earlier for earlier, later in itertools.pairwise(timesteps)):
+        return "must be strictly decreasing"
+    if len(timesteps) != steps:
+        return f"{len(timesteps)} timesteps for {steps} steps; give steps 0 or their count"
+    return None
 
 
 def check_request(request: GenerationRequest, limits: Limits) -> None:

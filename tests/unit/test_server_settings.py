@@ -162,6 +162,9 @@ _REFUSED_ENGINE_VALUES = {
     "decode_hold_steps": "-1",
     "memory_fraction": "1.5",
     "attention": "fast",
+    "default_guidance_scale": "31",
+    "default_sampler": "heun",
+    "default_timestep_spacing": "karras",
 }
 
 
@@ -180,3 +183,13 @@ def test_every_engine_setting_a_flag_reaches_is_refused_naming_the_flag() -> Non
             with pytest.raises(ConfigError) as from_env:  # the environment's value meets the same check
                 parse_serve_config([], env={option.env: value})
             assert str(from_env.value) == str(caught.value)
+
+
+def test_a_models_recipe_is_set_by_flags_and_the_environment() -> None:
+    config = parse_serve_config(
+        ["--default-sampler", "lcm", "--default-steps", "4", "--default-guidance-scale", "0"],
+        env={"SDXL_DEFAULT_TIMESTEP_SPACING": "trailing"},
+    )
+    engine = config.engine
+    assert (engine.default_sampler, engine.default_steps, engine.default_guidance_scale) == ("lcm", 4, 0.0)
+    assert engine.default_timestep_spacing == "trailing"

@@ -52,7 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("-n", "--num-images", type=int, default=0, help="images to generate")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the model's; 0 or 1: none, one UNet row per step)",
+    )
+    parser.add_argument("--sampler", default=None, help="euler, ddim, dpmpp_2m or lcm (default: the model's)")
     parser.add_argument(
         "--size", type=parse_size, default=None, help="WxH, e.g. 1024x1024 (or --width and --height)"
     )
@@ -151,7 +157,7 @@ def _check_signs(args: argparse.Namespace, width: int, height: int, info: Server
     values = {
         "--steps": args.steps,
         "--num-images": args.num_images,
-        "--guidance-scale": args.guidance_scale,
+        "--guidance-scale": args.guidance_scale or 0,
         "--quality": args.quality,
         "--width": width,
         "--height": height,
@@ -169,7 +175,7 @@ def _check_signs(args: argparse.Namespace, width: int, height: int, info: Server
         "--steps": f"is outside {info.min_steps}..{info.max_steps} (0: the default, {info.default_steps})",
         "--num-images": f"is outside 1..{info.max_images_per_request}",
         "--guidance-scale": f"is outside {info.min_guidance_scale:g}..{info.max_guidance_scale:g} "
-        f"(0: the default, {info.default_guidance_scale:g})",
+        f"(left out: the default, {info.default_guidance_scale:g})",
         "--quality": "is outside 1..100",
         "--width": f"is negative; the served sizes are {served}",
         "--height": f"is negative; the served sizes are {served}",
@@ -248,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
                 prompt=args.prompt,
                 negative_prompt=args.negative_prompt,
                 steps=args.steps or info.default_steps,
-                guidance_scale=args.guidance_scale or info.default_guidance_scale,
+                guidance_scale=(
+                    info.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+                ),
                 seed=0,
                 width=0,
                 height=0,
@@ -262,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 num_images=args.num_images,
                 steps=args.steps,
                 guidance_scale=args.guidance_scale,
+                sampler=args.sampler,
                 width=width,
                 height=height,
                 format=plan.image_format,

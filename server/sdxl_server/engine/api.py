@@ -47,12 +47,19 @@ class GenerationRequest:
     seed: int
     num_images: int
     steps: int
+    # Classifier-free guidance; <= 1 means none: one conditional UNet row per step (diffusers' rule).
     guidance_scale: float
     resolution: Resolution
     image_format: ImageFormat = ImageFormat.PNG
     quality: int = 90
     # Absolute time.monotonic() by which the caller needs the result, or None.
     deadline: float | None = None
+    # (start, end): the fractions of the steps during which guidance applies; outside, one UNet row.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    sampler: str = "euler"  # one of Limits.samplers
+    timestep_spacing: str = "leading"  # one the sampler can use (Limits.samplers[sampler])
+    # Explicit timesteps, strictly decreasing; when given, their count is `steps`.
+    timesteps: tuple[int, ...] = ()
 
 
 # ---- events delivered to a request's listener, in this order:
@@ -149,6 +156,13 @@ class Limits:
     max_images_per_request: int
     max_prompt_tokens: int
     max_queue: int  # images
+    # The model's recipe: what a request that names no sampler or spacing gets.
+    default_sampler: str = "euler"
+    default_timestep_spacing: str = "leading"
+    # Each sampler the engine runs, with the timestep spacings it can use.
+    samplers: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: {"euler": ("leading",)})
+    accepts_timesteps: bool = False  # whether explicit `timesteps` are served
+    train_timesteps: int = 1000  # explicit timesteps lie in 0..train_timesteps-1
 
 
 @dataclasses.dataclass(frozen=True)

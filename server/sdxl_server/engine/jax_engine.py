@@ -203,7 +203,7 @@ class JaxEngine:
         decode_seconds = 0.0
         for resolution, res_programs in programs.by_resolution.items():
             bank = res_programs.empty_bank
-            largest = res_programs.buckets[-1]
+            largest = res_programs.row_buckets[-1]
             for (k, bucket), step in sorted(res_programs.steps.items()):
                 seconds = second_run(functools.partial(step, params["unet"], bank.slots)) / k
                 if bucket == largest:
@@ -279,7 +279,23 @@ class JaxEngine:
             max_images_per_request=min(cfg.max_images_per_request, cfg.max_queue),
             max_prompt_tokens=self._model.max_tokens if self._model else 77,
             max_queue=cfg.max_queue,
+            default_sampler=cfg.default_sampler,
+            default_timestep_spacing=cfg.default_timestep_spacing,
+            samplers=self._samplers(),
+            train_timesteps=self._train_timesteps(),
         )
+
+    def _samplers(self) -> dict[str, tuple[str, ...]]:
+        """What the step loop can run: today Euler with the model's own spacing (noise_schedule.py).
+        engine/sampling/ widens this to every sampler and spacing it tabulates."""
+        if self._model is None:
+            return {"euler": (self.config.default_timestep_spacing,)}
+        return {"euler": (str(self._model.pipeline.scheduler.config.timestep_spacing),)}
+
+    def _train_timesteps(self) -> int:
+        if self._model is None:
+            return 1000
+        return int(self._model.pipeline.scheduler.config.num_train_timesteps)
 
     def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
         if self._phase is not _Phase.READY or self._model is None:

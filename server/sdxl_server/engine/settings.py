@@ -13,6 +13,7 @@ import dataclasses
 from sdxl_server import request_rules
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.models.model_source import DEFAULT_TINY_MODEL_DIR
+from sdxl_server.request_rules import SAMPLERS, SPACINGS
 from sdxl_server.settable import described, setting
 
 POLICIES = ("continuous", "static")
@@ -99,7 +100,15 @@ class EngineConfig:
     default_steps: int = setting(30, "steps when a request leaves them at 0")
     min_guidance_scale: float = 0.0
     max_guidance_scale: float = 30.0
-    default_guidance_scale: float = 5.0
+    # The model's recipe, what a request that leaves these out gets (a few-step distilled checkpoint is
+    # served with e.g. --default-sampler lcm --default-steps 4 --default-guidance-scale 0).
+    default_guidance_scale: float = setting(
+        5.0, "guidance when a request leaves it unset (<= 1: none, one UNet row per step)"
+    )
+    default_sampler: str = setting("euler", "sampler when a request names none: " + ", ".join(SAMPLERS))
+    default_timestep_spacing: str = setting(
+        "leading", "timestep spacing when a request names none: " + ", ".join(SPACINGS)
+    )
     max_images_per_request: int = setting(4, "most images per request")
     # Denoising steps run per device dispatch when no waiting image could join before they end (none
     # waits, or every slot is taken for at least K more steps): amortises the per-call dispatch
@@ -158,6 +167,12 @@ class EngineConfig:
             self.min_guidance_scale <= self.default_guidance_scale <= self.max_guidance_scale,
             "default_guidance_scale",
             "must be within the guidance bounds",
+        )
+        require(self.default_sampler in SAMPLERS, "default_sampler", f"must be one of {', '.join(SAMPLERS)}")
+        require(
+            self.default_timestep_spacing in SPACINGS,
+            "default_timestep_spacing",
+            f"must be one of {', '.join(SPACINGS)}",
         )
         require(self.max_images_per_request >= 1, "max_images_per_request", "must be at least 1")
         require(self.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")

@@ -56,8 +56,10 @@ class LoopStatistics:
     # delaying the next dispatch. It should stay near zero.
     backpressure_seconds: float = 0.0
     programs_compiled: int = 0  # programs built at start (compiled, or loaded from the cache)
-    buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # decodes
     steps_per_dispatch: tuple[int, ...] = ()  # 1, 2, 4, ..., K: the step programs' step counts
+    # The step programs' UNet rows per device (1, 2, 4, ..., 2 x slots per device), per resolution.
+    row_buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 class StatsBoard:

@@ -16,10 +16,11 @@ applied here with the compiled programs, in this order:
    waiting longer cannot fill more devices or fewer images are queued than there are slots
    (decode_hold.py); the pixels go to the image workers (image_workers.py), which copy only the real
    images to the host, encode and deliver them on their own threads;
-5. dispatch: per resolution in use, the step program of the smallest bucket that covers the busiest
-   block, asynchronously (k steps at once, k in 1, 2, 4, ..., K, the most that no slot overshoots, when
-   no waiting image could join sooner: none waits, or every slot is taken); then the occupants advance
-   and their requests hear their Progress;
+5. dispatch: per resolution in use, the step program of the smallest row bucket that covers the UNet
+   rows of the busiest block (two per guided image, one per unguided one), asynchronously (k steps at
+   once, k in 1, 2, 4, ..., K, the most that no slot overshoots, when no waiting image could join
+   sooner: none waits, or every slot is taken); then the occupants advance and their requests hear
+   their Progress;
 6. bound the run-ahead: wait until the previous boundary's dispatches completed, so the device always
    has the current boundary's work queued while the host prepares the next, and cancellations take
    effect within one step.
@@ -113,6 +114,7 @@ class StepLoop:
             steps_per_dispatch=tuple(
                 sorted({k for k, _ in programs.by_resolution[config.default_resolution].steps})
             ),
+            row_buckets={res: p.row_buckets for res, p in programs.by_resolution.items()},
         )
         self._planner = BoundaryPlanner(
             policy=config.policy,
@@ -148,6 +150,7 @@ class StepLoop:
             programs_compiled=self._programs.programs_compiled,
             buckets=dict(self._sizes.buckets),
             steps_per_dispatch=self._sizes.steps_per_dispatch,
+            row_buckets=dict(self._sizes.row_buckets),
         )
 
     # ---- this thread
@@ -231,9 +234,10 @@ class StepLoop:
             pooled=pooled,
             zero_negative=np.bool_(request.zero_negative),
             guidance=np.float32(request.request.guidance_scale),
+            guided_from=np.int32(request.guided[0]),
+            guided_until=np.int32(request.guided[1]),
             timesteps=schedule.timesteps,
-            sigmas=schedule.sigmas,
-            next_sigmas=schedule.next_sigmas,
+            coefficients=schedule.coefficients,
             num_steps=np.int32(schedule.num_steps),
             init_noise_sigma=np.float32(schedule.init_noise_sigma),
         )
@@ -270,13 +274,14 @@ class StepLoop:
         for resolution, bucket in dispatch.buckets:
             programs = self._programs.by_resolution[resolution]
             bank = self._banks[resolution]
-            latents, step = programs.steps[(k, bucket)](unet, bank.slots)
-            self._banks[resolution] = bank._replace(slots=bank.slots._replace(latents=latents, step=step))
+            latents, history, step = programs.steps[(k, bucket)](unet, bank.slots)
+            slots = bank.slots._replace(latents=latents, history=history, step=step)
+            self._banks[resolution] = bank._replace(slots=slots)
             self._device.track(step, "step", k, key=str(resolution))
             self._tracked_this_boundary += 1
         self.boundary += 1
         batches = ",".join(f"{resolution}:{bucket}" for resolution, bucket in dispatch.buckets)
-        detail = f"k={k} slots={dispatch.slots_busy} batch={batches}"
+        detail = f"k={k} slots={dispatch.slots_busy} rows={dispatch.rows_busy} batch={batches}"
         self._trace.add(TraceEvent(TraceKind.STEP, self.boundary, detail=detail))
 
         progressed: dict[int, TrackedRequest] = {}

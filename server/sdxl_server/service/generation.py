@@ -23,7 +23,11 @@ from sdxl_server.logs import fields
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.bridge import EngineCall
-from sdxl_server.service.request_conversion import ValidationError, to_generation_request
+from sdxl_server.service.request_conversion import (
+    SAMPLER_TO_PROTO,
+    ValidationError,
+    to_generation_request,
+)
 from sdxl_server.service.request_log import RejectionLog, log_done
 from sdxl_server.service.serving_gate import Admission
 
@@ -53,6 +57,7 @@ class Outcome:
             steps=r.steps,
             guidance_scale=r.guidance_scale,
             num_images=r.num_images,
+            sampler=SAMPLER_TO_PROTO.get(r.sampler, sdxl_pb2.SAMPLER_UNSPECIFIED),
         )
 
 

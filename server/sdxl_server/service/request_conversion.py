@@ -24,6 +24,8 @@ from sdxl_server.request_rules import FieldViolation, request_violations
 __all__ = [
     "DEFAULT_QUALITY",
     "FORMAT_TO_PROTO",
+    "SAMPLER_TO_PROTO",
+    "SPACING_TO_PROTO",
     "FieldViolation",
     "ValidationError",
     "new_request_id",
@@ -45,6 +47,20 @@ FORMAT_TO_PROTO = {
     ImageFormat.JPEG: sdxl_pb2.JPEG,
     ImageFormat.WEBP: sdxl_pb2.WEBP,
 }
+# The API's enums and request_rules' names (SAMPLERS, SPACINGS).
+SAMPLER_TO_PROTO: dict[str, sdxl_pb2.Sampler.ValueType] = {
+    "euler": sdxl_pb2.EULER,
+    "ddim": sdxl_pb2.DDIM,
+    "dpmpp_2m": sdxl_pb2.DPMPP_2M,
+    "lcm": sdxl_pb2.LCM,
+}
+SPACING_TO_PROTO: dict[str, sdxl_pb2.TimestepSpacing.ValueType] = {
+    "leading": sdxl_pb2.LEADING,
+    "trailing": sdxl_pb2.TRAILING,
+    "linspace": sdxl_pb2.LINSPACE,
+}
+_SAMPLERS: dict[int, str] = {number: name for name, number in SAMPLER_TO_PROTO.items()}
+_SPACINGS: dict[int, str] = {number: name for name, number in SPACING_TO_PROTO.items()}
 
 
 class ValidationError(Exception):
@@ -75,18 +91,37 @@ def to_generation_request(
         names = ", ".join(sdxl_pb2.ImageFormat.Name(f) for f in _FORMATS if f)
         reject("format", f"unknown value {message.format}; use one of {names}")
 
+    sampler = _enum_name(message.sampler, _SAMPLERS, limits.default_sampler, "sampler", reject)
+    timesteps = tuple(message.timesteps)
+    # With explicit timesteps no spacing applies: left empty unless the caller named one (a rule refuses).
+    spacing_default = "" if timesteps else limits.default_timestep_spacing
+    spacing = _enum_name(message.timestep_spacing, _SPACINGS, spacing_default, "timestep_spacing", reject)
+    interval = message.guidance_interval
     request = GenerationRequest(
         request_id=message.request_id,
         prompt=message.prompt,
         negative_prompt=message.negative_prompt,
         seed=message.seed if message.HasField("seed") else secrets.randbits(_RANDOM_SEED_BITS),
         num_images=message.num_images or 1,
-        steps=message.steps or limits.default_steps,
-        guidance_scale=float(message.guidance_scale or limits.default_guidance_scale),
+        steps=message.steps or len(timesteps) or limits.default_steps,
+        # Presence, not value: 0 is a real request (no guidance); unset is the model's recipe.
+        guidance_scale=(
+            float(message.guidance_scale)
+            if message.HasField("guidance_scale")
+            else limits.default_guidance_scale
+        ),
         resolution=resolution,
         image_format=image_format or ImageFormat.PNG,
         quality=message.quality or DEFAULT_QUALITY,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        guidance_interval=(
+            (float(interval.start), float(interval.end))
+            if message.HasField("guidance_interval")
+            else (0.0, 1.0)
+        ),
+        sampler=sampler,
+        timestep_spacing=spacing,
+        timesteps=timesteps,
     )
     violations += request_violations(request, limits)
     if violations:
@@ -95,6 +130,20 @@ def to_generation_request(
         # Checked before it is generated: the caller's id is the one the rules apply to.
         request = dataclasses.replace(request, request_id=new_request_id())
     return request
+
+
+def _enum_name(
+    value: int, names: dict[int, str], default: str, field: str, reject: Callable[[str, str], None]
+) -> str:
+    """The rules' name of an enum value (0: `default`); a number this server's API does not define is
+    refused here, since only the wire can carry one."""
+    if value == 0:
+        return default
+    name = names.get(value)
+    if name is None:
+        reject(field, f"unknown value {value}; use one of {', '.join(names.values())}")
+        return default
+    return name
 
 
 def _resolution(

@@ -19,9 +19,9 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 from sdxl_server.engine import api
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import status_mapping as errors
-from sdxl_server.service.serving_gate import Admission
 from sdxl_server.service.generation import Generations, Outcome, as_service_error
-from sdxl_server.service.request_conversion import FORMAT_TO_PROTO
+from sdxl_server.service.request_conversion import FORMAT_TO_PROTO, SAMPLER_TO_PROTO, SPACING_TO_PROTO
+from sdxl_server.service.serving_gate import Admission
 from sdxl_server.version import server_version
 
 
@@ -81,6 +81,7 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                 seed=done.seed,
                 steps=done.steps,
                 guidance_scale=done.guidance_scale,
+                sampler=done.sampler,
             )
         raise AssertionError("unreachable: _rpc re-raises every failure")
 
@@ -145,6 +146,10 @@ def server_info(info: api.EngineInfo) -> sdxl_pb2.ServerInfo:
         min_guidance_scale=limits.min_guidance_scale,
         max_guidance_scale=limits.max_guidance_scale,
         default_guidance_scale=limits.default_guidance_scale,
+        default_sampler=SAMPLER_TO_PROTO.get(limits.default_sampler, sdxl_pb2.SAMPLER_UNSPECIFIED),
+        default_timestep_spacing=SPACING_TO_PROTO.get(
+            limits.default_timestep_spacing, sdxl_pb2.TIMESTEP_SPACING_UNSPECIFIED
+        ),
         max_images_per_request=limits.max_images_per_request,
         max_prompt_tokens=limits.max_prompt_tokens,
         slots=info.slots,

@@ -78,6 +78,7 @@ def request(
     resolution: Resolution = SQUARE,
     image_format: ImageFormat = ImageFormat.PNG,
     deadline: float | None = None,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> GenerationRequest:
     return GenerationRequest(
         request_id=request_id,
@@ -90,6 +91,7 @@ def request(
         resolution=resolution,
         image_format=image_format,
         deadline=deadline,
+        guidance_interval=guidance_interval,
     )
 
 

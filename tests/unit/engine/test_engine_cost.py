@@ -29,13 +29,27 @@ def bucket_of(event, resolution=SQUARE) -> int:
     raise AssertionError(f"no batch for {resolution} in {event}")
 
 
-def test_a_lone_request_runs_the_smallest_step_and_decode(engine):
+def test_a_lone_unguided_request_runs_the_smallest_step_and_decode(engine):
     start = engine.loop_statistics().boundary
-    run(engine, request("lone", seed=31, steps=5))
+    run(engine, request("lone", seed=31, steps=5, guidance_scale=1.0))
     steps = trace_between(engine, start, "step")
     (decode,) = trace_between(engine, start, "decode")
-    assert steps and all(bucket_of(e) == 1 for e in steps), [e.detail for e in steps]
+    assert steps and all(bucket_of(e) == 1 and "rows=1" in e.detail for e in steps), [e.detail for e in steps]
     assert bucket_of(decode) == 1 and "images=1" in decode.detail
+
+
+def test_a_lone_guided_request_runs_two_rows(engine):
+    start = engine.loop_statistics().boundary
+    run(engine, request("lone-guided", seed=31, steps=3, guidance_scale=5.0))
+    steps = trace_between(engine, start, "step")
+    assert steps and all(bucket_of(e) == 2 and "rows=2" in e.detail for e in steps), [e.detail for e in steps]
+
+
+def test_a_guidance_interval_drops_the_step_to_one_row_when_it_ends(engine):
+    start = engine.loop_statistics().boundary
+    run(engine, request("interval", seed=33, steps=6, guidance_interval=(0.0, 0.5)))
+    rows = [int(e.detail.split("rows=")[1].split()[0]) for e in trace_between(engine, start, "step")]
+    assert rows[0] == 2 and rows[-1] == 1, rows
 
 
 def test_a_full_bank_runs_the_largest_step_and_one_decode_for_the_batch(engine):
@@ -54,8 +68,8 @@ def test_a_full_bank_runs_the_largest_step_and_one_decode_for_the_batch(engine):
     assert isinstance(first.wait(), Finished) and isinstance(others[0].wait(), Finished)
 
     steps = trace_between(engine, start, "step")
-    assert max(bucket_of(e) for e in steps) == slots
-    assert any(f"slots={slots}" in e.detail and bucket_of(e) == slots for e in steps)
+    assert max(bucket_of(e) for e in steps) == 2 * slots  # every image guided: two rows each
+    assert any(f"slots={slots}" in e.detail and bucket_of(e) == 2 * slots for e in steps)
     decodes = trace_between(engine, start, "decode")
     assert sum(int(e.detail.split("images=")[1]) for e in decodes) == slots
     # The two images that finished together were decoded together.
@@ -83,4 +97,5 @@ def test_the_loop_statistics_count_what_the_trace_shows(engine):
     assert after.steps_dispatched - before.steps_dispatched == sum(ks) == 5  # a lone request: no overshoot
     assert after.steps_per_dispatch == (1, 2) and set(ks) <= {1, 2}  # the shared engine's K is 2
     assert after.buckets[SQUARE] == (1, 2, 3) and after.programs_compiled > 0
+    assert after.row_buckets[SQUARE] == (1, 2, 4, 6)
     assert after.host_seconds >= before.host_seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_server.engine.api import ImageFormat, Limits, Resolution
@@ -77,3 +79,72 @@ def test_each_bad_field_is_named(fields, field, says) -> None:
 
 def test_all_violations_are_reported_together() -> None:
     assert set(_violations(prompt="", steps=99, num_images=9)) == {"prompt", "steps", "num_images"}
+
+
+# ---- guidance, sampler and timesteps (issue 22)
+
+SAMPLING = dataclasses.replace(
+    LIMITS,
+    samplers={"euler": ("leading", "trailing"), "lcm": ("trailing",)},
+    accepts_timesteps=True,
+    default_sampler="lcm",
+    default_timestep_spacing="trailing",
+)
+
+
+def _convert(limits: Limits = SAMPLING, **fields):
+    return to_generation_request(sdxl_pb2.GenerateRequest(prompt="a cat", **fields), limits, None)
+
+
+def test_guidance_zero_is_honoured_and_unset_guidance_is_the_models_default() -> None:
+    assert _convert(guidance_scale=0.0).guidance_scale == 0.0
+    assert _convert().guidance_scale == LIMITS.default_guidance_scale
+
+
+def test_unset_sampler_and_spacing_take_the_models_recipe() -> None:
+    request = _convert()
+    assert (request.sampler, request.timestep_spacing, request.guidance_interval) == (
+        "lcm",
+        "trailing",
+        (0.0, 1.0),
+    )
+    request = _convert(sampler=sdxl_pb2.EULER, timestep_spacing=sdxl_pb2.LEADING)
+    assert (request.sampler, request.timestep_spacing) == ("euler", "leading")
+
+
+def test_a_guidance_interval_is_kept_as_float32_fractions() -> None:
+    request = _convert(guidance_interval=sdxl_pb2.GuidanceInterval(start=0.0, end=0.4))
+    assert request.guidance_interval == pytest.approx((0.0, 0.4))
+
+
+def test_explicit_timesteps_set_the_steps_and_no_spacing() -> None:
+    request = _convert(timesteps=[999, 749, 499, 249])
+    assert (request.steps, request.timesteps, request.timestep_spacing) == (4, (999, 749, 499, 249), "")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "says"),
+    [
+        ({"sampler": 9}, "sampler", "unknown value 9"),
+        ({"sampler": sdxl_pb2.DDIM}, "sampler", "not served"),
+        ({"timestep_spacing": 7}, "timestep_spacing", "unknown value 7"),
+        ({"sampler": sdxl_pb2.LCM, "timestep_spacing": sdxl_pb2.LEADING}, "timestep_spacing", "lcm"),
+        ({"guidance_interval": sdxl_pb2.GuidanceInterval(start=0.6, end=0.4)}, "guidance_interval", "start"),
+        ({"guidance_interval": sdxl_pb2.GuidanceInterval(start=0.0, end=1.5)}, "guidance_interval", "<= 1"),
+        ({"timesteps": [249, 499]}, "timesteps", "strictly decreasing"),
+        ({"timesteps": [1000, 499]}, "timesteps", "0..999"),
+        ({"timesteps": [999, 499], "steps": 3}, "timesteps", "2 timesteps for 3 steps"),
+        ({"timesteps": [999], "timestep_spacing": sdxl_pb2.TRAILING}, "timestep_spacing", "together"),
+    ],
+)
+def test_each_bad_sampling_field_is_named(fields, field, says) -> None:
+    with pytest.raises(ValidationError) as caught:
+        _convert(**fields)
+    violations = {v.field: v.description for v in caught.value.violations}
+    assert list(violations) == [field]
+    assert says in violations[field]
+
+
+def test_a_server_without_explicit_timesteps_says_so() -> None:
+    with pytest.raises(ValidationError, match="timesteps: explicit timesteps are not served"):
+        _convert(dataclasses.replace(SAMPLING, accepts_timesteps=False), timesteps=[999, 499])

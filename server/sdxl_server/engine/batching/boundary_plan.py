@@ -11,8 +11,10 @@
 3. admissions: which queued images enter which slot (any free slot with the continuous policy, a whole
    new batch with the static one), each at the end of its bank's least-loaded device block;
 4. decodes: which banks' held images are decoded now, in which compiled batch (decode_hold.py);
-5. the dispatch: the steps per dispatch k and, per bank in use, the compiled batch that covers its
-   busiest block (None when no slot is busy).
+5. the dispatch: the steps per dispatch k and, per bank in use, the compiled row batch that covers the
+   UNet rows of its busiest block at any of those k steps (None when no slot is busy). An image takes
+   two rows at a guided step and one at an unguided step (guidance_rows.py), so a slot's rows can
+   change between boundaries, or within a dispatch, when its guidance interval ends or begins.
 
 Deciding updates the host's mirrors as if the plan were already applied, since they describe the device
 state the plan leads to: the slot table (occupants, holes), each bank's held images, the queue's
@@ -33,7 +35,7 @@ import numpy as np
 
 from sdxl_server.engine.api import CancelledError, DeadlineUnreachableError, EngineError, Resolution
 from sdxl_server.engine.batching.admission_queue import AdmissionQueue, admittable
-from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting
+from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting, row_bucket_sizes
 from sdxl_server.engine.batching.decode_hold import HeldImage, HeldImages, decode_now
 from sdxl_server.engine.batching.slot_table import Occupant, SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
@@ -43,8 +45,13 @@ from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 class ProgramSizes:
     """What was compiled, as far as the policy cares: the programs' shapes, not the programs."""
 
-    buckets: Mapping[Resolution, tuple[int, ...]]  # per-device batch sizes compiled for each bank
+    buckets: Mapping[Resolution, tuple[int, ...]]  # per-device decode batch sizes (images) of each bank
     steps_per_dispatch: tuple[int, ...]  # 1, 2, 4, ..., K (ascending)
+    # Per-device UNet row counts the step programs of each bank are compiled for (1, 2, 4, ..., 2P).
+    row_buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def rows_of(self, resolution: Resolution) -> tuple[int, ...]:
+        return self.row_buckets.get(resolution) or row_bucket_sizes(self.buckets[resolution][-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +103,9 @@ class Admission:
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
     steps: int  # denoising steps per slot in this dispatch (k)
-    buckets: tuple[tuple[Resolution, int], ...]  # per bank in use: the compiled batch per device
+    buckets: tuple[tuple[Resolution, int], ...]  # per bank in use: the compiled UNet rows per device
     slots_busy: int
+    rows_busy: int = 0  # UNet rows of every busy slot at the dispatch's first step, all banks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,17 +288,17 @@ class BoundaryPlanner:
     def _dispatch(self) -> Dispatch:
         slots = self._slots
         occupants = slots.occupants()
-        buckets = tuple(
-            (res, covering_bucket(self._sizes.buckets[res], max(slots.block_sizes(res))))
-            for res in slots.resolutions_in_use()
-        )
         k = steps_per_dispatch(
             self._sizes.steps_per_dispatch,
             [o.remaining for o in occupants],
             waiting=len(self._queue),
             could_enter=admittable(self._policy, slots.free, slots.busy),
         )
-        return Dispatch(k, buckets, len(occupants))
+        buckets = tuple(
+            (res, covering_bucket(self._sizes.rows_of(res), max(slots.block_rows(res, k))))
+            for res in slots.resolutions_in_use()
+        )
+        return Dispatch(k, buckets, len(occupants), sum(o.rows_ahead(0) for o in occupants))
 
     def _take_decode(self, resolution: Resolution) -> Decode:
         held = self._held[resolution]

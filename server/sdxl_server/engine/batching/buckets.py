@@ -1,10 +1,10 @@
 """Batch buckets: the few per-device batch sizes each program is compiled for.
 
-A boundary runs the smallest compiled size that covers its work (busy slots for a step, finished images
-for a decode), so that a lone request costs what a batch of one costs and a full bank what the recipe's
-batch costs. Powers of two keep the count logarithmic in the slots per device (1, 2, 4, ..., and the
-slots per device itself), which bounds warm-up compile time. Steps per dispatch use the same sizes up to
-K, and a dispatch runs the largest that no slot overshoots.
+A boundary runs the smallest compiled size that covers its work (the busy slots' UNet rows for a step,
+finished images for a decode), so that a lone request costs what a batch of one costs and a full bank
+what the recipe's batch costs. Powers of two keep the count logarithmic in the slots per device (1, 2,
+4, ..., and the slots per device itself), which bounds warm-up compile time. Steps per dispatch use the
+same sizes up to K, and a dispatch runs the largest that no slot overshoots.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ def bucket_sizes(per_device: int) -> tuple[int, ...]:
         size *= 2
     sizes.append(per_device)
     return tuple(sizes)
+
+
+def row_bucket_sizes(per_device: int) -> tuple[int, ...]:
+    """The UNet row counts a step program is compiled for: 1, 2, 4, ... up to two rows (a guided image)
+    for each of the `per_device` slots, so that a lone unguided image runs one row."""
+    return bucket_sizes(2 * per_device)
 
 
 def covering_bucket(sizes: tuple[int, ...], needed: int) -> int:

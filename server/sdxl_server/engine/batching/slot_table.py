@@ -2,10 +2,12 @@
 
 Each served resolution has its own bank of slots on the device (its programs have fixed shapes), split
 into one block of `per_device` slots per device. The slots are one budget: at most `total` images are in
-flight across all banks. Within a block the busy slots are kept packed at the front, so that a step can
-run on the smallest compiled prefix that covers them: a release leaves a hole that `repack` closes (the
-step loop applies the returned order on the device with the `rearrange` program), and an admission goes
-to the device whose block in that bank is least loaded.
+flight across all banks. Within a block the busy slots are kept packed at the front (a release leaves a
+hole that `repack` closes; the step loop applies the returned order on the device with the `rearrange`
+program), and their UNet rows are packed in slot order at the front of the device's row batch (one row
+for an unguided step, two for a guided one: guidance_rows.py), so that a step runs the smallest compiled
+row count that covers them. An admission goes to the device whose block in that bank has the fewest rows
+at its next step.
 
 Only the step loop's thread uses a SlotTable.
 """
@@ -31,6 +33,10 @@ class Occupant:
     @property
     def remaining(self) -> int:
         return self.item.steps - self.steps_dispatched
+
+    def rows_ahead(self, offset: int) -> int:
+        """UNet rows of its step `offset` steps from now (0 past its end)."""
+        return self.item.rows_at(self.steps_dispatched + offset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +77,11 @@ class SlotTable:
             raise RuntimeError("assign before repack")
         blocks = self._blocks[resolution]
         load_elsewhere = self.device_loads()
-        device = min(range(self.devices), key=lambda d: (len(blocks[d]), load_elsewhere[d], d))
+        rows = self.block_rows(resolution, 1)
+        device = min(
+            (d for d in range(self.devices) if len(blocks[d]) < self.per_device),
+            key=lambda d: (rows[d], len(blocks[d]), load_elsewhere[d], d),
+        )
         occupant = Occupant(item, resolution, device, device * self.per_device + len(blocks[device]))
         blocks[device].append(occupant)
         self._busy += 1
@@ -107,6 +117,14 @@ class SlotTable:
 
     def block_sizes(self, resolution: Resolution) -> list[int]:
         return [len(block) for block in self._blocks[resolution]]
+
+    def block_rows(self, resolution: Resolution, steps: int) -> list[int]:
+        """Per device, the most UNet rows its block in this bank runs at any of the next `steps` steps
+        (a slot's row count can change within them: its guidance interval ends or begins)."""
+        return [
+            max(sum(o.rows_ahead(offset) for o in block) for offset in range(steps))
+            for block in self._blocks[resolution]
+        ]
 
     def device_loads(self) -> list[int]:
         """Busy slots per device, over every bank."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_server.engine.api import EngineEvent, Failed, Finished, GenerationRequest, Listener
+from sdxl_server.engine.batching.guidance_rows import guided_steps, rows_at
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class TrackedRequest:
         self.images_admitted = 0
         self.images_done = 0
         self.steps_done = [0] * request.num_images
+        # [first, end) of the guided steps: two UNet rows each, one row for the others (guidance_rows.py).
+        self.guided = guided_steps(request.guidance_scale, request.guidance_interval, request.steps)
         self._on_terminal = on_terminal
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -93,3 +96,7 @@ class WorkItem:
     @property
     def steps(self) -> int:
         return self.request.request.steps
+
+    def rows_at(self, step: int) -> int:
+        """UNet rows this image takes at its step `step` (0 past its end)."""
+        return rows_at(self.request.guided, self.steps, step)

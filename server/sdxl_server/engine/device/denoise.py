@@ -1,12 +1,18 @@
-"""One guided Euler denoising step over a block of slots: the arithmetic of the engine.
+"""One guided denoising step over a block of slots, in UNet rows: the arithmetic of the engine.
 
-It follows `FlaxStableDiffusionXLPipeline._generate` and `FlaxEulerDiscreteScheduler` operation for
-operation, so that one image equals the pipeline's (the engine's correctness oracle). Every slot carries its
-own schedule table and step counter: slots at different steps share one call, and a slot that is done or
-empty is left unchanged.
+It follows `FlaxStableDiffusionXLPipeline._generate` operation for operation, so that one image equals
+the pipeline's (the engine's correctness oracle); the sampler's part (input scaling and the update) is
+sampler_step.py's. Every slot carries its own per-step tables and step counter: slots at different steps
+share one call, and a slot that is done or empty is left unchanged.
 
-Classifier-free guidance pairs each slot's unconditional and conditional rows next to each other (stack on
-a new axis, then reshape), so that the 2S UNet batch splits over devices exactly as the S slots do.
+Rows, not slots: at each step a slot takes two UNet rows when it is guided (its unconditional and
+conditional rows, next to each other) and one, the conditional row, when it is not (guidance <= 1, or
+a step outside its guidance interval; batching/guidance_rows.py). The rows of a block's active slots are
+packed in slot order at the front of a fixed-size row batch (the program's row bucket, chosen by the host
+to cover them); the UNet runs on that batch only, and each slot reads its prediction back from its rows.
+The layout is recomputed at every step on the device from the slots' own counters, so a k-step dispatch
+stays right when a slot's guidance ends within it. Gathers use indices local to the block: nothing moves
+between devices.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.device import sampler_step
 from sdxl_server.engine.models.loader import LoadedModel
 
 
@@ -27,9 +34,12 @@ class SlotState(NamedTuple):
     prompt_embeds: Any  # [S, 2, tokens, width]: (unconditional, conditional) per slot
     pooled: Any  # [S, 2, pooled width]
     guidance: Any  # float32[S]
-    timesteps: Any  # int32[S, max_steps]
-    sigmas: Any  # float32[S, max_steps]
-    next_sigmas: Any  # float32[S, max_steps]
+    guided_from: Any  # int32[S]: steps guided_from <= i < guided_until run with guidance (two rows)
+    guided_until: Any  # int32[S]
+    timesteps: Any  # int32[S, max_steps]: what the UNet sees at step i
+    coefficients: Any  # float32[S, max_steps, len(sampler_step.COEFFICIENTS)]: the sampler's table
+    history: Any  # float32[S, C, h/8, w/8]: what the sampler keeps between steps (sampler_step.py)
+    seed: Any  # uint32[S]: the slot's own key, for samplers that draw noise at each step
     num_steps: Any  # int32[S]; 0 marks a slot that holds no image
     step: Any  # int32[S]: steps done; the slot is active while step < num_steps
 
@@ -37,6 +47,7 @@ class SlotState(NamedTuple):
 def onehot_pick(table: jax.Array, index: jax.Array) -> jax.Array:
     """table[s, index[s]] per slot, elementwise (exact: one term plus zeros), so it stays device-local."""
     hit = jnp.arange(table.shape[1])[None, :] == index[:, None]
+    hit = hit.reshape(hit.shape + (1,) * (table.ndim - 2))
     return jnp.where(hit, table, jnp.zeros_like(table)).sum(axis=1)
 
 
@@ -45,56 +56,88 @@ def per_slot(x: jax.Array, like: jax.Array) -> jax.Array:
     return x.reshape(x.shape + (1,) * (like.ndim - 1))
 
 
-def denoise_step(model: LoadedModel, resolution: Resolution, unet_params: Any, state: SlotState) -> SlotState:
-    slots = state.latents.shape[0]
+class RowLayout(NamedTuple):
+    """Where each slot's rows sit in a row batch of fixed size (rows past the last slot's are padding)."""
+
+    slot_of_row: jax.Array  # int32[R]: the slot a row belongs to (the last slot for padding rows)
+    conditional: jax.Array  # bool[R]: the row reads the slot's conditional embeddings
+    first_row: jax.Array  # int32[S]: the slot's first row (its unconditional row when guided)
+    last_row: jax.Array  # int32[S]: the slot's last row (always its conditional row)
+
+
+def row_layout(rows_per_slot: jax.Array, row_count: int) -> RowLayout:
+    """Packs `rows_per_slot` (0, 1 or 2 each) in slot order into `row_count` rows."""
+    slots = rows_per_slot.shape[0]
+    ends = jnp.cumsum(rows_per_slot)
+    starts = ends - rows_per_slot
+    row = jnp.arange(row_count)
+    slot_of_row = jnp.minimum((row[:, None] >= ends[None, :]).sum(axis=1), slots - 1)
+    conditional = row - starts[slot_of_row] == rows_per_slot[slot_of_row] - 1
+    return RowLayout(
+        slot_of_row=slot_of_row,
+        conditional=conditional,
+        first_row=jnp.clip(starts, 0, row_count - 1),
+        last_row=jnp.clip(ends - 1, 0, row_count - 1),
+    )
+
+
+def slot_rows(state: SlotState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(active, guided, rows) of every slot at its current step: what guidance_rows.rows_at says."""
+    active = state.step < state.num_steps
+    guided = (state.step >= state.guided_from) & (state.step < state.guided_until)
+    rows = jnp.where(active, 1 + guided.astype(jnp.int32), 0)
+    return active, guided, rows
+
+
+def denoise_step(
+    model: LoadedModel, resolution: Resolution, row_count: int, unet_params: Any, state: SlotState
+) -> SlotState:
     index = jnp.minimum(state.step, state.timesteps.shape[1] - 1)
     t = onehot_pick(state.timesteps, index)
-    sigma = onehot_pick(state.sigmas, index)
-    next_sigma = onehot_pick(state.next_sigmas, index)
+    coefficients = onehot_pick(state.coefficients, index)
     latents = state.latents
+    active, guided, rows = slot_rows(state)
+    layout = row_layout(rows, row_count)
+    source, conditional = layout.slot_of_row, layout.conditional.astype(jnp.int32)
 
-    # FlaxEulerDiscreteScheduler.scale_model_input, then the CFG batch with each slot's pair adjacent.
-    scaled = latents / per_slot((sigma**2 + 1) ** 0.5, latents)
-    pair_shape = (2 * slots, *latents.shape[1:])
-    model_input = jnp.stack([scaled, scaled], axis=1).reshape(pair_shape)
-    timestep = jnp.stack([t, t], axis=1).reshape(2 * slots)
-    embeds = state.prompt_embeds.reshape(2 * slots, *state.prompt_embeds.shape[2:])
-    pooled = state.pooled.reshape(2 * slots, state.pooled.shape[2])
+    scaled = sampler_step.scale_model_input(coefficients, latents)
+    embeds = state.prompt_embeds[source, conditional]
+    pooled = state.pooled[source, conditional]
     h, w = resolution.height, resolution.width
-    time_ids = jnp.broadcast_to(jnp.array([h, w, 0, 0, h, w], dtype=embeds.dtype), (2 * slots, 6))
-    noise = model.pipeline.unet.apply(
+    time_ids = jnp.broadcast_to(jnp.array([h, w, 0, 0, h, w], dtype=embeds.dtype), (row_count, 6))
+    prediction = model.pipeline.unet.apply(
         {"params": unet_params},
-        model_input,
-        timestep,
+        scaled[source],
+        t[source],
         encoder_hidden_states=embeds,
         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-    ).sample
-    noise = noise.reshape(slots, 2, *latents.shape[1:]).astype(jnp.float32)
-    uncond, cond = noise[:, 0], noise[:, 1]
+    ).sample.astype(jnp.float32)
+    cond = prediction[layout.last_row]
+    uncond = prediction[layout.first_row]
     guidance = per_slot(state.guidance, latents)
-    noise_pred = uncond + guidance * (cond - uncond)
+    guided_prediction = uncond + guidance * (cond - uncond)
+    model_output = jnp.where(per_slot(guided, latents), guided_prediction, cond)
 
-    # FlaxEulerDiscreteScheduler.step (epsilon prediction), written out the same way.
-    sigma_b = per_slot(sigma, latents)
-    pred_original = latents - sigma_b * noise_pred
-    derivative = (latents - pred_original) / sigma_b
-    dt = per_slot(next_sigma, latents) - sigma_b
-    stepped = latents + derivative * dt
-
-    active = state.step < state.num_steps
-    new_latents = jnp.where(per_slot(active, latents), stepped, latents)
-    return state._replace(latents=new_latents, step=state.step + active.astype(jnp.int32))
+    stepped, history = sampler_step.update(coefficients, latents, model_output, state.history)
+    keep = per_slot(active, latents)
+    return state._replace(
+        latents=jnp.where(keep, stepped, latents),
+        history=jnp.where(keep, history, state.history),
+        step=state.step + active.astype(jnp.int32),
+    )
 
 
 def denoise_steps(
-    model: LoadedModel, resolution: Resolution, k: int, unet_params: Any, state: SlotState
+    model: LoadedModel, resolution: Resolution, k: int, row_count: int, unet_params: Any, state: SlotState
 ) -> Any:
-    """`k` steps in one program; returns the new (latents, step)."""
-    if k == 1:
-        out = denoise_step(model, resolution, unet_params, state)
-    else:
-        out = jax.lax.fori_loop(0, k, lambda _, s: denoise_step(model, resolution, unet_params, s), state)
-    return out.latents, out.step
+    """`k` steps in one program, each over `row_count` UNet rows; returns the new (latents, history,
+    step)."""
+
+    def one(_: Any, current: SlotState) -> SlotState:
+        return denoise_step(model, resolution, row_count, unet_params, current)
+
+    out = one(0, state) if k == 1 else jax.lax.fori_loop(0, k, one, state)
+    return out.latents, out.history, out.step
 
 
 def decode_latents(model: LoadedModel, vae_params: Any, latents: jax.Array) -> jax.Array:

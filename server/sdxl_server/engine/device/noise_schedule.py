@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_server.engine.device.sampler_step import COEFFICIENTS
+
 
 @dataclasses.dataclass(frozen=True)
 class StepSchedule:
@@ -25,6 +27,12 @@ class StepSchedule:
     sigmas: np.ndarray  # float32[max_steps]: sigma of step i
     next_sigmas: np.ndarray  # float32[max_steps]: sigma the Euler update moves to
     init_noise_sigma: float  # float32 value the initial latents are scaled by
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """float32[max_steps, len(COEFFICIENTS)]: the table the device's sampler update reads."""
+        columns = {"sigma": self.sigmas, "next_sigma": self.next_sigmas}
+        return np.stack([columns[name] for name in COEFFICIENTS], axis=1).astype(np.float32)
 
 
 class ScheduleBook:

@@ -4,8 +4,9 @@ State lives on the device, its leading axis the slot, sharded over the mesh: dev
 slots [d*P, (d+1)*P) (P slots per device). The step loop keeps each block's busy slots packed at its front,
 so that every per-device program works on a prefix of its own block:
 
-* `insert`: writes one slot (its initial noise, embeddings and schedule);
-* `steps[(k, b)]`: k denoising steps of the first b slots of every block (b a bucket, buckets.py);
+* `insert`: writes one slot (its initial noise, embeddings, guidance and per-step tables);
+* `steps[(k, r)]`: k denoising steps of every block's busy slots, their UNet rows packed into r rows
+  (r a row bucket, buckets.py: one row per unguided image, two per guided one; denoise.py);
 * `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
   permutes the slots so that the busy ones come first again (a gather with local indices);
 * `decode[b]`: the VAE over the first b held latents of every block, uint8 pixels out.
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes
+from sdxl_server.engine.device import sampler_step
 from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
 from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
 from sdxl_server.engine.device.program_cache import ProgramCache
@@ -49,9 +51,10 @@ class SlotUpdate(NamedTuple):
     pooled: Any  # [2, pooled width] from encode
     zero_negative: Any  # bool: an empty negative prompt means zero unconditional embeddings
     guidance: Any  # float32
+    guided_from: Any  # int32: the first guided step (guidance_rows.guided_steps)
+    guided_until: Any  # int32: the step after the last guided one
     timesteps: Any  # int32[max_steps]
-    sigmas: Any  # float32[max_steps]
-    next_sigmas: Any  # float32[max_steps]
+    coefficients: Any  # float32[max_steps, len(sampler_step.COEFFICIENTS)]
     num_steps: Any  # int32
     init_noise_sigma: Any  # float32
 
@@ -75,9 +78,10 @@ class Bank(NamedTuple):
 @dataclasses.dataclass
 class ResolutionPrograms:
     resolution: Resolution
-    buckets: tuple[int, ...]  # per-device batch sizes compiled
+    buckets: tuple[int, ...]  # per-device decode batch sizes compiled (images)
+    row_buckets: tuple[int, ...]  # per-device UNet row counts of the step programs
     insert: Any  # (SlotState, SlotUpdate) -> SlotState
-    steps: dict[tuple[int, int], Any]  # (k, b) -> (unet params, SlotState) -> (latents, step)
+    steps: dict[tuple[int, int], Any]  # (k, rows) -> (unet params, SlotState) -> (latents, history, step)
     rearrange: Any  # (Bank, Rearrangement) -> Bank
     decode: dict[int, Any]  # b -> (vae params, held) -> uint8[D*b, h, w, 3]
     empty_bank: Bank
@@ -92,15 +96,12 @@ class ProgramSet:
     programs_compiled: int  # programs built at start (compiled, or loaded from the cache directory)
 
 
-def _steps_of_prefix(
-    model: LoadedModel, resolution: Resolution, k: int, b: int, unet_params: Any, block: SlotState
+def _steps_of_block(
+    model: LoadedModel, resolution: Resolution, k: int, rows: int, unet_params: Any, block: SlotState
 ) -> Any:
-    """One device's block: k steps of its first b slots; the rest of the block is left as it was."""
-    prefix = SlotState(*(field[:b] for field in block))
-    latents, step = denoise_steps(model, resolution, k, unet_params, prefix)
-    if b == block.latents.shape[0]:
-        return latents, step
-    return block.latents.at[:b].set(latents), block.step.at[:b].set(step)
+    """One device's block: k steps of its busy slots over `rows` UNet rows (idle slots stay as they
+    were: their rows are zero, and the per-slot arithmetic beside the UNet is negligible)."""
+    return denoise_steps(model, resolution, k, rows, unet_params, block)
 
 
 def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
@@ -143,9 +144,12 @@ def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update
         prompt_embeds=put(state.prompt_embeds, embeds),
         pooled=put(state.pooled, pooled),
         guidance=put(state.guidance, update.guidance),
+        guided_from=put(state.guided_from, update.guided_from),
+        guided_until=put(state.guided_until, update.guided_until),
         timesteps=put(state.timesteps, update.timesteps),
-        sigmas=put(state.sigmas, update.sigmas),
-        next_sigmas=put(state.next_sigmas, update.next_sigmas),
+        coefficients=put(state.coefficients, update.coefficients),
+        history=put(state.history, 0.0),
+        seed=put(state.seed, update.seed),
         num_steps=put(state.num_steps, update.num_steps),
         step=put(state.step, 0),
     )
@@ -180,6 +184,7 @@ def build_programs(
     rep, sharded = replicated(mesh), slot_sharded(mesh)
     slots = slots_per_device * mesh.size
     buckets = bucket_sizes(slots_per_device)
+    row_buckets = row_bucket_sizes(slots_per_device)
     abstract = is_abstract(model.params)
     params = _abstract_on(model.params, rep) if abstract else jax.device_put(model.params, rep)
     text_params = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
@@ -221,9 +226,12 @@ def build_programs(
             pooled=jax.ShapeDtypeStruct(pooled_spec.shape, pooled_spec.dtype, sharding=rep),
             zero_negative=jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep),
             guidance=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+            guided_from=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+            guided_until=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             timesteps=jax.ShapeDtypeStruct((max_steps,), jnp.int32, sharding=rep),
-            sigmas=jax.ShapeDtypeStruct((max_steps,), jnp.float32, sharding=rep),
-            next_sigmas=jax.ShapeDtypeStruct((max_steps,), jnp.float32, sharding=rep),
+            coefficients=jax.ShapeDtypeStruct(
+                (max_steps, len(sampler_step.COEFFICIENTS)), jnp.float32, sharding=rep
+            ),
             num_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             init_noise_sigma=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
         )
@@ -237,21 +245,21 @@ def build_programs(
             update,
         )
         steps = {
-            (k, b): compile_(
-                f"step{k}x{b}-{resolution}",
+            (k, rows): compile_(
+                f"step{k}x{rows}-{resolution}",  # the second number counts UNet rows per device
                 _per_device(
                     mesh,
-                    functools.partial(_steps_of_prefix, model, resolution, k, b),
+                    functools.partial(_steps_of_block, model, resolution, k, rows),
                     (_WHOLE, block_specs),
-                    (_BLOCK, _BLOCK),
+                    (_BLOCK, _BLOCK, _BLOCK),
                 ),
                 (rep, state_shardings),
-                (sharded, sharded),
+                (sharded, sharded, sharded),
                 params["unet"],
                 state,
             )
             for k in steps_per_dispatch
-            for b in buckets
+            for rows in row_buckets
         }
         plan = Rearrangement(
             order=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
@@ -284,7 +292,7 @@ def build_programs(
             for b in buckets
         }
         by_resolution[resolution] = ResolutionPrograms(
-            resolution, buckets, insert, steps, rearrange, decode, bank
+            resolution, buckets, row_buckets, insert, steps, rearrange, decode, bank
         )
     return ProgramSet(params, encode, by_resolution, compile_seconds, compiled_count)
 
@@ -320,9 +328,12 @@ def _bank_shapes(
         prompt_embeds=shape((slots, 2, *embeds_spec.shape[1:]), embeds_spec.dtype),
         pooled=shape((slots, 2, pooled_spec.shape[1]), pooled_spec.dtype),
         guidance=shape((slots,), jnp.float32),
+        guided_from=shape((slots,), jnp.int32),
+        guided_until=shape((slots,), jnp.int32),
         timesteps=shape((slots, max_steps), jnp.int32),
-        sigmas=shape((slots, max_steps), jnp.float32),
-        next_sigmas=shape((slots, max_steps), jnp.float32),
+        coefficients=shape((slots, max_steps, len(sampler_step.COEFFICIENTS)), jnp.float32),
+        history=shape(latent_shape, jnp.float32),
+        seed=shape((slots,), jnp.uint32),
         num_steps=shape((slots,), jnp.int32),
         step=shape((slots,), jnp.int32),
     )

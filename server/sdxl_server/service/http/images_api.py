@@ -32,7 +32,7 @@ from sdxl_server.service.auth import bearer_token
 from sdxl_server.service.generation import Generations, as_service_error
 from sdxl_server.service.http.error_responses import error_json, error_response
 from sdxl_server.service.http.images_request import field_name, to_generate_request
-from sdxl_server.service.request_conversion import FieldViolation, ValidationError
+from sdxl_server.service.request_conversion import SAMPLER_TO_PROTO, FieldViolation, ValidationError
 
 CREATE_IMAGE = "CreateImage"
 LIST_MODELS = "ListModels"
@@ -119,11 +119,27 @@ class ImagesApi:
         )
 
     async def _list_models(self, _request: web.Request) -> web.Response:
-        model = {"id": self._model(), "object": "model", "created": self._created, "owned_by": OWNER}
+        limits = self._generations.limits()
+        model = {
+            "id": self._model(),
+            "object": "model",
+            "created": self._created,
+            "owned_by": OWNER,
+            # Extension: the model's recipe, what a request that leaves these out gets.
+            "recipe": {
+                "sampler": limits.default_sampler,
+                "timestep_spacing": limits.default_timestep_spacing,
+                "steps": limits.default_steps,
+                "guidance_scale": limits.default_guidance_scale,
+            },
+        }
         return web.json_response({"object": "list", "data": [model]})
 
     def _model(self) -> str:
         return self._generations.model_name()
+
+
+SAMPLER_NAMES = {number: name for name, number in SAMPLER_TO_PROTO.items()}
 
 
 def _images_json(images: list[api.ImageReady], done: sdxl_pb2.Done, output_format: str, model: str) -> str:
@@ -144,6 +160,7 @@ def _images_json(images: list[api.ImageReady], done: sdxl_pb2.Done, output_forma
             "seed": done.seed,
             "steps": done.steps,
             "guidance_scale": round(done.guidance_scale, 6),  # a float32 on the way: 7.5 stays 7.5
+            "sampler": SAMPLER_NAMES.get(done.sampler, ""),
             "prompt_truncated": done.prompt_truncated,
             "unknown_words": list(done.unknown_words),
             "timings": {

@@ -9,8 +9,11 @@ is told about ``n`` and ``size``, the names it sent.
 Accepted: OpenAI's ``prompt``, ``model`` (absent or the served model), ``n``, ``size`` (``WxH`` or
 ``auto``), ``response_format`` (``b64_json``: images are returned inline, never stored), ``output_format``,
 ``quality`` (``auto`` or ``standard``), ``stream`` (false), ``user`` and ``safety_identifier`` (ignored);
-our extensions ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale`` and ``format`` (``png``,
-``jpeg``, ``webp``; a synonym of ``output_format``). Any other field is refused, naming it, rather than
+our extensions ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale`` (present, 0 included, or
+absent for the model's default), ``guidance_interval`` (``{"start": 0, "end": 0.4}``), ``sampler``
+(``euler``, ``ddim``, ``dpmpp_2m``, ``lcm``), ``timestep_spacing`` (``leading``, ``trailing``,
+``linspace``), ``timesteps`` (a list of whole numbers) and ``format`` (``png``, ``jpeg``, ``webp``; a
+synonym of ``output_format``). Any other field is refused, naming it, rather than
 silently ignored. JSON ``null`` means absent, as it does for OpenAI.
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
 from sdxl_server.request_rules import MAX_SEED, FieldViolation
-from sdxl_server.service.request_conversion import ValidationError
+from sdxl_server.service.request_conversion import SAMPLER_TO_PROTO, SPACING_TO_PROTO, ValidationError
 
 RESPONSE_FORMAT = "b64_json"
 FORMATS = {"png": sdxl_pb2.PNG, "jpeg": sdxl_pb2.JPEG, "webp": sdxl_pb2.WEBP}
@@ -113,6 +116,37 @@ def _guidance_scale(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) 
     return None
 
 
+def _guidance_interval(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
+    # Its bounds are request_rules'; here only its shape: {"start": a, "end": b}, either may be left out.
+    if not isinstance(value, Mapping) or set(value) - {"start", "end"}:
+        return 'must be an object {"start": number, "end": number}'
+    start, end = value.get("start", 0.0), value.get("end", 1.0)
+    if any(isinstance(x, bool) or not isinstance(x, int | float) for x in (start, end)):
+        return "start and end must be numbers"
+    message.guidance_interval.start, message.guidance_interval.end = float(start), float(end)
+    return None
+
+
+def _named(field: str, values: Mapping[str, int]) -> _Parser:
+    def parse(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
+        number = values.get(value) if isinstance(value, str) else None
+        if number is None:
+            return f"{value!r} is not one of {', '.join(values)}"
+        setattr(message, field, number)
+        return None
+
+    return parse
+
+
+def _timesteps(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _UINT32_MAX for t in value
+    ):
+        return "must be a list of whole numbers (for example [999, 749, 499, 249])"
+    message.timesteps.extend(value)
+    return None
+
+
 def _size(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
     if value == "auto":  # the server's default size
         return None
@@ -178,4 +212,8 @@ _PARSERS: dict[str, _Parser] = {
     "seed": _seed,
     "steps": _whole_number("steps", _UINT32_MAX),
     "guidance_scale": _guidance_scale,
+    "guidance_interval": _guidance_interval,
+    "sampler": _named("sampler", SAMPLER_TO_PROTO),
+    "timestep_spacing": _named("timestep_spacing", SPACING_TO_PROTO),
+    "timesteps": _timesteps,
 }

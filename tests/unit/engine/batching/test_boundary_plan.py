@@ -2,8 +2,10 @@
 
 No JAX here. `FakePrograms` stands in for the compiled programs: it keeps, per bank, which image sits in
 each slot with its steps left and which image sits in each held row, applies a plan the way the step
-loop does (the same order, the same indices), and checks what the real programs silently assume: a step
-reaches only the first `bucket` slots of each block and no slot runs past its last step; a rearrangement
+loop does (the same order, the same indices), and checks what the real programs silently assume: at every
+step of a dispatch the UNet rows of each block's busy slots (two for a guided step, one for an unguided
+one, packed in slot order) fit in the dispatch's row bucket, and no slot runs past its last step; a
+rearrangement
 stashes only finished images into empty held rows; a decode's rows hold exactly the images it names.
 """
 
@@ -54,6 +56,8 @@ def tracked(
     num_images: int = 1,
     resolution: Resolution = SQUARE,
     deadline: float | None = None,
+    guidance_scale: float = 7.5,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> TrackedRequest:
     request = GenerationRequest(
         request_id=request_id,
@@ -62,9 +66,10 @@ def tracked(
         seed=0,
         num_images=num_images,
         steps=steps,
-        guidance_scale=7.5,
+        guidance_scale=guidance_scale,
         resolution=resolution,
         deadline=deadline,
+        guidance_interval=guidance_interval,
     )
     return TrackedRequest(request, lambda event: None, np.zeros((2, 2, 4), np.int32), True, submitted_at=0.0)
 
@@ -81,6 +86,7 @@ class FakePrograms:
         self.banks = {res: FakeBank(devices * per_device) for res in resolutions}
         self.decoded: list[WorkItem] = []  # in decode order
         self.dispatches: list[Dispatch] = []
+        self.row_steps = 0  # compiled UNet rows run, summed over dispatches and steps (one device's)
 
     def apply(self, plan: BoundaryPlan, planner: BoundaryPlanner) -> None:
         for compaction in plan.compactions:
@@ -128,12 +134,20 @@ class FakePrograms:
         self.dispatches.append(dispatch)
         buckets = dict(dispatch.buckets)
         for resolution, bank in self.banks.items():
-            for position, entry in enumerate(bank.slots):
+            for offset in range(dispatch.steps):  # the device lays the rows out again at every step
+                for base in range(0, len(bank.slots), self.per):
+                    rows = sum(
+                        entry[0].rows_at(entry[0].steps - entry[1] + offset)
+                        for entry in bank.slots[base : base + self.per]
+                        if entry is not None and entry[1] > offset
+                    )
+                    assert rows <= buckets.get(resolution, 0), "UNet rows past the compiled row batch"
+            for entry in bank.slots:
                 if entry is None or entry[1] == 0:
                     continue
-                assert position % self.per < buckets.get(resolution, 0), "a busy slot the step skips"
                 assert dispatch.steps <= entry[1], "a slot ran past its last step"
                 entry[1] -= dispatch.steps
+        self.row_steps += dispatch.steps * sum(bucket for _, bucket in dispatch.buckets)
 
 
 class Server:
@@ -215,11 +229,11 @@ def test_a_boundary_admits_no_more_images_than_free_slots_in_queue_order():
 
 
 def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
-    server = Server(per_device=4)  # compiled batches 1, 2, 4
+    server = Server(per_device=4)  # compiled row batches 1, 2, 4, 8
     server.submit(tracked("short", steps=1), tracked("b", steps=5), tracked("c", steps=5))
     first = server.boundary()
     assert [a.slot for a in first.admissions] == [0, 1, 2]
-    assert first.dispatch is not None and first.dispatch.buckets == ((SQUARE, 4),)  # 3 busy: batch 4
+    assert first.dispatch is not None and first.dispatch.buckets == ((SQUARE, 8),)  # 3 guided: 6 rows
     second = server.boundary()  # "short" finished: its latents go to the held buffer, b and c move up
     (compaction,) = second.compactions
     assert compaction.repacking is not None
@@ -227,7 +241,7 @@ def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
     assert list(compaction.repacking.live) == [True, True, False, False]
     assert compaction.repacking.held_counts == [1]
     assert [o.slot for o in server.slots.occupants()] == [0, 1]
-    assert second.dispatch is not None and second.dispatch.buckets == ((SQUARE, 2),)
+    assert second.dispatch is not None and second.dispatch.buckets == ((SQUARE, 4),)  # 2 guided
     server.submit(tracked("d", steps=2))
     third = server.boundary()
     assert [a.slot for a in third.admissions] == [2]  # at the end of the packed block
@@ -248,7 +262,7 @@ def test_placement_counts_the_load_of_every_bank_on_a_device():
     placed = {a.item.request.request_id: a.device for a in server.boundary().admissions}
     assert placed == {"wide": 0, "square": 1}  # both banks' blocks were empty: device 1 had less to do
     plan = server.plans[-1]
-    assert plan.dispatch is not None and plan.dispatch.buckets == ((SQUARE, 1), (WIDE, 1))
+    assert plan.dispatch is not None and plan.dispatch.buckets == ((SQUARE, 2), (WIDE, 2))
 
 
 def hold_scenario(queued_behind: int) -> list[BoundaryPlan]:
@@ -362,3 +376,97 @@ def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy):
     server.run_until_idle()
     decoded = [(item.request.request_id, item.index) for item in server.programs.decoded]
     assert len(decoded) == images and len(set(decoded)) == images
+
+
+# ---- rows, not slots
+
+
+def test_one_unguided_image_runs_the_smallest_row_batch():
+    server = Server(per_device=2)  # row batches 1, 2, 4
+    server.submit(tracked("unguided", steps=2, guidance_scale=1.0))
+    plan = server.boundary()
+    assert plan.dispatch is not None and plan.dispatch.buckets == ((SQUARE, 1),)
+    assert plan.dispatch.rows_busy == 1
+
+
+def test_guidance_zero_and_one_take_one_row_and_above_one_takes_two():
+    for scale, rows in ((0.0, 1), (1.0, 1), (1.01, 2), (7.5, 2)):
+        server = Server(per_device=1)
+        server.submit(tracked(f"g{scale}", steps=3, guidance_scale=scale))
+        plan = server.boundary()
+        assert plan.dispatch is not None and plan.dispatch.rows_busy == rows, scale
+
+
+def test_a_slot_drops_to_one_row_when_its_guidance_interval_ends():
+    server = Server(per_device=2, most_steps_per_dispatch=1)
+    server.submit(tracked("interval", steps=10, guidance_interval=(0.0, 0.4)), tracked("plain", steps=10))
+    server.run_until_idle()
+    rows = [d.rows_busy for d in server.programs.dispatches]
+    assert rows == [4] * 4 + [3] * 6  # steps 0..3 guided (0.4 x 10), then one row for "interval"
+    assert [bucket for d in server.programs.dispatches for _, bucket in d.buckets] == [4] * 4 + [4] * 6
+
+
+def test_a_slot_whose_guidance_starts_later_grows_to_two_rows():
+    server = Server(per_device=2, most_steps_per_dispatch=1)
+    server.submit(tracked("late-guidance", steps=4, guidance_interval=(0.5, 1.0)))
+    server.run_until_idle()
+    assert [d.rows_busy for d in server.programs.dispatches] == [1, 1, 2, 2]
+    assert [d.buckets[0][1] for d in server.programs.dispatches] == [1, 1, 2, 2]
+
+
+def test_a_multi_step_dispatch_covers_the_most_rows_of_any_of_its_steps():
+    server = Server(per_device=2, most_steps_per_dispatch=4)
+    server.submit(tracked("late-guidance", steps=8, guidance_interval=(0.25, 1.0)))
+    plan = server.boundary()
+    assert plan.dispatch is not None and plan.dispatch.steps == 4
+    assert plan.dispatch.rows_busy == 1 and plan.dispatch.buckets == ((SQUARE, 2),)  # step 2 is guided
+
+
+def test_unguided_images_cost_half_the_rows_of_guided_ones():
+    def row_steps(scale: float) -> int:
+        server = Server(per_device=4, most_steps_per_dispatch=2)
+        server.submit(*(tracked(f"r{i}", steps=6, guidance_scale=scale) for i in range(8)))
+        server.run_until_idle()
+        return server.programs.row_steps
+
+    assert row_steps(1.0) * 2 == row_steps(7.5)
+
+
+def test_admission_places_an_image_on_the_device_with_the_fewest_rows():
+    server = Server(devices=2, per_device=2)
+    server.submit(tracked("guided", steps=9), tracked("unguided-a", steps=9, guidance_scale=0.0))
+    assert [a.device for a in server.boundary().admissions] == [0, 1]
+    server.submit(tracked("unguided-b", steps=9, guidance_scale=0.0))
+    # Both blocks hold one image; device 1's runs one row and device 0's two.
+    assert [a.device for a in server.boundary().admissions] == [1]
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_a_mixed_guidance_workload_fits_its_row_batches_at_every_step(policy):
+    rng = random.Random(11)
+    server = Server(
+        devices=2,
+        per_device=3,
+        policy=policy,
+        hold_steps=2,
+        most_steps_per_dispatch=4,
+        resolutions=(SQUARE, WIDE),
+    )
+    images = 0
+    for i in range(40):
+        start = rng.choice([0.0, 0.0, 0.3])
+        end = rng.choice([1.0, 0.4, 0.7])
+        server.submit(
+            tracked(
+                f"m{i}",
+                steps=rng.randint(1, 12),
+                guidance_scale=rng.choice([0.0, 1.0, 5.0]),
+                guidance_interval=(start, end),
+                resolution=rng.choice([SQUARE, WIDE]),
+            )
+        )
+        images += 1
+        for _ in range(rng.randint(0, 2)):
+            server.boundary()
+    server.run_until_idle()
+    assert len(server.programs.decoded) == images
