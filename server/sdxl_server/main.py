@@ -39,6 +39,7 @@ from sdxl_server.server_settings import (
     flag_name,
 )
 from sdxl_server.service.auth import TokenFile
+from sdxl_server.service.demand import DemandMeter
 from sdxl_server.service.generation import Generations
 from sdxl_server.service.grpc_server import (
     BindError,
@@ -124,10 +125,14 @@ async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None
     engine = JaxEngine(config.engine)
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    admission = Admission(engine, config.engine.max_queue)
+    demand = DemandMeter(config.demand_window_seconds)
+    admission = Admission(engine, config.engine.max_queue, demand)
     registry.register(
         EngineCollector(
-            engine.stats, engine.step_histogram, serving=lambda: admission.state is ServingState.SERVING
+            engine.stats,
+            engine.step_histogram,
+            serving=lambda: admission.state is ServingState.SERVING,
+            demand=demand.value,
         )
     )
     health = await new_health_servicer()

@@ -3,7 +3,8 @@
 Two sources: the service observes what it sees per RPC (``sdxl_requests_total``,
 ``sdxl_request_duration_seconds``, ``sdxl_queue_wait_seconds``); everything about the engine's state is
 read lazily from ``engine.stats()`` at scrape time by a custom collector, so the step loop never touches a
-metrics object and the gauges can never go stale. ``sdxl_load`` is the autoscaling signal.
+metrics object and the gauges can never go stale. ``sdxl_demand`` (pods' worth of work arriving, refused
+arrivals included; service/demand.py) is the autoscaling signal, ``sdxl_load`` the queue's view of it.
 Everything lives in one registry per server (not the process-global default), so tests can run several.
 The page that serves them over HTTP is metrics_endpoint.py.
 """
@@ -19,6 +20,9 @@ from prometheus_client.registry import Collector
 from sdxl_server.engine.api import EngineStats
 
 # Seconds. A 64x64 tiny-model request takes tens of ms; a queued 1024x1024 SDXL request can take minutes.
+# A request's phases range from tens of microseconds (tokenizing a prompt) to minutes (a queue wait).
+_PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                  2.5, 5.0, 10.0, 30.0, 60.0, 300.0)  # fmt: skip
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -47,6 +51,18 @@ class ServiceMetrics:
             registry=registry,
         )
 
+        self.request_phase = Histogram(
+            "sdxl_request_phase_seconds",
+            "A finished request's time budget: seconds in each phase (service/time_budget.py PHASES).",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_phases(self, seconds_by_phase: dict[str, float]) -> None:
+        for phase, seconds in seconds_by_phase.items():
+            self.request_phase.labels(phase=phase).observe(seconds)
+
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()
         self.request_duration.labels(method=method).observe(seconds)
@@ -67,11 +83,14 @@ class EngineCollector(Collector):
         stats: Callable[[], EngineStats],
         step_histogram: StepHistogram | None = None,
         serving: Callable[[], bool] | None = None,
+        demand: Callable[[EngineStats], float] | None = None,
     ) -> None:
-        """``serving``, when given, says whether the service takes new requests (False while draining)."""
+        """``serving``, when given, says whether the service takes new requests (False while draining);
+        ``demand``, when given, computes ``sdxl_demand`` from the same snapshot (service/demand.py)."""
         self._stats = stats
         self._step_histogram = step_histogram
         self._serving = serving
+        self._demand = demand
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self._stats()
@@ -106,9 +125,26 @@ class EngineCollector(Collector):
             if name == "sdxl_load" and not ready:
                 continue
             yield GaugeMetricFamily(name, documentation, value=float(value))
+        if self._demand is not None and ready:  # absent while not serving, as sdxl_load (above)
+            yield GaugeMetricFamily(
+                "sdxl_demand",
+                "Pods' worth of work arriving (refused arrivals included): image-steps arriving per second "
+                "x measured step seconds / slots; 1.0 is exactly this pod's capacity.",
+                value=float(self._demand(s)),
+            )
         yield CounterMetricFamily("sdxl_images_total", "Images generated.", value=float(s.images_total))
         yield CounterMetricFamily(
             "sdxl_steps_total", "Denoising steps run, per image.", value=float(s.steps_total)
+        )
+        yield CounterMetricFamily(
+            "sdxl_prompt_cache_hits_total",
+            "Admissions whose prompt embeddings the prompt-embedding cache held (no text encoding).",
+            value=float(s.prompt_cache_hits),
+        )
+        yield CounterMetricFamily(
+            "sdxl_prompt_cache_misses_total",
+            "Admissions that ran the text encoders while the prompt-embedding cache was on.",
+            value=float(s.prompt_cache_misses),
         )
         histogram = self._step_histogram() if self._step_histogram else None
         if histogram is not None:

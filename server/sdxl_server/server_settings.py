@@ -113,6 +113,11 @@ class ServerConfig:
     max_connection_age_seconds: float = setting(
         10.0, "connection age limit, so clients re-resolve", parse=_seconds
     )
+    # Long enough to hold tens of arrivals at a pod's rate (a steady estimate), short next to the HPA's
+    # 15 s sync (a step shows in full at the next sync).
+    demand_window_seconds: float = setting(
+        10.0, "sdxl_demand counts the work that arrived over this many seconds", parse=_seconds
+    )
     tls_cert_file: str | None = setting(None, "PEM certificate chain; enables TLS with --tls-key-file")
     tls_key_file: str | None = setting(None, "PEM private key")
     # Read (and re-read on change) by service/auth.py's TokenFile, the one reader of the file.
@@ -142,6 +147,7 @@ class ServerConfig:
         )
         require(self.drain_seconds >= 0, "drain_seconds", "must not be negative")
         require(self.max_connection_age_seconds > 0, "max_connection_age_seconds", "must be positive")
+        require(self.demand_window_seconds > 0, "demand_window_seconds", "must be positive")
         require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
             "tls_cert_file",

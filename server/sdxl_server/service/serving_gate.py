@@ -16,6 +16,9 @@ taking any engine lock or running the tokenizer (measured on an H200: rejections
 each step boundary before delivering that boundary's events, so a caller never sees a queue state older
 than the events it has received; ``engine.submit`` still makes the authoritative, atomic check.
 The engine re-checks the deadlines of queued requests.
+
+Every request that reaches these checks is counted as arriving work (``sdxl_demand``, service/demand.py)
+before they decide, so that what they refuse still reaches the autoscaler.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 import grpc
 
 from sdxl_server.engine.api import Engine, EngineStats, GenerationRequest
+from sdxl_server.service.demand import DemandMeter
 from sdxl_server.service.status_mapping import ServiceError, retry_info, unavailable
 
 # Clients should retry elsewhere (or here, after this long) while the server warms up or drains.
@@ -48,9 +52,10 @@ _MIN_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.1, 60.0
 class Admission:
     """Used from the event loop's thread only."""
 
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, demand: DemandMeter | None = None) -> None:
         self._engine = engine
         self._max_queue = max_queue
+        self._demand = demand
         self._state = ServingState.STARTING
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -104,6 +109,8 @@ class Admission:
 
         ``time_remaining``: seconds until the caller's deadline (None: no deadline).
         """
+        if self._demand is not None:
+            self._demand.arrived(request)
         if time_remaining is not None and time_remaining <= 0:
             raise _deadline_error("the deadline had passed on arrival")
         stats = self._engine.stats()  # a lock-free snapshot: overload is answered without touching the engine

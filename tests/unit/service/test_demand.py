@@ -1,0 +1,132 @@
+"""sdxl_demand's arithmetic (service/demand.py): image-steps arriving per second x step seconds / slots.
+
+A pod with 4 slots, 8-step images and a 0.1 s step serves 4 / (8 x 0.1) = 5 images/s: 5 images/s arriving
+is 1.0 pod, 12 images/s is 2.4 pods, whatever its queue does with them. A fake clock, no server.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sdxl_server.engine.api import EngineStats, GenerationRequest, Resolution
+from sdxl_server.server_settings import ConfigError, parse_serve_config
+from sdxl_server.service.demand import Arrival, DemandMeter, demand
+
+R64 = Resolution(64, 64)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _request(
+    request_id: str, images: int = 1, steps: int = 8, resolution: Resolution = R64
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        prompt="a lighthouse",
+        negative_prompt="",
+        seed=1,
+        num_images=images,
+        steps=steps,
+        guidance_scale=5.0,
+        resolution=resolution,
+    )
+
+
+def _stats(
+    step_seconds: float = 0.1, slots: int = 4, by_resolution: dict[str, float] | None = None
+) -> EngineStats:
+    return EngineStats(
+        queue_depth=0,
+        slots_busy=0,
+        slots_total=slots,
+        load=0.0,
+        steps_total=0,
+        images_total=0,
+        step_seconds_ewma=step_seconds,
+        device_busy_ratio=0.0,
+        compile_seconds=0.0,
+        startup_seconds=0.0,
+        ready=True,
+        healthy=True,
+        step_seconds_by_resolution={str(R64): step_seconds} if by_resolution is None else by_resolution,
+    )
+
+
+def _arrive(meter: DemandMeter, clock: FakeClock, per_second: float, seconds: float, prefix: str) -> None:
+    for i in range(round(per_second * seconds)):
+        # Mid-interval instants: none sits on a window's edge, where float sums could tip either way.
+        clock.now += 0.5 / per_second
+        meter.arrived(_request(f"{prefix}-{i}"))
+        clock.now += 0.5 / per_second
+
+
+def test_a_pods_capacity_arriving_reads_one_pod() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    assert meter.value(_stats()) == pytest.approx(1.0)
+
+
+def test_a_step_to_2_4_times_capacity_reads_2_4_pods_within_one_window() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=3.0, seconds=20.0, prefix="before")
+    assert meter.value(_stats()) == pytest.approx(0.6)
+    _arrive(meter, clock, per_second=12.0, seconds=10.0, prefix="step")
+    # Nothing is capped: a queue of 32 on 4 slots would show at most (32 + 4) / 4 = 9, and a queue of 4
+    # at most 2, however much arrives; demand shows what arrives.
+    assert meter.value(_stats()) == pytest.approx(2.4)
+
+
+def test_cost_is_images_times_steps_at_the_resolutions_step_time() -> None:
+    arrivals = [
+        Arrival(0.0, image_steps=4 * 8, resolution="64x64"),  # 32 image-steps x 0.1 s = 3.2 slot-seconds
+        Arrival(0.0, image_steps=1 * 20, resolution="96x64"),  # 20 x 0.3 s = 6 slot-seconds
+        Arrival(0.0, image_steps=10, resolution="128x128"),  # not measured yet: the overall 0.2 s, 2
+    ]
+    by_resolution = {"64x64": 0.1, "96x64": 0.3}
+    # (3.2 + 6 + 2) slot-seconds over a 2 s window and 4 slots.
+    assert demand(arrivals, 2.0, by_resolution, 0.2, 4) == pytest.approx(11.2 / 2.0 / 4)
+    assert demand(arrivals, 2.0, by_resolution, 0.2, 0) == 0.0
+
+
+def test_before_the_engine_measured_a_step_demand_is_zero() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    meter.arrived(_request("x"))
+    assert meter.value(_stats(step_seconds=0.0, by_resolution={})) == 0.0
+
+
+def test_arrivals_leave_the_window() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    clock.now += 5.0
+    assert meter.value(_stats()) == pytest.approx(0.5)  # the older half has left
+    clock.now += 5.0
+    assert meter.value(_stats()) == 0.0
+
+
+def test_a_retry_counts_once_per_window_not_once_per_attempt() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    for _ in range(30):  # one request refused and retried 30 times within the window
+        meter.arrived(_request("same", images=4))
+        clock.now += 0.2
+    assert meter.value(_stats()) == pytest.approx(4 * 8 * 0.1 / 10.0 / 4)
+    clock.now += 10.0
+    meter.arrived(_request("same", images=4))  # still asked for after a whole window: counted again
+    assert meter.value(_stats()) == pytest.approx(4 * 8 * 0.1 / 10.0 / 4)
+
+
+def test_the_window_must_be_positive_and_the_setting_names_itself() -> None:
+    with pytest.raises(ValueError, match="demand_window_seconds"):
+        DemandMeter(0.0)
+    assert parse_serve_config(["--demand-window-seconds", "2.5"], env={}).demand_window_seconds == 2.5
+    with pytest.raises(ConfigError, match="--demand-window-seconds: must be positive"):
+        parse_serve_config(["--demand-window-seconds", "0"], env={})
