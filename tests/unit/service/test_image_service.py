@@ -187,3 +187,39 @@ def test_server_info_carries_the_engines_limits() -> None:
     assert info.model == "fake-sdxl"
     assert [(r.width, r.height) for r in info.resolutions] == [(64, 64), (96, 64)]
     assert (info.max_steps, info.default_steps, info.max_queue) == (20, 4, 16)
+
+
+def test_guidance_zero_is_honoured_and_an_unset_guidance_takes_the_models_default() -> None:
+    engine = FakeEngine()
+
+    async def body(door: Door) -> list[sdxl_pb2.GenerateResponse]:
+        return [
+            await door.stub.Generate(sdxl_pb2.GenerateRequest(prompt="a lighthouse", **extra), timeout=30)
+            for extra in ({"guidance_scale": 0.0}, {}, {"sampler": sdxl_pb2.EULER})
+        ]
+
+    responses = _served(engine, body)
+    default = engine.info().limits.default_guidance_scale
+    assert [r.guidance_scale for r in engine.requests] == [0.0, default, default]
+    assert [r.guidance_scale for r in responses] == [0.0, default, default]  # type: ignore[attr-defined]
+    assert all(r.sampler == sdxl_pb2.EULER for r in responses)  # type: ignore[attr-defined]
+
+
+def test_server_info_reports_the_models_recipe() -> None:
+    async def body(door: Door) -> sdxl_pb2.ServerInfo:
+        return await door.stub.GetServerInfo(sdxl_pb2.GetServerInfoRequest(), timeout=30)
+
+    info = _served(FakeEngine(), body)
+    assert info.default_sampler == sdxl_pb2.EULER  # type: ignore[attr-defined]
+    assert info.default_timestep_spacing == sdxl_pb2.LEADING  # type: ignore[attr-defined]
+
+
+def test_an_unknown_sampler_is_invalid_argument_naming_it() -> None:
+    async def body(door: Door) -> grpc.aio.AioRpcError:
+        return await _failure(
+            door.stub.Generate(sdxl_pb2.GenerateRequest(prompt="a cat", sampler=42), timeout=30)
+        )
+
+    error = _served(FakeEngine(), body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "sampler" in error.details()  # type: ignore[attr-defined]

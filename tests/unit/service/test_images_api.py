@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from sdxl_server.engine import api
@@ -163,3 +164,57 @@ def test_models_lists_the_served_model() -> None:
 
     status, payload = _served(FakeEngine(), body)
     assert status == 200 and [m["id"] for m in payload["data"]] == ["fake-sdxl"]
+
+
+def test_guidance_zero_is_honoured_and_an_unset_guidance_takes_the_models_default() -> None:
+    engine = FakeEngine()
+
+    async def body(door: Door) -> list[int]:
+        statuses = []
+        for extra in ({"guidance_scale": 0}, {}, {"guidance_interval": {"end": 0.4}, "sampler": "euler"}):
+            status, _, _ = await door.post({"prompt": "a lighthouse", "steps": 3, **extra})
+            statuses.append(status)
+        return statuses
+
+    assert _served(engine, body) == [200, 200, 200]
+    default = engine.info().limits.default_guidance_scale
+    assert [r.guidance_scale for r in engine.requests] == [0.0, default, default]
+    assert engine.requests[2].guidance_interval == pytest.approx((0.0, 0.4))  # float32 on the way
+    assert engine.requests[2].sampler == "euler"
+
+
+def test_new_fields_with_bad_values_are_400_naming_them() -> None:
+    async def body(door: Door) -> list[tuple[int, str]]:
+        found = []
+        for extra in (
+            {"sampler": "heun"},
+            {"timestep_spacing": "karras"},
+            {"guidance_interval": {"start": 0.8, "end": 0.2}},
+            {"timesteps": [249, 999]},
+        ):
+            status, _, payload = await door.post({"prompt": "a lighthouse", **extra})
+            found.append((status, payload["error"]["param"]))
+        return found
+
+    assert _served(FakeEngine(), body) == [
+        (400, "sampler"),
+        (400, "timestep_spacing"),
+        (400, "guidance_interval"),
+        (400, "timesteps"),
+    ]
+
+
+def test_models_reports_the_models_recipe() -> None:
+    async def body(door: Door) -> Any:
+        async with door.session.get(door.base + "/v1/models") as response:
+            return await response.json()
+
+    engine = FakeEngine()
+    recipe = _served(engine, body)["data"][0]["recipe"]
+    limits = engine.info().limits
+    assert recipe == {
+        "sampler": limits.default_sampler,
+        "timestep_spacing": limits.default_timestep_spacing,
+        "steps": limits.default_steps,
+        "guidance_scale": limits.default_guidance_scale,
+    }
