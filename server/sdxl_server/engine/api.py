@@ -91,9 +91,17 @@ class ImageReady:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    queue_seconds: float
-    denoise_seconds: float
-    total_seconds: float
+    queue_seconds: float  # submitted until the first image entered a slot
+    denoise_seconds: float  # the first image entering a slot until the last one was denoised
+    total_seconds: float  # submitted until the last image was encoded
+    # The rest of the request's time budget (engine/request_budget.py): tokenizing, the text encoders'
+    # device time (0 on a prompt-embedding cache hit), the decode batches' device time, copying its
+    # pixels to the host and encoding its images.
+    tokenize_seconds: float = 0.0
+    text_encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    to_host_seconds: float = 0.0
+    image_encode_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +206,10 @@ class EngineStats:
     retry_after_seconds: float = 1.0  # when a queue place is expected to open (RetryInfo)
     # Recent device seconds of one step per resolution ("WxH"), where measured.
     step_seconds_by_resolution: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Admissions that found their prompts' embeddings in the prompt-embedding cache, and those that ran
+    # the text encoders (counted only while the cache is on).
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
 
 
 class Ticket(Protocol):

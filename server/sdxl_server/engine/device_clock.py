@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+# A dispatch's output, kind, steps, key, dispatch time and who is told its device seconds.
+_Tracked = tuple[Any, str, int, str, float, Callable[[float], None] | None]
 _EWMA_WEIGHT = 0.2  # weight of the newest measurement
 # Upper bounds (seconds) of the step-duration histogram (sdxl_step_duration_seconds): a tiny model on a CPU
 # takes milliseconds per step, SDXL on a TPU v5e chip about 0.1 s.
@@ -30,7 +32,7 @@ class DeviceClock:
     def __init__(self, window_seconds: float, on_error: Callable[[BaseException], None]) -> None:
         self._window = window_seconds
         self._on_error = on_error
-        self._pending: queue.Queue[tuple[Any, str, int, str, float] | None] = queue.Queue()
+        self._pending: queue.Queue[_Tracked | None] = queue.Queue()
         self._in_flight = 0
         self._changed = threading.Condition()
         self._last_done = 0.0
@@ -49,12 +51,20 @@ class DeviceClock:
         self._thread = threading.Thread(target=self._watch, name="sdxl-device-clock", daemon=True)
         self._thread.start()
 
-    def track(self, done: Any, kind: str, steps: int = 1, key: str = "") -> None:
+    def track(
+        self,
+        done: Any,
+        kind: str,
+        steps: int = 1,
+        key: str = "",
+        on_measured: Callable[[float], None] | None = None,
+    ) -> None:
         """Registers a dispatch; `done` is any output array of it. kind: 'step' (of `steps` steps, for
-        `key`, e.g. a resolution), 'decode', or anything else."""
+        `key`, e.g. a resolution), 'decode', or anything else. `on_measured`, if given, is told the
+        dispatch's device seconds on the watcher's thread (a request's time budget)."""
         with self._changed:
             self._in_flight += 1
-        self._pending.put((done, kind, steps, key, time.monotonic()))
+        self._pending.put((done, kind, steps, key, time.monotonic(), on_measured))
 
     def wait_in_flight(self, at_most: int) -> None:
         with self._changed:
@@ -97,7 +107,7 @@ class DeviceClock:
 
     def _watch(self) -> None:
         while (entry := self._pending.get()) is not None:
-            done, kind, steps, key, dispatched_at = entry
+            done, kind, steps, key, dispatched_at, on_measured = entry
             try:
                 jax.block_until_ready(done)
             except Exception as error:  # the device failed: nothing after this can be trusted
@@ -106,6 +116,8 @@ class DeviceClock:
             started_at = max(dispatched_at, self._last_done)
             self._last_done = finished_at
             self._record(started_at, finished_at, kind, steps, key)
+            if on_measured is not None:
+                on_measured(finished_at - started_at)
             with self._changed:
                 self._in_flight -= 1
                 self._changed.notify_all()

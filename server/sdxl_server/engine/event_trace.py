@@ -16,6 +16,7 @@ class TraceKind(enum.StrEnum):
     """What happened; exactly the kinds the engine emits (a str: `event.kind == "step"` holds)."""
 
     SUBMIT = "submit"  # a request was queued (the caller's thread)
+    ENCODE = "encode"  # a request's prompts went through the text encoders (not on a prompt cache hit)
     ADMIT = "admit"  # an image entered a slot; detail: its resolution
     REARRANGE = "rearrange"  # a bank was packed and finished latents moved to its held buffer
     DECODE = "decode"  # a bank's held images were decoded; detail: resolution, batch, images

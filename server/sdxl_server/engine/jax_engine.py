@@ -147,7 +147,12 @@ class JaxEngine:
             )
         )  # the warm-up's estimates, before the step loop publishes its first view
         self._workers = ImageWorkers(
-            cfg.encode_workers, self._fail, cfg.max_pending_decodes, stats=self._stats, clock=self._clock
+            cfg.encode_workers,
+            self._fail,
+            cfg.max_pending_decodes,
+            stats=self._stats,
+            clock=self._clock,
+            png_compression=cfg.png_compression,
         )
         self._loop = StepLoop(
             config=cfg,
@@ -318,9 +323,11 @@ class JaxEngine:
                 f"admission queue full ({waiting} of {self._queue.max_images} images waiting)",
                 self._retry_after(),
             )
+        tokenizing = time.perf_counter()
         prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
         negative_ids, _ = self._model.tokenize(request.negative_prompt)
         unknown_words = self._model.unknown_words(request.prompt, request.negative_prompt)
+        tokenize_seconds = time.perf_counter() - tokenizing
         tracked = TrackedRequest(
             request,
             listener,
@@ -329,6 +336,7 @@ class JaxEngine:
             submitted_at=now,
             on_terminal=self._forget,
         )
+        tracked.budget.tokenize_seconds = tokenize_seconds
         with self._live_lock:
             self._live.add(tracked)
 

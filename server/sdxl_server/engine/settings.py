@@ -124,6 +124,13 @@ class EngineConfig:
     max_pending_decodes: int = 8
     # Threads that pull finished images to the host and encode them (PNG/JPEG/WebP) off the step loop.
     encode_workers: int = 2
+    # zlib's level for PNG (png_writer.py; lossless whatever the level): 1 costs a fraction of 6's CPU for
+    # a few % more bytes (docs/PERFORMANCE.md, "Image encoding", measured per level and size).
+    png_compression: int = setting(1, "PNG zlib level, 0 (stored) .. 9 (smallest, slowest)")
+    # The prompt-embedding cache (prompt_cache.py): text-encoder outputs kept on the device, keyed by the
+    # prompts' token ids, least recently used out first; 0 entries turns it off.
+    prompt_cache_entries: int = setting(256, "prompt embeddings kept on the device (0: no cache)")
+    prompt_cache_mib: int = setting(256, "device memory the prompt-embedding cache may fill, MiB")
     # Use only the first N local devices (None: all). Lets one process compare 1 and N devices.
     max_devices: int | None = None
     # Wall-time window over which the device busy ratio is measured.
@@ -179,6 +186,9 @@ class EngineConfig:
         require(self.decode_hold_steps >= 0, "decode_hold_steps", "must not be negative")
         require(self.max_pending_decodes >= 1, "max_pending_decodes", "must be at least 1")
         require(self.encode_workers >= 1, "encode_workers", "must be at least 1")
+        require(0 <= self.png_compression <= 9, "png_compression", "must be within 0..9")
+        require(self.prompt_cache_entries >= 0, "prompt_cache_entries", "must not be negative")
+        require(self.prompt_cache_mib >= 0, "prompt_cache_mib", "must not be negative")
         require(self.max_devices is None or self.max_devices >= 1, "max_devices", "must be at least 1")
         require(self.busy_window_seconds > 0, "busy_window_seconds", "must be positive")
         require(self.trace_capacity >= 0, "trace_capacity", "must not be negative")

@@ -29,6 +29,8 @@ class Counters:
     startup_seconds: float = 0.0
     ready: bool = False
     healthy: bool = True
+    prompt_cache_hits: int = 0  # written by the step loop only
+    prompt_cache_misses: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,8 @@ class StatsBoard:
                 work_ahead_steps=view.work_ahead_steps,
                 retry_after_seconds=retry_after(view),
                 step_seconds_by_resolution=dict(view.step_seconds_by_resolution),
+                prompt_cache_hits=c.prompt_cache_hits,
+                prompt_cache_misses=c.prompt_cache_misses,
             )
 
 

@@ -36,9 +36,12 @@ threads call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +70,7 @@ from sdxl_server.engine.device.programs import Bank, ProgramSet, Rearrangement, 
 from sdxl_server.engine.device_clock import DeviceClock
 from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
 from sdxl_server.engine.image_workers import DecodedBatch, ImageWorkers
+from sdxl_server.engine.prompt_cache import PromptCache
 from sdxl_server.engine.settings import EngineConfig
 from sdxl_server.engine.stats import LoopStatistics, LoopView, StatsBoard
 
@@ -107,6 +111,7 @@ class StepLoop:
             "text_encoder": params["text_encoder"],
             "text_encoder_2": params["text_encoder_2"],
         }
+        self._prompts = PromptCache(config.prompt_cache_entries, config.prompt_cache_mib * 2**20)
         # Steps per dispatch compiled (1, 2, 4, ..., K; buckets.py): a dispatch runs the largest that no
         # occupant overshoots.
         self._sizes = ProgramSizes(
@@ -222,7 +227,7 @@ class StepLoop:
         item = admission.item
         request = item.request
         if request.embeddings is None:
-            request.embeddings = self._programs.encode(self._text_params, request.token_ids)
+            request.embeddings = self._embeddings(request)
         if request.first_step_at is None:
             request.first_step_at = now
         embeds, pooled = request.embeddings
@@ -250,13 +255,30 @@ class StepLoop:
             request.embeddings = None  # every image has its copy in a slot
         self._note(TraceKind.ADMIT, item, admission.slot, str(resolution))
 
+    def _embeddings(self, request: TrackedRequest) -> Any:
+        """The request's prompt embeddings on the device: the prompt cache's, or the text encoders' (an
+        `encode` dispatch, traced, its device time going to the request's budget)."""
+        cached = self._prompts.get(request.prompt_key)
+        counters = self._stats.counters
+        counters.prompt_cache_hits, counters.prompt_cache_misses = self._prompts.hits, self._prompts.misses
+        if cached is not None:
+            return cached
+        embeddings = self._programs.encode(self._text_params, request.token_ids)
+        self._prompts.put(request.prompt_key, embeddings)
+        on_measured = functools.partial(request.budget.add, "text_encode_seconds")
+        self._device.track(embeddings[1], "encode", on_measured=on_measured)
+        self._tracked_this_boundary += 1
+        self._trace.add(TraceEvent(TraceKind.ENCODE, self.boundary, request.request_id))
+        return embeddings
+
     def _decode(self, decode: Decode) -> None:
         """Dispatches the decode and hands its images to the image workers (waiting for room in their
         bounded queue counts as backpressure)."""
         resolution, bucket = decode.resolution, decode.bucket
         programs = self._programs.by_resolution[resolution]
         pixels = programs.decode[bucket](self._programs.params["vae"], self._banks[resolution].held)
-        self._device.track(pixels, "decode")
+        device_seconds: Future[float] = Future()  # for the time budgets of the requests it holds
+        self._device.track(pixels, "decode", on_measured=device_seconds.set_result)
         self._tracked_this_boundary += 1
         images = decode.images()
         self._trace.add(
@@ -264,7 +286,8 @@ class StepLoop:
                 TraceKind.DECODE, self.boundary, detail=f"{resolution} batch={bucket} images={len(images)}"
             )
         )
-        self._backpressure_seconds += self._workers.submit(DecodedBatch(pixels, bucket, images, resolution))
+        batch = DecodedBatch(pixels, bucket, images, resolution, device_seconds)
+        self._backpressure_seconds += self._workers.submit(batch)
 
     def _dispatch(self, dispatch: Dispatch) -> float:
         """Runs the dispatch, advances the occupants, tells their requests; returns the seconds spent
@@ -285,6 +308,7 @@ class StepLoop:
         self._trace.add(TraceEvent(TraceKind.STEP, self.boundary, detail=detail))
 
         progressed: dict[int, TrackedRequest] = {}
+        denoised: list[TrackedRequest] = []
         for advance in self._planner.record_dispatch(dispatch):
             occupant = advance.occupant
             request = occupant.item.request
@@ -294,6 +318,10 @@ class StepLoop:
                 # Its latents stay in the slot until the next boundary's rearrange moves them to the
                 # held buffer; the slot is free for admission from then on.
                 self._note(TraceKind.FINISH, occupant.item, occupant.slot)
+                denoised.append(request)
+        if denoised:  # when the device completes this dispatch, the images it finished are denoised
+            self._device.track(step, "denoised", on_measured=functools.partial(self._denoised, denoised))
+            self._tracked_this_boundary += 1
         self._publish()  # before the Progress events: a caller never reads stats older than its progress
         for request in progressed.values():
             request.deliver(
@@ -304,6 +332,12 @@ class StepLoop:
         return time.perf_counter() - started_waiting
 
     # ---- helpers
+
+    def _denoised(self, requests: list[TrackedRequest], _device_seconds: float) -> None:
+        """The device clock's thread: the dispatch that ran these requests' last steps so far completed."""
+        now = self._clock()
+        for request in requests:
+            request.budget.denoised_at = now
 
     def _note(self, kind: TraceKind, item: WorkItem, slot: int, detail: str = "") -> None:
         self._trace.add(TraceEvent(kind, self.boundary, item.request.request_id, item.index, slot, detail))

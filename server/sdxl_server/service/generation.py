@@ -30,6 +30,7 @@ from sdxl_server.service.request_conversion import (
 )
 from sdxl_server.service.request_log import RejectionLog, log_done
 from sdxl_server.service.serving_gate import Admission
+from sdxl_server.service.time_budget import TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Generations:
         rate-limited rejection log when refused before.
         """
         started = time.monotonic()
-        notes = _RequestLogNotes()
+        notes = _RequestLogNotes(started)
         code = "OK"
         try:
             inner = self._admit_and_run(message, time_remaining, on_caller_gone, notes)
@@ -126,7 +127,11 @@ class Generations:
             raise
         finally:
             if notes.request is not None:
-                log_done(notes.request, code, time.monotonic() - started, notes.finished, notes.unknown_words)
+                ended = time.monotonic()
+                budget = notes.budget(ended)
+                if budget is not None:
+                    self.metrics.observe_phases(budget.seconds)
+                log_done(notes.request, code, ended - started, notes.finished, notes.unknown_words, budget)
 
     async def _admit_and_run(
         self,
@@ -149,6 +154,7 @@ class Generations:
             except api.EngineError as e:
                 raise errors.from_engine_error(e) from None
             notes.request = request
+            notes.submitted = time.monotonic()
             self._log_admitted(request)
             if on_caller_gone is not None:
                 on_caller_gone(call.cancel)
@@ -163,11 +169,12 @@ class Generations:
                         outcome.prompt_truncated = event.prompt_truncated
                         outcome.unknown_words = event.unknown_words
                     elif isinstance(event, api.Finished):
-                        outcome.timings = sdxl_pb2.Timings(
-                            queue_seconds=event.queue_seconds,
-                            denoise_seconds=event.denoise_seconds,
-                            total_seconds=event.total_seconds,
-                        )
+                        # The response phase ends here for the Timings sent (the log and the metric,
+                        # written when the request ends, count it to the end).
+                        notes.finished = event
+                        budget = notes.budget(time.monotonic())
+                        if budget is not None:
+                            outcome.timings = budget.timings()
                         self.metrics.queue_wait.observe(event.queue_seconds)
                     yield outcome, event
             finally:
@@ -190,10 +197,18 @@ class Generations:
 class _RequestLogNotes:
     """What ``run`` learns of a request for its log line: admitted as ``request``, and how it finished."""
 
-    def __init__(self) -> None:
+    def __init__(self, arrived: float) -> None:
+        self.arrived = arrived
+        self.submitted: float | None = None  # when engine.submit returned
         self.request: api.GenerationRequest | None = None
         self.finished: api.Finished | None = None
         self.unknown_words: tuple[str, ...] = ()
+
+    def budget(self, ended: float) -> TimeBudget | None:
+        """The time budget of a request that finished, up to `ended`; None for one that did not."""
+        if self.finished is None or self.submitted is None:
+            return None
+        return TimeBudget.of(self.arrived, self.submitted, ended, self.finished)
 
 
 def as_service_error(error: BaseException) -> errors.ServiceError:

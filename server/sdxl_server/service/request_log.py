@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2
 from sdxl_server.engine import api
 from sdxl_server.logs import fields
 from sdxl_server.service.status_mapping import ServiceError
+from sdxl_server.service.time_budget import TimeBudget
 
 log = logging.getLogger("sdxl_server.requests")
 
@@ -35,9 +36,11 @@ def log_done(
     latency_seconds: float,
     finished: api.Finished | None,
     unknown_words: tuple[str, ...] = (),
+    budget: TimeBudget | None = None,
 ) -> None:
     """The completion line of an admitted request; ``finished`` is None when it did not finish.
-    ``unknown_words``: the prompts' words a closed-vocabulary model (the demo) does not know."""
+    ``unknown_words``: the prompts' words a closed-vocabulary model (the demo) does not know; ``budget``:
+    where a finished request's time went, one ``<phase>_s`` field per phase (time_budget.py)."""
     extra = {
         "event": "done",
         "request_id": request.request_id,
@@ -49,6 +52,8 @@ def log_done(
     }
     if finished is not None:
         extra.update(queue_s=round(finished.queue_seconds, 4), denoise_s=round(finished.denoise_seconds, 4))
+    if budget is not None:
+        extra.update(budget.log_fields())
     if unknown_words:
         extra["unknown_words"] = " ".join(unknown_words)
     message = "request done" if code == "OK" else f"request ended: {code}"

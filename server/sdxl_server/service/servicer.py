@@ -25,15 +25,15 @@ from sdxl_server.service.serving_gate import Admission
 from sdxl_server.version import server_version
 
 
-def _image(event: api.ImageReady) -> sdxl_pb2.Image:
-    return sdxl_pb2.Image(
-        data=event.data,
-        format=FORMAT_TO_PROTO[event.image_format],
-        width=event.width,
-        height=event.height,
-        seed=event.seed,
-        index=event.index,
-    )
+def _fill_image(image: sdxl_pb2.Image, event: api.ImageReady) -> None:
+    """Writes the image into the response's own message: the encoded bytes are copied into protobuf once
+    (building an Image and then passing it to its parent would copy them a second time)."""
+    image.data = event.data
+    image.format = FORMAT_TO_PROTO[event.image_format]
+    image.width = event.width
+    image.height = event.height
+    image.seed = event.seed
+    image.index = event.index
 
 
 class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
@@ -65,15 +65,14 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         self, request: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> sdxl_pb2.GenerateResponse:
         async with self._rpc("Generate", context):
-            images: list[sdxl_pb2.Image] = []
+            ready: list[api.ImageReady] = []
             done = sdxl_pb2.Done()
             async for outcome, event in self._generate(request, context):
                 if isinstance(event, api.ImageReady):
-                    images.append(_image(event))
+                    ready.append(event)
                 elif isinstance(event, api.Finished):
                     done = outcome.done()
-            return sdxl_pb2.GenerateResponse(
-                images=sorted(images, key=lambda image: image.index),
+            response = sdxl_pb2.GenerateResponse(
                 request_id=done.request_id,
                 timings=done.timings,
                 prompt_truncated=done.prompt_truncated,
@@ -83,6 +82,9 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                 guidance_scale=done.guidance_scale,
                 sampler=done.sampler,
             )
+            for event in sorted(ready, key=lambda image: image.index):
+                _fill_image(response.images.add(), event)
+            return response
         raise AssertionError("unreachable: _rpc re-raises every failure")
 
     async def GenerateStream(
@@ -99,7 +101,9 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
                     )
                     yield sdxl_pb2.GenerateEvent(progress=progress)
                 elif isinstance(event, api.ImageReady):
-                    yield sdxl_pb2.GenerateEvent(image=_image(event))
+                    message = sdxl_pb2.GenerateEvent()
+                    _fill_image(message.image, event)
+                    yield message
                 elif isinstance(event, api.Finished):
                     yield sdxl_pb2.GenerateEvent(done=outcome.done())
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from sdxl_server.engine.api import EngineEvent, Failed, Finished, GenerationRequest, Listener
 from sdxl_server.engine.batching.guidance_rows import guided_steps, rows_at
+from sdxl_server.engine.prompt_cache import PromptKey
+from sdxl_server.engine.request_budget import RequestBudget
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class TrackedRequest:
         self.listener = listener
         self.token_ids = token_ids  # int32[2 (negative, prompt), 2 encoders, tokens]
         self.zero_negative = zero_negative
+        self.prompt_key = PromptKey.of(token_ids, zero_negative)  # the prompt-embedding cache's key
+        self.budget = RequestBudget()  # where its time goes, filled in by the threads that spend it
         self.submitted_at = submitted_at
         self.first_step_at: float | None = None
         self.cancel_requested = False

@@ -33,6 +33,7 @@ from sdxl_server.service.generation import Generations, as_service_error
 from sdxl_server.service.http.error_responses import error_json, error_response
 from sdxl_server.service.http.images_request import field_name, to_generate_request
 from sdxl_server.service.request_conversion import SAMPLER_TO_PROTO, FieldViolation, ValidationError
+from sdxl_server.service.time_budget import timings_json
 
 CREATE_IMAGE = "CreateImage"
 LIST_MODELS = "ListModels"
@@ -163,11 +164,7 @@ def _images_json(images: list[api.ImageReady], done: sdxl_pb2.Done, output_forma
             "sampler": SAMPLER_NAMES.get(done.sampler, ""),
             "prompt_truncated": done.prompt_truncated,
             "unknown_words": list(done.unknown_words),
-            "timings": {
-                "queue_seconds": done.timings.queue_seconds,
-                "denoise_seconds": done.timings.denoise_seconds,
-                "total_seconds": done.timings.total_seconds,
-            },
+            "timings": timings_json(done.timings),  # the request's time budget, as gRPC's Timings
         }
     )
 
