@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import pytest
+from sdxl_server.engine.settings import AUTO_SLOTS
 from sdxl_server.server_settings import ConfigError, parse_serve_config
 from sdxl_test_support.chart_render import CHART, VALUE_SETS, HelmError, render, server_settings
 
@@ -26,6 +27,12 @@ ACCEPTED: dict[str, dict[str, Any]] = {
         "terminationGracePeriodSeconds": 100_000,
         "preStopSleepSeconds": 0,
     },
+    # A few-step model's recipe (issue 22).
+    "recipe": {
+        "server": {"defaultSampler": "lcm", "defaultTimestepSpacing": "trailing", "defaultGuidanceScale": 0}
+    },
+    # The memory plan's settings: slots decided at start, the share of memory, the attention.
+    "memory-plan": {"server": {"slotsPerDevice": "auto", "memoryFraction": 0.5, "attention": "flash"}},
     "smallest": {
         "server": {
             "resolutions": ["8x8", "1016x1000", "2048x1152"],
@@ -55,6 +62,13 @@ def test_every_accepted_value_set_is_accepted_by_the_server(name):
         assert config.engine.max_queue == server["maxQueue"]
     if "resolutions" in server:
         assert [str(r) for r in config.engine.resolutions] == server["resolutions"]
+    if "defaultSampler" in server:
+        engine = config.engine
+        assert (engine.default_sampler, engine.default_timestep_spacing) == ("lcm", "trailing")
+        assert engine.default_guidance_scale == 0.0
+    if server.get("slotsPerDevice") == "auto":
+        assert config.engine.slots_per_device == AUTO_SLOTS
+        assert (config.engine.memory_fraction, config.engine.attention) == (0.5, "flash")
 
 
 def _resolution_pattern() -> re.Pattern[str]:
