@@ -156,12 +156,13 @@ def sampling_violations(request: GenerationRequest, limits: Limits) -> list[Fiel
         reject_timesteps = timesteps_problem(request.timesteps, request.steps, limits)
         if reject_timesteps is not None:
             reject("timesteps", reject_timesteps)
+    elif spacing == "" and usable == ():
+        pass  # a sampler with a schedule of its own (LCM) takes no spacing
     elif spacing not in SPACINGS:
         reject("timestep_spacing", f"{spacing!r}: unknown spacing; use one of {', '.join(SPACINGS)}")
     elif usable is not None and spacing not in usable:
-        reject(
-            "timestep_spacing", f"the {sampler} sampler cannot use {spacing}; use one of {', '.join(usable)}"
-        )
+        instead = f"use one of {', '.join(usable)}" if usable else "it has its own schedule: leave it unset"
+        reject("timestep_spacing", f"the {sampler} sampler cannot use {spacing}; {instead}")
     return violations
 
 

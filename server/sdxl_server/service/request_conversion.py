@@ -94,7 +94,7 @@ def to_generation_request(
     sampler = _enum_name(message.sampler, _SAMPLERS, limits.default_sampler, "sampler", reject)
     timesteps = tuple(message.timesteps)
     # With explicit timesteps no spacing applies: left empty unless the caller named one (a rule refuses).
-    spacing_default = "" if timesteps else limits.default_timestep_spacing
+    spacing_default = "" if timesteps else default_spacing(sampler, limits)
     spacing = _enum_name(message.timestep_spacing, _SPACINGS, spacing_default, "timestep_spacing", reject)
     interval = message.guidance_interval
     request = GenerationRequest(
@@ -130,6 +130,15 @@ def to_generation_request(
         # Checked before it is generated: the caller's id is the one the rules apply to.
         request = dataclasses.replace(request, request_id=new_request_id())
     return request
+
+
+def default_spacing(sampler: str, limits: Limits) -> str:
+    """The spacing a request that names none runs with: the model's default when its sampler can use
+    it, else the sampler's first; "" for a sampler with a schedule of its own (LCM)."""
+    usable = limits.samplers.get(sampler, ())
+    if limits.default_timestep_spacing in usable or sampler not in limits.samplers:
+        return limits.default_timestep_spacing
+    return usable[0] if usable else ""
 
 
 def _enum_name(

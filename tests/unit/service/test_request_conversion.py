@@ -148,3 +148,11 @@ def test_each_bad_sampling_field_is_named(fields, field, says) -> None:
 def test_a_server_without_explicit_timesteps_says_so() -> None:
     with pytest.raises(ValidationError, match="timesteps: explicit timesteps are not served"):
         _convert(dataclasses.replace(SAMPLING, accepts_timesteps=False), timesteps=[999, 499])
+
+
+def test_a_sampler_with_a_schedule_of_its_own_takes_no_spacing_and_others_take_one_they_can_use() -> None:
+    limits = dataclasses.replace(SAMPLING, samplers={"euler": ("trailing",), "lcm": ()})
+    assert _convert(limits, sampler=sdxl_pb2.LCM).timestep_spacing == ""
+    assert _convert(limits, sampler=sdxl_pb2.EULER).timestep_spacing == "trailing"
+    with pytest.raises(ValidationError, match="timestep_spacing: the lcm sampler cannot use leading"):
+        _convert(limits, sampler=sdxl_pb2.LCM, timestep_spacing=sdxl_pb2.LEADING)
