@@ -53,7 +53,7 @@ def main() -> None:
     decode_here = jax.jit(lambda p, h, n: decode_latents(model, p, h[:n]), static_argnums=2)
 
     def step():
-        return programs.steps[(1, 1)](params["unet"], bank.slots)
+        return programs.steps[(1, 2)](params["unet"], bank.slots)  # 2 UNet rows: one guided image
 
     figures = {
         "spmd_decode_1": best(lambda: programs.decode[1](params["vae"], bank.held)),

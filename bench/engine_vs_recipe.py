@@ -296,11 +296,12 @@ def cost_ratio(engine: JaxEngine) -> dict:
     params = engine.compiled_programs().params
     bank = programs.empty_bank
 
+    # Step programs are sized in UNet rows (two per guided image): bucket r holds r/2 guided images.
     by_bucket = {
         b: best_seconds(lambda b=b: programs.steps[(1, b)](params["unet"], bank.slots))
-        for b in programs.buckets
+        for b in programs.row_buckets
     }
-    step = by_bucket[1]
+    step = by_bucket[2]  # one guided image
     decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held))
     largest = max(by_bucket)
     return {
@@ -310,7 +311,7 @@ def cost_ratio(engine: JaxEngine) -> dict:
         # What batching buys on these devices: the step of the largest bucket against that many steps of
         # one image (1.0: nothing, a step's cost grows with its images; on an accelerator, well below 1).
         "step_seconds_by_bucket": {str(b): t for b, t in by_bucket.items()},
-        "largest_bucket_over_singles": by_bucket[largest] / (largest * step),
+        "largest_bucket_over_singles": by_bucket[largest] / (largest // 2 * step),
     }
 
 
