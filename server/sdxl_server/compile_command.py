@@ -105,12 +105,16 @@ def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str
 
 def run_compile(args: argparse.Namespace) -> int:
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+    from sdxl_server.request_rules import servable_resolutions_problem
     from sdxl_server.server_settings import parse_resolutions
 
     try:
         resolutions: tuple[Resolution, ...] = parse_resolutions(args.resolutions)
     except ValueError as error:
         return _refuse(f"--resolutions: {error}")
+    problem = servable_resolutions_problem(resolutions)  # serve's own rule
+    if problem:
+        return _refuse(f"--resolutions: {problem}")
     if args.cache_dir and args.programs:
         return _refuse(
             "--programs and --cache-dir: a partial cache would leave the server compiling the rest"

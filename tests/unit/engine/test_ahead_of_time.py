@@ -185,3 +185,23 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
     keys = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "sdxl-program-keys").iterdir()]
     assert {k["parts"]["topology"].split(":")[0] for k in keys} == {"tpu"}
     assert all(k["parts"]["libtpu"] != "?" for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--slots-per-device", "auto"], "--slots-per-device auto"),
+        (["--slots-per-device", "0"], "--slots-per-device"),
+        (
+            ["--slots-per-device", "1", "--programs", "step", "--cache-dir", "/tmp/x"],
+            "--programs and --cache-dir",
+        ),
+        (["--slots-per-device", "1", "--resolutions", "100x64"], "--resolutions"),
+    ],
+)
+def test_bad_compile_arguments_are_refused_naming_the_flag(extra, named, capsys):
+    from sdxl_server.main import main
+
+    argv = ["compile", "--topology", "cpu", "--model", "tiny", "--resolutions", "64x64", *extra]
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
