@@ -165,6 +165,9 @@ _REFUSED_ENGINE_VALUES = {
     "default_guidance_scale": "31",
     "default_sampler": "heun",
     "default_timestep_spacing": "karras",
+    "png_compression": "10",
+    "prompt_cache_entries": "-1",
+    "prompt_cache_mib": "-1",
 }
 
 

@@ -3,6 +3,8 @@
 The engine calls a listener from its own thread and must never block, so the listener only hands each
 event to the event loop (``loop.call_soon_threadsafe``) where the RPC handler reads them in order from an
 unbounded queue (bounded in practice: one request produces at most 1 + steps x images + images + 1 events).
+A door that shows no progress (unary Generate, the OpenAI door) asks for none: its Progress events are
+dropped on the engine's thread instead of waking the event loop once per step for nothing.
 
 Cancellation goes the other way: when the RPC ends early (the client cancelled, disconnected or its
 deadline passed, or the handler failed), ``cancel()`` tells the engine, which frees the request's slots at
@@ -16,15 +18,24 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from sdxl_server.engine.api import Engine, EngineEvent, Failed, Finished, GenerationRequest, Ticket
+from sdxl_server.engine.api import (
+    Engine,
+    EngineEvent,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Progress,
+    Ticket,
+)
 
 log = logging.getLogger(__name__)
 
 
 class EngineCall:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, progress: bool = True) -> None:
         self._engine = engine
         self._loop = loop
+        self._progress = progress
         self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._ticket: Ticket | None = None
         self._ended = False  # the engine delivered Finished or Failed, or we cancelled
@@ -34,6 +45,8 @@ class EngineCall:
         self._ticket = self._engine.submit(request, self._on_event)
 
     def _on_event(self, event: EngineEvent) -> None:  # engine thread
+        if not self._progress and isinstance(event, Progress):
+            return
         # A closed loop (RuntimeError) means the process is exiting and nobody is listening.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)

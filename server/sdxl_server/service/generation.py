@@ -93,10 +93,12 @@ class Generations:
         message: sdxl_pb2.GenerateRequest,
         time_remaining: float | None,
         on_caller_gone: OnCallerGone | None = None,
+        progress: bool = True,
     ) -> AsyncIterator[tuple[Outcome, api.EngineEvent]]:
         """Admits the request and yields its engine events up to Finished; raises ServiceError on failure.
 
-        ``time_remaining``: seconds until the caller's deadline (None: no deadline). Every request
+        ``time_remaining``: seconds until the caller's deadline (None: no deadline); ``progress``: False
+        for a door that shows none (no Progress events then, bridge.py). Every request
         leaves a trace in the log (see ``request_log``): a completion line once admitted, the
         rate-limited rejection log when refused before.
         """
@@ -104,7 +106,7 @@ class Generations:
         notes = _RequestLogNotes(started)
         code = "OK"
         try:
-            inner = self._admit_and_run(message, time_remaining, on_caller_gone, notes)
+            inner = self._admit_and_run(message, time_remaining, on_caller_gone, notes, progress)
             async with contextlib.aclosing(inner) as events:
                 async for outcome, event in events:
                     if isinstance(event, api.Finished):
@@ -139,6 +141,7 @@ class Generations:
         time_remaining: float | None,
         on_caller_gone: OnCallerGone | None,
         notes: _RequestLogNotes,
+        progress: bool,
     ) -> AsyncGenerator[tuple[Outcome, api.EngineEvent], None]:
         with self._admission.admitted():
             try:
@@ -146,7 +149,7 @@ class Generations:
             except ValidationError as e:
                 raise errors.from_validation(e) from None
             self._admission.check(request, time_remaining)
-            call = EngineCall(self.engine, asyncio.get_running_loop())
+            call = EngineCall(self.engine, asyncio.get_running_loop(), progress)
             try:
                 # Tokenizing (bounded, but still milliseconds) runs in a worker thread, never on the event
                 # loop that answers health checks and every other caller.

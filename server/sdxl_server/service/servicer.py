@@ -67,7 +67,7 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         async with self._rpc("Generate", context):
             ready: list[api.ImageReady] = []
             done = sdxl_pb2.Done()
-            async for outcome, event in self._generate(request, context):
+            async for outcome, event in self._generate(request, context, progress=False):
                 if isinstance(event, api.ImageReady):
                     ready.append(event)
                 elif isinstance(event, api.Finished):
@@ -115,14 +115,15 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         raise AssertionError("unreachable: _rpc re-raises every failure")
 
     def _generate(
-        self, message: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, message: sdxl_pb2.GenerateRequest, context: grpc.aio.ServicerContext, progress: bool = True
     ) -> AsyncIterator[tuple[Outcome, api.EngineEvent]]:
-        """The shared generation path, with the RPC's deadline and its end wired to cancellation."""
+        """The shared generation path, with the RPC's deadline and its end wired to cancellation;
+        `progress` False for the unary Generate, which reports none."""
 
         def on_caller_gone(cancel: Callable[[], None]) -> None:
             context.add_done_callback(lambda _: cancel())
 
-        return self._generations.run(message, context.time_remaining(), on_caller_gone)
+        return self._generations.run(message, context.time_remaining(), on_caller_gone, progress)
 
     def _classify(
         self, error: BaseException, context: grpc.aio.ServicerContext

@@ -108,7 +108,7 @@ class ImagesApi:
             raise errors.from_validation(e) from None
         images: list[api.ImageReady] = []
         done = sdxl_pb2.Done()
-        async for outcome, event in self._generations.run(message, time_remaining):
+        async for outcome, event in self._generations.run(message, time_remaining, progress=False):
             if isinstance(event, api.ImageReady):
                 images.append(event)
             elif isinstance(event, api.Finished):
