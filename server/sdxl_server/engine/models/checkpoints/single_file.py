@@ -103,6 +103,12 @@ def _renamed(readers: dict[str, Reader], rename: Callable[[str], str | None], wh
     return Weights(where, out)
 
 
+def original_unet_name_to_diffusers(name: str, unet_config: dict[str, Any]) -> str | None:
+    """The diffusers name of one original (sgm) UNet name (`input_blocks.4.1.proj_in.weight`), or None:
+    LoRA files trained with kohya's SDXL scripts name their UNet layers this way."""
+    return _UnetNames(unet_config).diffusers_name(name)
+
+
 class _UnetNames:
     """Original UNet block indices -> diffusers block names, for one UNet config.
 
