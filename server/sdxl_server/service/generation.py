@@ -153,7 +153,7 @@ class Generations:
             try:
                 # Tokenizing (bounded, but still milliseconds) runs in a worker thread, never on the event
                 # loop that answers health checks and every other caller.
-                await asyncio.to_thread(call.submit, request)
+                await _submit_in_thread(call, request)
             except api.EngineError as e:
                 raise errors.from_engine_error(e) from None
             notes.request = request
@@ -212,6 +212,24 @@ class _RequestLogNotes:
         if self.finished is None or self.submitted is None:
             return None
         return TimeBudget.of(self.arrived, self.submitted, ended, self.finished)
+
+
+async def _submit_in_thread(call: EngineCall, request: api.GenerationRequest) -> None:
+    """``call.submit`` in a worker thread. A caller that goes away meanwhile cancels this task, but not the
+    thread: the engine may still admit the request after that, and nobody would ever cancel it (it would
+    run for no one). So the submission is shielded, and a request admitted after its caller left is
+    cancelled as soon as the submission returns."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(call.submit, request))
+    try:
+        await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+
+        def cancel_once_admitted(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:  # refused requests hold nothing
+                call.cancel()
+
+        submitting.add_done_callback(cancel_once_admitted)
+        raise
 
 
 def as_service_error(error: BaseException) -> errors.ServiceError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -235,3 +236,35 @@ def test_a_door_that_stops_reading_early_cancels_the_engine_request() -> None:
 
     asyncio.run(run())
     assert engine.cancelled == [engine.requests[0].request_id]
+
+
+class _SlowAdmission(FakeEngine):
+    """A fake whose ``submit`` waits (in the service's worker thread) until the test lets it admit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitting = threading.Event()
+        self.admit = threading.Event()
+
+    def submit(self, request: api.GenerationRequest, listener: api.Listener):  # type: ignore[no-untyped-def]
+        self.submitting.set()
+        self.admit.wait(30)
+        return super().submit(request, listener)
+
+
+def test_a_caller_gone_while_its_request_is_being_admitted_still_has_it_cancelled() -> None:
+    engine = _SlowAdmission()
+    engine.hold = True  # admitted requests would otherwise finish on their own
+
+    async def run() -> None:
+        generations, _ = _generations(engine)
+        caller = asyncio.ensure_future(_events(generations, _request(request_id="gone-early")))
+        await asyncio.to_thread(engine.submitting.wait, 30)
+        caller.cancel()  # the caller leaves while the engine is still admitting (tokenizing) its request
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        engine.admit.set()
+        await asyncio.to_thread(engine.wait_for_cancel, "gone-early")
+
+    asyncio.run(run())
+    assert engine.cancelled == ["gone-early"]
