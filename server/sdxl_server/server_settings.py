@@ -249,6 +249,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups[option.owner]
         if option.parse is _boolean:
             group.add_argument(option.flag, action="store_const", const="1", help=option.help)
+        elif option.setting.repeatable:
+            group.add_argument(option.flag, action="append", metavar=option.field.upper(), help=option.help)
         else:
             group.add_argument(option.flag, metavar=option.field.upper(), help=option.help)
 
@@ -258,6 +260,8 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfi
     values: dict[type, dict[str, Any]] = {EngineConfig: {}, ServerConfig: {}}
     for option in OPTIONS:
         flag_value = getattr(args, option.field, None)
+        if isinstance(flag_value, list):  # a repeatable flag: its values as the environment holds them
+            flag_value = ",".join(flag_value)
         source, raw = (option.flag, flag_value) if flag_value is not None else (option.env, None)
         if raw is None:
             raw = env.get(option.env)

@@ -28,22 +28,35 @@ class Setting:
     shown_default: str | None = None
     # Text to value, raising ValueError with a message; None: parsed by the field's type.
     parse: Callable[[str], Any] | None = None
+    # The flag may be given several times; its values reach `parse` joined by commas (as the
+    # environment variable holds them).
+    repeatable: bool = False
 
 
 def setting(
-    default: _T, help: str, *, shown_default: str | None = None, parse: Callable[[str], Any] | None = None
+    default: _T,
+    help: str,
+    *,
+    shown_default: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    repeatable: bool = False,
 ) -> _T:
     """A field with ``default`` that can be set by a flag and an environment variable."""
     return dataclasses.field(
-        default=default, metadata=described(help, shown_default=shown_default, parse=parse)
+        default=default,
+        metadata=described(help, shown_default=shown_default, parse=parse, repeatable=repeatable),
     )
 
 
 def described(
-    help: str, *, shown_default: str | None = None, parse: Callable[[str], Any] | None = None
+    help: str,
+    *,
+    shown_default: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    repeatable: bool = False,
 ) -> dict[str, Setting]:
     """The metadata of a settable field without a default: ``dataclasses.field(metadata=described(...))``."""
-    return {SETTING: Setting(help, shown_default, parse)}
+    return {SETTING: Setting(help, shown_default, parse, repeatable)}
 
 
 def setting_of(field: dataclasses.Field[Any]) -> Setting | None:

@@ -168,6 +168,7 @@ _REFUSED_ENGINE_VALUES = {
     "png_compression": "10",
     "prompt_cache_entries": "-1",
     "prompt_cache_mib": "-1",
+    "fuse_lora": "/no/such/adapter.safetensors:0.5",
 }
 
 

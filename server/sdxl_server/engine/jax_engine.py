@@ -21,6 +21,7 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from sdxl_server.engine.adapters.fusing import fuse_into_model
 from sdxl_server.engine.api import (
     CancelledError,
     DeadlineUnreachableError,
@@ -113,6 +114,7 @@ class JaxEngine:
         hits_before = compile_cache.hits()
         with _timed(phases, "load"):
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
+            fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
         mesh = make_mesh(cfg.max_devices)
         with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
             cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from sdxl_server import request_rules
+from sdxl_server.engine.adapters.fuse_spec import FusedLora, fused_lora_problem, parse_fused_loras
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.models.model_source import DEFAULT_TINY_MODEL_DIR
 from sdxl_server.request_rules import SAMPLERS, SPACINGS
@@ -94,6 +95,14 @@ class EngineConfig:
         "or an architecture name",
         shown_default="sdxl-base",
     )
+    # LoRA adapters merged into the base weights at start (engine/adapters/fusing.py): a distillation
+    # LoRA (Lightning, Hyper-SD, LCM, DMD2) then costs nothing per step. Repeatable; in order.
+    fuse_lora: tuple[FusedLora, ...] = setting(
+        (),
+        "LoRA .safetensors merged into the weights at start, FILE[:SCALE] (repeatable; env: comma-separated)",
+        parse=parse_fused_loras,
+        repeatable=True,
+    )
     # Per-request bounds the service validates against (steps need no recompilation up to max_steps).
     min_steps: int = 1
     max_steps: int = setting(50, "most denoising steps a request may ask for")
@@ -146,6 +155,9 @@ class EngineConfig:
                 raise SettingError(field, message)
 
         require(bool(self.model), "model", "must not be empty")
+        for fused in self.fuse_lora:
+            problem = fused_lora_problem(fused)
+            require(problem is None, "fuse_lora", str(problem))
         problem = request_rules.servable_resolutions_problem(self.resolutions)
         require(problem is None, "resolutions", str(problem))
         require(

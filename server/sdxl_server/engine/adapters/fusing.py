@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_server.engine.adapters.fuse_spec import FusedLora
-from sdxl_server.engine.adapters.layer_names import LayerNames
+from sdxl_server.engine.adapters.layer_names import LayerNames, layer_names_of
 from sdxl_server.engine.adapters.lora_file import AdapterError, LoraLayer, read_lora_file
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 class FuseError(ValueError):
     """A --fuse-lora adapter cannot be merged; the message names the file and why."""
+
+
+def fuse_into_model(model: Any, fused: Sequence[FusedLora]) -> None:
+    """Merges `fused` into a LoadedModel's parameters (the UNet's and text encoders'), in place."""
+    if fused:
+        names = layer_names_of(model.params, model.pipeline.unet.config)
+        model.params = fuse_loras(model.params, names, fused)
 
 
 def fuse_loras(params: dict[str, Any], names: LayerNames, fused: Sequence[FusedLora]) -> dict[str, Any]:
