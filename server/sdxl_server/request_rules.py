@@ -4,8 +4,8 @@ The gRPC door (``service/request_conversion.py``) and the HTTP door (``service/h
 apply the server's defaults and check what only their wire format can get wrong (an unknown enum value, a
 width without a height, a JSON type); every rule about values lives here: served resolutions (and, for the
 settings, what a servable resolution is), steps, guidance bounds and interval, sampler, timestep
-spacing and explicit timesteps, seed, images per request, prompt (present, and its length in
-characters), format, quality and request id. The engine applies the same
+spacing and explicit timesteps, LoRA adapters (count, names, scales), seed, images per request, prompt
+(present, and its length in characters), format, quality and request id. The engine applies the same
 rules again on ``submit``, so that a caller that skips the service (benchmarks, tests, another front
 end) meets the same limits with the same words.
 
@@ -113,6 +113,7 @@ def request_violations(
         reject("guidance_scale", f"{g} is outside {limits.min_guidance_scale}..{limits.max_guidance_scale}")
 
     violations += sampling_violations(request, limits)
+    violations += lora_violations(request, limits)
 
     unserved = resolution_violation(request.resolution, limits.resolutions)
     if unserved is not None:
@@ -163,6 +164,30 @@ def sampling_violations(request: GenerationRequest, limits: Limits) -> list[Fiel
     elif usable is not None and spacing not in usable:
         instead = f"use one of {', '.join(usable)}" if usable else "it has its own schedule: leave it unset"
         reject("timestep_spacing", f"the {sampler} sampler cannot use {spacing}; {instead}")
+    return violations
+
+
+def lora_violations(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:
+    """How many adapters, their names present and distinct, their scales within the bounds. Whether a
+    name is in the adapter directory is the engine's question (NOT_FOUND, not a bad value)."""
+    violations: list[FieldViolation] = []
+    most = limits.max_loras_per_request
+    if len(request.loras) > most:
+        why = "this server takes none (no --lora-dir)" if most == 0 else f"at most {most} per request"
+        violations.append(FieldViolation("loras", f"{len(request.loras)} adapters; {why}"))
+        return violations
+    low, high = limits.min_lora_scale, limits.max_lora_scale
+    seen: set[str] = set()
+    for index, lora in enumerate(request.loras):
+        if not lora.name:
+            violations.append(FieldViolation(f"loras[{index}].name", "must not be empty"))
+        elif lora.name in seen:
+            violations.append(FieldViolation(f"loras[{index}].name", f"{lora.name!r} is named twice"))
+        seen.add(lora.name)
+        if not (math.isfinite(lora.scale) and low <= lora.scale <= high):
+            violations.append(
+                FieldViolation(f"loras[{index}].scale", f"{lora.scale:g} is outside {low:g}..{high:g}")
+            )
     return violations
 
 

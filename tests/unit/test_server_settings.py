@@ -169,6 +169,8 @@ _REFUSED_ENGINE_VALUES = {
     "prompt_cache_entries": "-1",
     "prompt_cache_mib": "-1",
     "fuse_lora": "/no/such/adapter.safetensors:0.5",
+    "lora_dir": "/no/such/lora/folder",
+    "max_loras_per_request": "-1",
 }
 
 

@@ -38,6 +38,14 @@ class Resolution:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA adapter a request applies: its name in the adapter directory and its strength."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """One request with every default already applied (the service fills them in)."""
 
@@ -60,6 +68,8 @@ class GenerationRequest:
     timestep_spacing: str = "leading"  # one the sampler can use (Limits.samplers[sampler])
     # Explicit timesteps, strictly decreasing; when given, their count is `steps`.
     timesteps: tuple[int, ...] = ()
+    # LoRA adapters, stacked in order (at most Limits.max_loras_per_request).
+    loras: tuple[LoraChoice, ...] = ()
 
 
 # ---- events delivered to a request's listener, in this order:
@@ -150,6 +160,15 @@ class EngineFatalError(EngineError):
     """The device or the step loop failed; the engine will not recover."""
 
 
+class AdapterNotFoundError(EngineError):
+    """A request names a LoRA adapter the adapter directory does not hold (NOT_FOUND)."""
+
+    def __init__(self, field: str, name: str) -> None:
+        super().__init__(f"{field}: no LoRA adapter named {name!r} (GetServerInfo lists them)")
+        self.field = field
+        self.name = name
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What a request may ask for; the service validates against these."""
@@ -171,6 +190,21 @@ class Limits:
     samplers: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: {"euler": ("leading",)})
     accepts_timesteps: bool = False  # whether explicit `timesteps` are served
     train_timesteps: int = 1000  # explicit timesteps lie in 0..train_timesteps-1
+    # LoRA adapters one request may stack (0: the server has no adapter directory), and their scales.
+    max_loras_per_request: int = 0
+    min_lora_scale: float = 0.0
+    max_lora_scale: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """One adapter of the adapter directory, as GetServerInfo lists it."""
+
+    name: str
+    usable: bool
+    reason: str = ""  # why not, when unusable
+    rank: int = 0  # the largest rank among its layers
+    resident: bool = False  # its weights are in the device's adapter bank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +217,7 @@ class EngineInfo:
     policy: str
     dtype: str
     versions: dict[str, str]
+    adapters: tuple[AdapterInfo, ...] = ()  # the adapter directory's files, usable or not
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,12 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from sdxl_server.engine.adapters.adapter_directory import (
+    AdapterDirectory,
+    adapter_infos,
+    check_adapters,
+    open_adapter_directory,
+)
 from sdxl_server.engine.adapters.fusing import fuse_into_model
 from sdxl_server.engine.api import (
     CancelledError,
@@ -89,6 +95,7 @@ class JaxEngine:
         self._live: set[TrackedRequest] = set()
         self._live_lock = threading.Lock()
         self._model: LoadedModel | None = None
+        self._adapters: AdapterDirectory | None = None  # --lora-dir, once the model is loaded
         self._programs: ProgramSet | None = None
         self._slots: SlotTable | None = None
         self._device: DeviceClock | None = None
@@ -115,6 +122,7 @@ class JaxEngine:
         with _timed(phases, "load"):
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
             fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
+            self._adapters = open_adapter_directory(cfg.lora_dir, model, cfg.lora_rescan_seconds)
         mesh = make_mesh(cfg.max_devices)
         with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
             cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat))
@@ -271,6 +279,7 @@ class JaxEngine:
             if self._model
             else str(np.dtype(resolve_dtype(cfg.dtype, platform_name))),
             versions=_versions(),
+            adapters=adapter_infos(self._adapters),
         )
 
     def limits(self) -> Limits:
@@ -290,6 +299,9 @@ class JaxEngine:
             default_timestep_spacing=cfg.default_timestep_spacing,
             samplers=self._samplers(),
             train_timesteps=self._train_timesteps(),
+            max_loras_per_request=cfg.max_loras_per_request if cfg.lora_dir else 0,
+            min_lora_scale=cfg.min_lora_scale,
+            max_lora_scale=cfg.max_lora_scale,
         )
 
     def _samplers(self) -> dict[str, tuple[str, ...]]:
@@ -308,6 +320,7 @@ class JaxEngine:
         if self._phase is not _Phase.READY or self._model is None:
             raise NotReadyError(self._not_ready_reason())
         check_request(request, self.limits())
+        check_adapters(self._adapters, request.loras)  # NOT_FOUND for a name the folder does not hold
         now = self._clock()
         if request.deadline is not None:
             if request.deadline <= now:

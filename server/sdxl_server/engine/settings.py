@@ -9,6 +9,8 @@ here and one check in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 from sdxl_server import request_rules
 from sdxl_server.engine.adapters.fuse_spec import FusedLora, fused_lora_problem, parse_fused_loras
@@ -103,6 +105,19 @@ class EngineConfig:
         parse=parse_fused_loras,
         repeatable=True,
     )
+    # LoRA adapters requests may name (engine/adapters/adapter_directory.py): a local folder, a PVC or a
+    # GCS bucket mounted by GCS FUSE; files dropped in while serving are found without a restart.
+    lora_dir: str | None = setting(
+        None,
+        "folder of LoRA .safetensors (kohya or diffusers format) requests may name",
+        shown_default="none",
+    )
+    max_loras_per_request: int = setting(4, "most LoRA adapters one request may stack (with --lora-dir)")
+    min_lora_scale: float = -2.0
+    max_lora_scale: float = 2.0
+    # How old the adapter folder's listing may be when GetServerInfo asks (a request naming an adapter
+    # the server does not know lists it again at once).
+    lora_rescan_seconds: float = 1.0
     # Per-request bounds the service validates against (steps need no recompilation up to max_steps).
     min_steps: int = 1
     max_steps: int = setting(50, "most denoising steps a request may ask for")
@@ -155,6 +170,20 @@ class EngineConfig:
                 raise SettingError(field, message)
 
         require(bool(self.model), "model", "must not be empty")
+        require(
+            self.lora_dir is None or os.path.isdir(os.path.expanduser(self.lora_dir)),
+            "lora_dir",
+            f"{self.lora_dir} is not a directory",
+        )
+        require(self.max_loras_per_request >= 0, "max_loras_per_request", "must not be negative")
+        require(
+            math.isfinite(self.min_lora_scale)
+            and math.isfinite(self.max_lora_scale)
+            and self.min_lora_scale <= self.max_lora_scale,
+            "max_lora_scale",
+            "must be finite and at least min_lora_scale",
+        )
+        require(self.lora_rescan_seconds >= 0, "lora_rescan_seconds", "must not be negative")
         for fused in self.fuse_lora:
             problem = fused_lora_problem(fused)
             require(problem is None, "fuse_lora", str(problem))

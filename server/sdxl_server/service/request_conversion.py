@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
-from sdxl_server.engine.api import GenerationRequest, ImageFormat, Limits, Resolution
+from sdxl_server.engine.api import GenerationRequest, ImageFormat, Limits, LoraChoice, Resolution
 from sdxl_server.request_rules import FieldViolation, request_violations
 
 __all__ = [
@@ -122,6 +122,9 @@ def to_generation_request(
         sampler=sampler,
         timestep_spacing=spacing,
         timesteps=timesteps,
+        loras=tuple(
+            LoraChoice(ref.name, float(ref.scale) if ref.HasField("scale") else 1.0) for ref in message.loras
+        ),
     )
     violations += request_violations(request, limits)
     if violations:

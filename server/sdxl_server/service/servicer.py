@@ -165,4 +165,11 @@ def server_info(info: api.EngineInfo) -> sdxl_pb2.ServerInfo:
         max_queue=limits.max_queue,
         formats=list(FORMAT_TO_PROTO.values()),
         versions={"sdxl-server": server_version(), **info.versions},
+        adapters=[
+            sdxl_pb2.Adapter(name=a.name, usable=a.usable, reason=a.reason, rank=a.rank, resident=a.resident)
+            for a in info.adapters
+        ],
+        max_loras_per_request=limits.max_loras_per_request,
+        min_lora_scale=limits.min_lora_scale,
+        max_lora_scale=limits.max_lora_scale,
     )

@@ -73,6 +73,11 @@ def from_engine_error(error: BaseException) -> ServiceError:
     """Maps an engine error (or anything unexpected) to what the caller sees."""
     if isinstance(error, api.InvalidRequestError):
         return invalid_argument([(error.field, error.message)])
+    if isinstance(error, api.AdapterNotFoundError):
+        resource = error_details_pb2.ResourceInfo(
+            resource_type="sdxl.v1.Adapter", resource_name=error.name, description=str(error)
+        )
+        return ServiceError(grpc.StatusCode.NOT_FOUND, str(error), [resource])
     if isinstance(error, api.QueueFullError):
         return ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -12,7 +12,8 @@ Accepted: OpenAI's ``prompt``, ``model`` (absent or the served model), ``n``, ``
 our extensions ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale`` (present, 0 included, or
 absent for the model's default), ``guidance_interval`` (``{"start": 0, "end": 0.4}``), ``sampler``
 (``euler``, ``ddim``, ``dpmpp_2m``, ``lcm``), ``timestep_spacing`` (``leading``, ``trailing``,
-``linspace``), ``timesteps`` (a list of whole numbers) and ``format`` (``png``, ``jpeg``, ``webp``; a
+``linspace``), ``timesteps`` (a list of whole numbers), ``loras`` (``[{"name": "x", "scale": 0.8}]``,
+scale optional: 1) and ``format`` (``png``, ``jpeg``, ``webp``; a
 synonym of ``output_format``). Any other field is refused, naming it, rather than
 silently ignored. JSON ``null`` means absent, as it does for OpenAI.
 """
@@ -147,6 +148,24 @@ def _timesteps(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> st
     return None
 
 
+def _loras(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
+    # Names and scales are request_rules' and the engine's; here only the shape.
+    if not isinstance(value, list) or not all(
+        isinstance(item, Mapping) and not set(item) - {"name", "scale"} for item in value
+    ):
+        return 'must be a list of objects {"name": string, "scale": number}'
+    for item in value:
+        name, scale = item.get("name"), item.get("scale")
+        if not isinstance(name, str):
+            return "each name must be a string"
+        ref = message.loras.add(name=name)
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, int | float):
+                return "each scale must be a number"
+            ref.scale = float(scale)
+    return None
+
+
 def _size(message: sdxl_pb2.GenerateRequest, value: Any, _model: str) -> str | None:
     if value == "auto":  # the server's default size
         return None
@@ -216,4 +235,5 @@ _PARSERS: dict[str, _Parser] = {
     "sampler": _named("sampler", SAMPLER_TO_PROTO),
     "timestep_spacing": _named("timestep_spacing", SPACING_TO_PROTO),
     "timesteps": _timesteps,
+    "loras": _loras,
 }
