@@ -80,6 +80,12 @@ class RenderedChart:
     hpa: HpaSpec
     pods: PodTimings
     values_file_text: str  # the values given to helm, for the report
+    # The PrometheusRule's (or GMP Rules') rule groups, as rendered: the fleet's Prometheus evaluates them,
+    # so that an HPA on a recorded series (sdxl_demand_with_headroom) reads what the cluster's would.
+    rule_groups: tuple[dict[str, Any], ...] = ()
+    # Nodes the chart keeps provisioned and empty (autoscaling.headroom.spareNodes, as the placeholder
+    # Deployment's or the CapacityBuffer's replicas): a new pod that finds one skips provisioning.
+    spare_nodes: int = 0
 
 
 def helm_binary() -> str:
@@ -126,7 +132,33 @@ def load(values: dict[str, Any]) -> RenderedChart:
         hpa=hpa_spec(parse_hpa(hpa_objects[0])),
         pods=pod_timings(objects),
         values_file_text=yaml.safe_dump(values, sort_keys=True),
+        rule_groups=tuple(
+            group
+            for o in objects
+            if o.get("kind") in ("PrometheusRule", "Rules")
+            for group in o["spec"]["groups"]
+        ),
+        spare_nodes=spare_nodes(objects),
     )
+
+
+def spare_nodes(objects: list[dict[str, Any]]) -> int:
+    """The headroom placeholders' replicas (Deployment ``<fullname>-headroom``) or the CapacityBuffer's."""
+    for o in objects:
+        if o.get("kind") == "CapacityBuffer" or (
+            o.get("kind") == "Deployment" and o["metadata"]["name"].endswith("-headroom")
+        ):
+            return int(o["spec"].get("replicas", 0))
+    return 0
+
+
+def series_name(metric_name: str) -> str:
+    """The Prometheus series an HPA metric name stands for: GMP's External names wrap it
+    (``prometheus.googleapis.com|sdxl_demand|gauge``); prometheus-adapter's are the series' own name."""
+    parts = metric_name.split("|")
+    if len(parts) == 3 and parts[0] == "prometheus.googleapis.com":
+        return parts[1]
+    return metric_name
 
 
 def parse_hpa(manifest: dict[str, Any]) -> V2HorizontalPodAutoscaler:
@@ -240,7 +272,7 @@ def _copy_rules(given: Any, default: ScalingRules) -> ScalingRules:
 
 
 def pod_timings(objects: list[dict[str, Any]]) -> PodTimings:
-    deployment = _one(objects, "Deployment")
+    deployment = _one([o for o in objects if not o["metadata"]["name"].endswith("-headroom")], "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == "server")
     config = _one(objects, "ConfigMap")["data"]

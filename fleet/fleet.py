@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.chart import HpaSpec
+from fleet.chart import HpaSpec, series_name
 from fleet.dns import Dns
 from fleet.horizontal import HorizontalController
 from fleet.pods import GRPC_PORT, Pod, PodEvents, PodSettings
@@ -30,6 +30,7 @@ from fleet.replica_calculator import (
 )
 
 LOAD_METRIC = "sdxl_load"
+DEMAND_METRIC = "sdxl_demand"
 
 
 class Fleet(PodEvents):
@@ -40,8 +41,15 @@ class Fleet(PodEvents):
         prometheus: Prometheus,
         clock: Callable[[], float],
         cgroup_parent: Path | None,
+        spare_nodes: int = 0,
     ) -> None:
+        """``spare_nodes``: nodes the chart keeps provisioned and empty (its headroom placeholders or
+        CapacityBuffer); a new pod that takes one starts at once, and the cluster provisions a replacement
+        (the provisioning delay) for the next."""
         self.settings = settings
+        self.spare_nodes = spare_nodes
+        self.spares_ready = spare_nodes
+        self.spare_taken: list[float] = []  # when a new pod skipped provisioning on a spare node
         self.dns = dns
         self.prometheus = prometheus
         self.clock = clock
@@ -61,9 +69,21 @@ class Fleet(PodEvents):
             self._next_index += 1
             if self._next_index > 254:
                 raise RuntimeError("out of loopback addresses for pods")
-            self.pods.append(Pod(self._next_index, self.settings, self.clock, self))
+            self.pods.append(Pod(self._next_index, self.settings, self.clock, self, self._take_spare()))
         for pod in sorted(active, key=_deletion_rank)[: max(0, len(active) - replicas)]:
             pod.delete()
+
+    def _take_spare(self) -> bool:
+        """Whether the next pod lands on a spare node; if so, a replacement starts provisioning."""
+        if self.spares_ready <= 0:
+            return False
+        self.spares_ready -= 1
+        self.spare_taken.append(self.clock())
+        asyncio.get_running_loop().call_later(self.settings.provisioning_delay, self._spare_provisioned)
+        return True
+
+    def _spare_provisioned(self) -> None:
+        self.spares_ready = min(self.spare_nodes, self.spares_ready + 1)
 
     def active(self) -> list[Pod]:
         return [p for p in self.pods if not p.being_deleted]
@@ -126,6 +146,8 @@ class Sample:
     running: int
     ready: int
     endpoints: int
+    demand_by_pod: dict[str, float] = field(default_factory=dict)
+    spares_ready: int = 0
 
 
 @dataclass
@@ -133,9 +155,8 @@ class Autoscaler:
     hpa: HpaSpec
     fleet: Fleet
     prometheus: Prometheus
-    metric: str  # "pods" or "external"
     sync_period: float  # real seconds
-    adapter_window: float  # real seconds (the chart README rule's [1m], time-compressed)
+    adapter_window: float  # real seconds (the chart README rule's [1m] for sdxl_load, time-compressed)
     time_scale: float
     clock: Callable[[], float]
     syncs: list[SyncRecord] = field(default_factory=list)
@@ -156,11 +177,14 @@ class Autoscaler:
         pods = [p.info() for p in self.fleet.pods]
         proposal: int | None = None
         usage: int | None = None
+        series = series_name(self.hpa.metric_name)
         try:
-            if self.metric == "pods":
+            if self.hpa.metric_type == "Pods":
                 names = [p.name for p in pods]
+                # The README's adapter rules: sdxl_load averaged over [1m], sdxl_demand as scraped.
+                window = self.adapter_window if series == LOAD_METRIC else 0.0
                 result = await self.prometheus.query(
-                    pods_metric_query(LOAD_METRIC, self.prometheus.namespace, names, self.adapter_window)
+                    pods_metric_query(series, self.prometheus.namespace, names, window)
                 )
                 metrics = {labels["pod"]: to_milli(value) for labels, value in result if "pod" in labels}
                 proposal, usage = get_metric_replicas(
@@ -168,7 +192,7 @@ class Autoscaler:
                 )
             else:
                 result = await self.prometheus.query(
-                    external_metric_query(LOAD_METRIC, self.prometheus.namespace, self.prometheus.job)
+                    external_metric_query(series, self.prometheus.namespace, self.prometheus.job)
                 )
                 status_replicas = len([p for p in pods if not p.being_deleted])
                 proposal, usage = get_external_per_pod_metric_replicas(
@@ -210,11 +234,7 @@ class Autoscaler:
 
     async def observe(self, stop: asyncio.Event, interval: float) -> None:
         while not stop.is_set():
-            try:
-                result = await self.prometheus.query(f'{LOAD_METRIC}{{job="{self.prometheus.job}"}}')
-                loads = {labels.get("pod", "?"): value for labels, value in result}
-            except (OSError, RuntimeError):
-                loads = {}
+            loads, demands = await self._by_pod(LOAD_METRIC), await self._by_pod(DEMAND_METRIC)
             self.samples.append(
                 Sample(
                     self.clock(),
@@ -223,10 +243,19 @@ class Autoscaler:
                     len([p for p in self.fleet.pods if p.phase == PodPhase.RUNNING]),
                     len(self.fleet.ready()),
                     len(self.fleet.dns.addresses),
+                    demands,
+                    self.fleet.spares_ready,
                 )
             )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+
+    async def _by_pod(self, metric: str) -> dict[str, float]:
+        try:
+            result = await self.prometheus.query(f'{metric}{{job="{self.prometheus.job}"}}')
+        except (OSError, RuntimeError):
+            return {}
+        return {labels.get("pod", "?"): value for labels, value in result}
 
 
 def grpc_target(dns: Dns) -> str:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -73,11 +76,23 @@ class PodRecord:
     sigterm: float | None = None
     exited: list[tuple[float, int]] = field(default_factory=list)
     killed: list[float] = field(default_factory=list)
+    on_spare_node: bool = False  # started on a node the chart's headroom kept: no provisioning delay
+    started_wall: list[float] = field(default_factory=list)  # time.time() of each start, to read the log
+    # Each container start's warm-up, in seconds by phase (warmup_phases below), read from its log.
+    warmups: list[dict[str, float]] = field(default_factory=list)
+
+    def read_warmups(self, log_dir: Path) -> None:
+        self.warmups = warmup_phases(log_dir / f"{self.name}.log", self.started_wall)
 
 
 class Pod:
     def __init__(
-        self, index: int, settings: PodSettings, clock: Callable[[], float], events: PodEvents
+        self,
+        index: int,
+        settings: PodSettings,
+        clock: Callable[[], float],
+        events: PodEvents,
+        on_spare_node: bool = False,
     ) -> None:
         self.name = f"sdxl-serve-{index}"
         self.address = f"127.0.0.{index + 1}"
@@ -85,7 +100,7 @@ class Pod:
         self.phase = PodPhase.PENDING
         self.ready = False
         self.being_deleted = False
-        self.record = PodRecord(self.name, self.address, clock())
+        self.record = PodRecord(self.name, self.address, clock(), on_spare_node=on_spare_node)
         self._clock = clock
         self._events = events
         self._process: asyncio.subprocess.Process | None = None
@@ -125,7 +140,8 @@ class Pod:
 
     async def _run(self) -> None:
         try:
-            await self._sleep_unless_deleted(self.settings.provisioning_delay)
+            if not self.record.on_spare_node:
+                await self._sleep_unless_deleted(self.settings.provisioning_delay)
             restarts = 0
             while not self.being_deleted:
                 await self._run_container()
@@ -167,6 +183,7 @@ class Pod:
         self._limit_cpu(self._process.pid)
         self.phase = PodPhase.RUNNING
         self.record.started.append(self._clock())
+        self.record.started_wall.append(time.time())
         self._events.targets_changed()
         probes = asyncio.ensure_future(self._probe())
         termination = asyncio.ensure_future(self._terminate_when_deleted())
@@ -249,6 +266,48 @@ class Pod:
         if self._cgroup is not None:
             with contextlib.suppress(OSError):
                 self._cgroup.rmdir()
+
+
+# "engine ready: 4 slots on 1 devices in 12.3s (load 1.2s, memory_plan 0.4s, trace_and_compile 9.1s, ...); 9
+# programs ... built in 9.1s, 9 compilation cache hits": the engine's start by phase (jax_engine.start).
+_ENGINE_READY = re.compile(
+    r"engine ready: .* in [\d.]+s \((?P<phases>[^)]*)\).* (?P<hits>\d+) compilation cache hits"
+)
+_PHASE = re.compile(r"(?P<name>[a-z_]+) (?P<seconds>[\d.]+)s")
+
+
+def warmup_phases(log_path: Path, started_wall: list[float]) -> list[dict[str, float]]:
+    """Each container start's warm-up from its log, in seconds: ``to_listening`` (the interpreter, the
+    imports, the gRPC and metrics servers bound), the engine's own phases (``load``, ``memory_plan``,
+    ``trace_and_compile``, ``schedules``, ``warm_up``), ``engine_to_serving`` (the health service set
+    SERVING) and the compilation cache hits (programs loaded instead of compiled)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    found: list[dict[str, float]] = []
+    current: dict[str, float] | None = None
+    engine_ready_at = 0.0
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or "time" not in entry:
+            continue
+        at = datetime.datetime.fromisoformat(entry["time"]).timestamp()
+        if entry.get("event") == "listening":
+            start = max((w for w in started_wall if w <= at), default=at)
+            current = {"to_listening": at - start}
+            found.append(current)
+        elif current is not None and (match := _ENGINE_READY.search(str(entry.get("message", "")))):
+            for phase in _PHASE.finditer(match.group("phases")):
+                current[phase.group("name")] = float(phase.group("seconds"))
+            current["compilation_cache_hits"] = float(match.group("hits"))
+            engine_ready_at = at
+        elif current is not None and entry.get("event") == "ready" and engine_ready_at:
+            current["engine_to_serving"] = max(0.0, at - engine_ready_at)
+    return found
 
 
 class PodEvents:

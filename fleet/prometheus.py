@@ -20,7 +20,17 @@ from fleet.ports import free_port
 
 
 class Prometheus:
-    def __init__(self, binary: str, work_dir: Path, job: str, namespace: str, scrape_interval: float) -> None:
+    def __init__(
+        self,
+        binary: str,
+        work_dir: Path,
+        job: str,
+        namespace: str,
+        scrape_interval: float,
+        rule_groups: tuple[dict[str, Any], ...] = (),
+    ) -> None:
+        """``rule_groups``: recording and alerting rule groups to evaluate (the chart's, time-compressed)."""
+        self._rule_groups = rule_groups
         self._binary = binary
         self._dir = work_dir
         self.job = job
@@ -46,6 +56,10 @@ class Prometheus:
                 }
             ],
         }
+        if self._rule_groups:
+            rules = self._dir / "rules.yml"
+            rules.write_text(json.dumps({"groups": list(self._rule_groups)}))  # JSON is YAML
+            config["rule_files"] = [str(rules)]
         (self._dir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.port = free_port()
         log = open(self._dir / "prometheus.log", "wb")  # noqa: SIM115 - lives as long as the process
@@ -100,16 +114,21 @@ class Prometheus:
 
 
 def pods_metric_query(metric: str, namespace: str, pods: list[str], window_seconds: float) -> str:
-    """What prometheus-adapter sends for the chart README's rule: ``metricsQuery:
-    avg_over_time(<<.Series>>{<<.LabelMatchers>>}[1m])``, the matchers naming the HPA's pods."""
+    """What prometheus-adapter sends for the chart README's rules, the matchers naming the HPA's pods:
+    ``avg_over_time(<<.Series>>{<<.LabelMatchers>>}[1m])`` for ``sdxl_load``, the latest sample
+    (``window_seconds`` 0) for ``sdxl_demand``."""
     pod_regex = "|".join(pods)
+    series = f'{metric}{{namespace="{namespace}",pod=~"{pod_regex}"}}'
+    if window_seconds <= 0:  # the rule for sdxl_demand: its latest sample (the server already averages)
+        return series
     window = f"{max(1, round(window_seconds * 1000))}ms"
-    return f'avg_over_time({metric}{{namespace="{namespace}",pod=~"{pod_regex}"}}[{window}])'
+    return f"avg_over_time({series}[{window}])"
 
 
 def external_metric_query(metric: str, namespace: str, job: str) -> str:
-    """The GMP External metric's series: the latest sample of ``sdxl_load`` per pod, selected by
-    namespace and job as the chart's selector does (``resource.labels.namespace``/``job``)."""
+    """An External metric's series: the latest sample of ``metric`` (one per pod, or the one recorded
+    ``sdxl_demand_with_headroom``), selected by namespace and job as the chart's selector does
+    (GMP's ``resource.labels.namespace``/``job``; prometheus-adapter's ``job`` within the namespace)."""
     return f'{metric}{{namespace="{namespace}",job="{job}"}}'
 
 

@@ -42,6 +42,10 @@ DEFAULT_OUT = REPO / "bench" / "results" / "autoscale"
 # The adapter rule in the chart README averages over [1m].
 ADAPTER_WINDOW_SECONDS = 60.0
 READY_TIMEOUT_SECONDS = 600.0
+# The server's --demand-window-seconds default, compressed with the rest; never below a second, where a
+# compressed scenario's few arrivals per window would make the signal mostly noise.
+DEMAND_WINDOW_SECONDS = 10.0
+MIN_DEMAND_WINDOW_SECONDS = 1.0
 
 
 def _tool(variable: str, fallback: str) -> str:
@@ -68,7 +72,7 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
     )
     prometheus = Prometheus(
         _tool("SDXL_PROMETHEUS", "prometheus"), work_dir / "prometheus", rendered.hpa.name, chart.NAMESPACE,
-        timings.scrape_interval * ts,
+        timings.scrape_interval * ts, _compressed(rendered.rule_groups, ts),
     )  # fmt: skip
     server_args = (
         "--model", scenario.model,
@@ -79,6 +83,7 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         "--max-queue", str(scenario.max_queue),
         "--drain-seconds", f"{timings.drain_seconds * ts:g}",
         "--max-connection-age-seconds", f"{timings.max_connection_age_seconds * ts:g}",
+        "--demand-window-seconds", f"{max(DEMAND_WINDOW_SECONDS * ts, MIN_DEMAND_WINDOW_SECONDS):g}",
         *scenario.server_args,
     )  # fmt: skip
     (work_dir / "pods").mkdir(parents=True, exist_ok=True)
@@ -101,16 +106,19 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         return time.monotonic() - base - offset["traffic"]
 
     cgroup_parent = make_cgroup_parent(f"{os.getpid()}") if scenario.cpu_limit is not None else None
-    fleet = Fleet(settings, dns, prometheus, clock, cgroup_parent)
+    fleet = Fleet(settings, dns, prometheus, clock, cgroup_parent, rendered.spare_nodes)
     autoscaler = Autoscaler(
-        rendered.hpa, fleet, prometheus, scenario.metric, scenario.sync_period_seconds * ts,
+        rendered.hpa, fleet, prometheus, scenario.sync_period_seconds * ts,
         ADAPTER_WINDOW_SECONDS * ts, ts, clock,
     )  # fmt: skip
     await dns.start()
     await prometheus.start()
     traffic: Traffic | None = None
     try:
+        # The first pods were placed before the run: they do not take the chart's spare nodes.
+        spares, fleet.spares_ready = fleet.spares_ready, 0
         fleet.scale(max(1, rendered.hpa.min_replicas))
+        fleet.spares_ready = spares
         await _wait_ready(fleet, len(fleet.active()), READY_TIMEOUT_SECONDS)
         target = grpc_target(dns)
         request = {"prompt": "a lighthouse at dusk", "steps": scenario.steps, **_size(scenario.resolution)}
@@ -151,6 +159,16 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
     (out_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     report.plot(result, out_dir / "report.png")
     return result
+
+
+def _compressed(groups: tuple[dict[str, Any], ...], time_scale: float) -> tuple[dict[str, Any], ...]:
+    """The chart's rule groups with their evaluation intervals compressed as the scrape interval is."""
+    return tuple(
+        {**g, "interval": f"{max(1, round(chart.parse_duration(g['interval']) * time_scale * 1000))}ms"}
+        if "interval" in g
+        else g
+        for g in groups
+    )
 
 
 def _shared_cache() -> Path:

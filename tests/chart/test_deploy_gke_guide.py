@@ -135,7 +135,7 @@ def test_the_hpa_metric_is_the_one_the_guide_checks(guide):
     assert hpa["spec"]["maxReplicas"] == int(guide["env"]["MAX_REPLICAS"])
     (metric,) = hpa["spec"]["metrics"]
     name = metric["external"]["metric"]["name"]
-    assert name == "prometheus.googleapis.com|sdxl_load|gauge"
+    assert name == "prometheus.googleapis.com|sdxl_demand_with_headroom|gauge"
     assert (
         metric["external"]["metric"]["selector"]["matchLabels"]["resource.labels.cluster"]
         == guide["env"]["CLUSTER"]

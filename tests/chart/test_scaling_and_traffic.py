@@ -27,8 +27,9 @@ def test_gmp_backend_scales_on_the_external_stackdriver_metric() -> None:
     hpa = one(manifests, "HorizontalPodAutoscaler")
     [metric] = hpa["spec"]["metrics"]
     assert metric["type"] == "External"
-    assert metric["external"]["metric"]["name"] == "prometheus.googleapis.com|sdxl_load|gauge"
-    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "0.8"}
+    # The default: demand with idle-slot headroom, one series recorded by the chart's rules.
+    assert metric["external"]["metric"]["name"] == "prometheus.googleapis.com|sdxl_demand_with_headroom|gauge"
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "0.7"}
     # The series are those that this release's PodMonitoring scrapes (GMP sets `job` to its name).
     selector = metric["external"]["metric"]["selector"]["matchLabels"]
     pod_monitoring = one(manifests, "PodMonitoring")
@@ -45,12 +46,14 @@ def test_gmp_selector_can_be_narrowed_to_one_cluster() -> None:
     assert selector["resource.labels.cluster"] == "prod-us-east5"
 
 
-def test_prometheus_adapter_backend_scales_on_the_pods_metric() -> None:
+def test_prometheus_adapter_backend_scales_on_the_recorded_external_metric() -> None:
     manifests = render_value_set("prometheus-adapter")
     [metric] = one(manifests, "HorizontalPodAutoscaler")["spec"]["metrics"]
-    assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == "sdxl_load"
-    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "0.8"}
+    # The default's recorded series through the README's external rule, selected by this release's job.
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == "sdxl_demand_with_headroom"
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "0.7"}
+    assert metric["external"]["metric"]["selector"]["matchLabels"] == {"job": "sdxl-test-sdxl-serve"}
     monitor = one(manifests, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     service = one(manifests, "Service", "sdxl-serve")

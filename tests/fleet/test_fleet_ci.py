@@ -5,8 +5,9 @@ and open-loop traffic through the project's client. Chart and controller duratio
 (the scenario says how); about 100 s on 2 cores.
 
 It asserts what CI can assert on a shared 2-core machine: the fleet scales up under a several-fold
-step, no accepted request is lost, and the scale-down removes pods with no failed request while they
-leave. Latency is not asserted here (docs/AUTOSCALING.md has the standard scenario's figures).
+step, the demand signal sizes it in one decision, no accepted request is lost, and the scale-down removes
+pods with no failed request while they leave. Latency is not asserted here (docs/AUTOSCALING.md has the
+standard scenario's figures).
 """
 
 from __future__ import annotations
@@ -50,11 +51,26 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_the_fleet_scales_up_under_the_step(report: dict) -> None:
-    assert report["hpa"]["metric_type"] == "Pods"  # read from the chart, prometheus-adapter backend
+    # Read from the chart (prometheus-adapter backend, headroom on): the recorded demand with headroom.
+    assert (report["hpa"]["metric_type"], report["hpa"]["metric_name"]) == (
+        "External",
+        "sdxl_demand_with_headroom",
+    )
     assert report["needed_replicas"] == 3
     assert report["max_desired_replicas"] == 3
     assert report["scale_up_seconds"] is not None, report["timeline"]["samples"]
     assert report["max_ready_replicas"] == 3
+
+
+def test_the_demand_signal_sizes_the_step_in_one_decision(report: dict) -> None:
+    # The step reads its full size at once: the first decision asks for the 3 pods it needs, never more.
+    assert report["step_decisions"][0][1] == 3, report["step_decisions"]
+    assert report["checks"]["sized_in_one_decision"]["ok"], report["checks"]
+    assert report["checks"]["replicas_within_need_plus_one"]["ok"], report["checks"]
+    # The demand the pods report follows the offered work (6.7x here), refused arrivals included.
+    signals = report["signals"]
+    before, during = signals["before_step"]["sdxl_demand_sum"], signals["step_until_ready"]["sdxl_demand_sum"]
+    assert during > 3 * before, signals
 
 
 def test_no_accepted_request_is_lost(report: dict) -> None:

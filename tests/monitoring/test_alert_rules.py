@@ -42,7 +42,7 @@ def test_both_backends_get_the_same_rules_and_every_alert_is_there() -> None:
 def test_promtool_accepts_the_rules(tmp_path) -> None:
     result = _promtool("check", "rules", str(write_rules(tmp_path / "rules.yaml", rule_groups())))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 def test_every_alert_fires_and_stays_silent_in_the_promtool_unit_tests(tmp_path) -> None:
@@ -73,7 +73,8 @@ def test_rules_follow_the_values(tmp_path) -> None:
     # No scraping object, no rules; and they can be turned off.
     for off in (
         {"metrics": {"backend": "none"}, "autoscaling": {"enabled": False}},
-        {"monitoring": {"rules": {"enabled": False}}},
+        # (idleSlots 0: the HPA's headroom series is a recording rule, so headroom needs the rules on)
+        {"monitoring": {"rules": {"enabled": False}}, "autoscaling": {"headroom": {"idleSlots": 0}}},
     ):
         kinds = {m["kind"] for m in render(off)}
         assert not kinds & {"Rules", "PrometheusRule"}, off

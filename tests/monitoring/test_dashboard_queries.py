@@ -123,7 +123,7 @@ def test_every_recording_rule_returns_data_and_every_rule_evaluates(prometheus) 
     for record in records:
         _wait_for_data(prometheus, f'{record}{{job="{JOB}"}}')
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
-    assert len(rules) == 12
+    assert len(rules) == 14  # 8 recording rules (2 for autoscaling on demand), 6 alerts
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
 
 

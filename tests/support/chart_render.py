@@ -146,8 +146,15 @@ def objects_of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
 
 
 def one(manifests: list[Manifest], kind: str, name_suffix: str = "") -> Manifest:
-    """The single object of `kind` (whose name ends with `name_suffix`, when given)."""
-    found = [m for m in objects_of_kind(manifests, kind) if m["metadata"]["name"].endswith(name_suffix)]
+    """The single object of `kind` (whose name ends with `name_suffix`, when given). Without a suffix the
+    headroom placeholders (`<fullname>-headroom`, a second Deployment) are not counted: the server's is
+    meant."""
+    found = [
+        m
+        for m in objects_of_kind(manifests, kind)
+        if m["metadata"]["name"].endswith(name_suffix)
+        and (name_suffix or not m["metadata"]["name"].endswith("-headroom"))
+    ]
     assert len(found) == 1, (
         f"expected one {kind}*{name_suffix}, found {[m['metadata']['name'] for m in found]}"
     )

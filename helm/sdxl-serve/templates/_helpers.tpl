@@ -143,7 +143,10 @@ names the value to fix.
 {{- required "auth.existingSecret is required when auth.enabled is true (the chart never holds the token itself)" $v.auth.existingSecret | trunc 0 }}
 {{- end }}
 {{- if and $v.autoscaling.enabled (eq $v.metrics.backend "none") }}
-{{- fail "autoscaling.enabled needs metrics.backend gmp or prometheus-adapter: the HPA scales on the sdxl_load metric" }}
+{{- fail "autoscaling.enabled needs metrics.backend gmp or prometheus-adapter: the HPA scales on the sdxl_demand or sdxl_load metric" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (eq $v.autoscaling.metric "demand") (gt (int $v.autoscaling.headroom.idleSlots) 0) (not $v.monitoring.rules.enabled) }}
+{{- fail "autoscaling.headroom.idleSlots needs monitoring.rules.enabled: a recording rule computes the HPA's sdxl_demand_with_headroom (or set idleSlots 0)" }}
 {{- end }}
 {{- if gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}

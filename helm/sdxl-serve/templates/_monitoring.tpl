@@ -38,8 +38,29 @@ job="{{ include "sdxl-serve.fullname" . }}", namespace="{{ .Release.Namespace }}
       expr: histogram_quantile(0.5, sum by (namespace, job, le) (rate(sdxl_request_duration_seconds_bucket{ {{- $sel }}, method=~"Generate|GenerateStream|CreateImage"}[5m])))
     - record: sdxl:load:avg
       expr: avg by (namespace, job) (sdxl_load{ {{- $sel -}} })
+    - record: sdxl:demand:sum
+      expr: sum by (namespace, job) (sdxl_demand{ {{- $sel -}} })
     - record: sdxl:queue_depth:sum
       expr: sum by (namespace, job) (sdxl_queue_depth{ {{- $sel -}} })
+{{- $a := .Values.autoscaling }}
+{{- if and $a.enabled (eq $a.metric "demand") (gt (float64 $a.headroom.idleSlots) 0.0) }}
+# What the HPA reads with autoscaling.headroom.idleSlots: ceil(this / targetDemand) replicas =
+# ceil(max(demand / target, demand + idle slots / slots per pod)). Evaluated as often as the pods are
+# scraped, so it lags the pods' own demand by at most one interval. No series while no pod serves (the HPA
+# then keeps its replicas).
+- name: sdxl-serve.autoscaling
+  interval: {{ .Values.metrics.interval }}
+  rules:
+    - record: sdxl_demand_with_headroom
+      expr: |-
+        (
+          sum by (namespace, job) (sdxl_demand{ {{- $sel -}} })
+          >=
+          {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} }))
+        )
+        or
+        {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} }))
+{{- end }}
 - name: sdxl-serve.alerts
   interval: {{ $rules.interval }}
   rules:
