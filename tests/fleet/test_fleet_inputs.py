@@ -3,6 +3,8 @@ and scenario files (every error names its field). Fast: no pods are started."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sdxl_client import RetryBudget
 
@@ -14,9 +16,13 @@ from fleet.scenario import LiveProfile, ScenarioError, parse
 def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior() -> None:
     rendered = chart.load({})
     hpa = rendered.hpa
-    assert (hpa.metric_type, hpa.metric_name) == ("External", "prometheus.googleapis.com|sdxl_load|gauge")
+    assert (hpa.metric_type, hpa.metric_name) == (
+        "External",
+        "prometheus.googleapis.com|sdxl_demand_with_headroom|gauge",
+    )
+    assert chart.series_name(hpa.metric_name) == "sdxl_demand_with_headroom"
     assert hpa.metric_selector["resource.labels.namespace"] == chart.NAMESPACE
-    assert hpa.target_average_milli == 800
+    assert hpa.target_average_milli == 700
     assert (hpa.min_replicas, hpa.max_replicas) == (1, 8)
     assert hpa.behavior is not None
     assert hpa.behavior.scale_down.stabilization_window_seconds == 600
@@ -29,11 +35,21 @@ def test_the_default_hpa_is_gmp_external_average_value_with_the_values_behavior(
     assert (pods.readiness_period, pods.pre_stop_sleep, pods.scrape_interval) == (5.0, 5.0, 15.0)
     assert pods.termination_grace > pods.drain_seconds + pods.pre_stop_sleep
     assert pods.per_pod_compilation_cache  # the chart's default cache is an emptyDir
+    # The headroom the fleet models: the recording rule its Prometheus evaluates, one spare node.
+    records = {r.get("record") for g in rendered.rule_groups for r in g["rules"]}
+    assert "sdxl_demand_with_headroom" in records
+    assert rendered.spare_nodes == 1
 
 
-def test_prometheus_adapter_renders_a_pods_metric() -> None:
-    hpa = chart.load({"metrics": {"backend": "prometheus-adapter"}, "autoscaling": {"targetLoad": 1.5}}).hpa
+def test_prometheus_adapter_renders_a_pods_metric_without_idle_slots() -> None:
+    adapter = {"metrics": {"backend": "prometheus-adapter"}}
+    hpa = chart.load({**adapter, "autoscaling": {"metric": "load", "targetLoad": 1.5}}).hpa
     assert (hpa.metric_type, hpa.metric_name, hpa.target_average_milli) == ("Pods", "sdxl_load", 1500)
+    hpa = chart.load({**adapter, "autoscaling": {"headroom": {"idleSlots": 0}}}).hpa
+    assert (hpa.metric_type, hpa.metric_name, hpa.target_average_milli) == ("Pods", "sdxl_demand", 700)
+    rendered = chart.load({**adapter, "autoscaling": {"headroom": {"spareNodes": 0}}})
+    assert (rendered.hpa.metric_type, rendered.hpa.metric_name) == ("External", "sdxl_demand_with_headroom")
+    assert rendered.spare_nodes == 0
 
 
 def test_a_partial_behavior_gets_the_api_servers_defaults() -> None:
@@ -123,3 +139,66 @@ def test_a_segment_held_until_pods_are_ready_ends_at_that_event() -> None:
     assert profile.rate(41) == 1 and profile.marks["scale_down"] == 41
     assert profile.ended(46)
     assert profile.end == 46
+
+
+def test_a_spare_node_is_taken_once_and_provisioned_again() -> None:
+    from fleet.fleet import Fleet
+    from fleet.pods import PodSettings
+
+    settings = PodSettings((), None, 0.0, 1.0, 1.0, 3, 0.0, 1.0)
+
+    async def scenario() -> list[bool | int]:
+        fleet = Fleet(settings, None, None, lambda: 0.0, None, spare_nodes=1)  # type: ignore[arg-type]
+        seen: list[bool | int] = [fleet._take_spare(), fleet._take_spare(), fleet.spares_ready]
+
+        async def provisioned() -> None:  # the replacement's provisioning (0 s here) completes
+            while fleet.spares_ready == 0:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(provisioned(), 10)
+        seen += [fleet.spares_ready, fleet._take_spare()]
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, 0, 1, True]
+
+
+def test_warmup_phases_are_read_from_the_pods_log(tmp_path) -> None:
+    import datetime
+    import json
+
+    from fleet.pods import warmup_phases
+
+    def line(at: float, **fields: str) -> str:
+        stamp = datetime.datetime.fromtimestamp(at, tz=datetime.UTC).isoformat(timespec="milliseconds")
+        return json.dumps({"time": stamp, **fields})
+
+    ready = (
+        "engine ready: 4 slots on 1 devices in 12.3s (load 1.2s, memory_plan 0.4s, trace_and_compile 9.1s, "
+        "schedules 0.0s, warm_up 1.0s); 9 programs (batch buckets 1/2/4 per device) built in 9.1s, 7 "
+        "compilation cache hits"
+    )
+    start = 1_000_000.0
+    log = tmp_path / "pod.log"
+    log.write_text(
+        "\n".join(
+            [
+                "not json: a library's own output",
+                line(start + 3.0, event="listening", message="listening; warming up"),
+                line(start + 15.0, message=ready),
+                line(start + 15.5, event="ready", message="ready"),
+            ]
+        )
+    )
+    [phases] = warmup_phases(log, [start])
+    assert phases == pytest.approx(
+        {
+            "to_listening": 3.0,
+            "load": 1.2,
+            "memory_plan": 0.4,
+            "trace_and_compile": 9.1,
+            "schedules": 0.0,
+            "warm_up": 1.0,
+            "compilation_cache_hits": 7.0,
+            "engine_to_serving": 0.5,
+        }
+    )
