@@ -18,12 +18,15 @@ from monitoring_helpers import JOB, NAMESPACE, debian_tool, rule_groups, write_r
 TARGET, IDLE_SLOTS, SLOTS = 0.7, 4, 4
 
 
-def _series(pods: list[float]) -> list[dict[str, str]]:
+def _series(pods: list[float], warming: int) -> list[dict[str, str]]:
     series = []
     for i, demand in enumerate(pods):
         labels = f'job="{JOB}", namespace="{NAMESPACE}", instance="10.0.0.{i + 1}:8000"'
         series.append({"series": f"sdxl_demand{{{labels}}}", "values": f"{demand}x10"})
         series.append({"series": f"sdxl_slots_total{{{labels}}}", "values": f"{SLOTS}x10"})
+    for i in range(warming):  # no demand sample yet, and no slots before the engine starts
+        labels = f'job="{JOB}", namespace="{NAMESPACE}", instance="10.0.1.{i + 1}:8000"'
+        series.append({"series": f"sdxl_slots_total{{{labels}}}", "values": "0x10"})
     return series
 
 
@@ -32,16 +35,17 @@ def _replicas(value: float) -> int:
 
 
 @pytest.mark.parametrize(
-    ("pods", "replicas"),
+    ("pods", "warming", "replicas"),
     [
-        ([0.6], 2),  # quiet: one pod's worth is 0.86 pods at the target; the idle pod makes it 2
-        ([2.4], 4),  # a step to 2.4 pods' worth on one pod: 3.43 at the target, 3.4 with the idle pod
-        ([0.8, 0.8, 0.8], 4),  # the same work spread over 3 pods reads the same
-        ([3.0, 3.0], 9),  # heavy: the target's share (8.57) is above demand + idle pod (7)
+        ([0.6], 0, 2),  # quiet: one pod's worth is 0.86 pods at the target; the idle pod makes it 2
+        ([2.4], 0, 4),  # a step to 2.4 pods' worth on one pod: 3.43 at the target, 3.4 with the idle pod
+        ([0.8, 0.8, 0.8], 0, 4),  # the same work spread over 3 pods reads the same
+        ([3.0, 3.0], 0, 9),  # heavy: the target's share (8.57) is above demand + idle pod (7)
+        ([2.4], 3, 4),  # pods warming up (0 slots) do not shrink the slots per pod: still one idle pod
     ],
 )
 def test_the_recorded_series_gives_the_larger_of_target_and_idle_slots(
-    tmp_path: pathlib.Path, pods: list[float], replicas: int
+    tmp_path: pathlib.Path, pods: list[float], warming: int, replicas: int
 ) -> None:
     demand = sum(pods)
     expected = max(demand, TARGET * (demand + IDLE_SLOTS / SLOTS))
@@ -53,7 +57,7 @@ def test_the_recorded_series_gives_the_larger_of_target_and_idle_slots(
         "tests": [
             {
                 "interval": "15s",
-                "input_series": _series(pods),
+                "input_series": _series(pods, warming),
                 "promql_expr_test": [
                     {
                         "expr": "sdxl_demand_with_headroom",

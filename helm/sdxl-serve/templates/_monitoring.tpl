@@ -47,7 +47,8 @@ job="{{ include "sdxl-serve.fullname" . }}", namespace="{{ .Release.Namespace }}
 # What the HPA reads with autoscaling.headroom.idleSlots: ceil(this / targetDemand) replicas =
 # ceil(max(demand / target, demand + idle slots / slots per pod)). Evaluated as often as the pods are
 # scraped, so it lags the pods' own demand by at most one interval. No series while no pod serves (the HPA
-# then keeps its replicas).
+# then keeps its replicas). Slots per pod average only pods that have slots: a warming pod reports 0, which
+# would shrink the average and so grow the idle pods, and with them the warming pods.
 - name: sdxl-serve.autoscaling
   interval: {{ .Values.metrics.interval }}
   rules:
@@ -56,10 +57,10 @@ job="{{ include "sdxl-serve.fullname" . }}", namespace="{{ .Release.Namespace }}
         (
           sum by (namespace, job) (sdxl_demand{ {{- $sel -}} })
           >=
-          {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} }))
+          {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} } > 0))
         )
         or
-        {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} }))
+        {{ $a.targetDemand }} * (sum by (namespace, job) (sdxl_demand{ {{- $sel -}} }) + {{ $a.headroom.idleSlots }} / avg by (namespace, job) (sdxl_slots_total{ {{- $sel -}} } > 0))
 {{- end }}
 - name: sdxl-serve.alerts
   interval: {{ $rules.interval }}
