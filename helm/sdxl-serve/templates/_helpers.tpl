@@ -139,6 +139,12 @@ names the value to fix.
 {{- if eq $v.compilationCache.type "pvc" }}
 {{- required "compilationCache.pvc.claimName is required when compilationCache.type is pvc" $v.compilationCache.pvc.claimName | trunc 0 }}
 {{- end }}
+{{- if eq $v.lora.source "gcsFuse" }}
+{{- required "lora.gcsFuse.bucket is required when lora.source is gcsFuse" $v.lora.gcsFuse.bucket | trunc 0 }}
+{{- end }}
+{{- if eq $v.lora.source "pvc" }}
+{{- required "lora.pvc.claimName is required when lora.source is pvc" $v.lora.pvc.claimName | trunc 0 }}
+{{- end }}
 {{- if $v.auth.enabled }}
 {{- required "auth.existingSecret is required when auth.enabled is true (the chart never holds the token itself)" $v.auth.existingSecret | trunc 0 }}
 {{- end }}
@@ -158,7 +164,7 @@ names the value to fix.
 
 {{/* Whether the pod mounts any GCS FUSE volume (it then needs the driver's sidecar annotation). */}}
 {{- define "sdxl-serve.usesGcsFuse" -}}
-{{- if or (eq .Values.model.source "gcsFuse") (eq .Values.compilationCache.type "gcsFuse") }}true{{ end }}
+{{- if or (eq .Values.model.source "gcsFuse") (eq .Values.compilationCache.type "gcsFuse") (eq .Values.lora.source "gcsFuse") }}true{{ end }}
 {{- end }}
 
 {{/* The compilation cache volume source (written by every replica, read on each start). */}}
