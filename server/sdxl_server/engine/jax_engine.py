@@ -69,6 +69,7 @@ from sdxl_server.request_rules import check_request
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("jax", "jaxlib", "flax", "diffusers", "transformers")
+_TOKENIZED_TEXTS = 1024  # texts whose token ids are kept (each 2 x 77 int32s)
 
 
 class _Phase(enum.Enum):
@@ -144,6 +145,10 @@ class JaxEngine:
         with _timed(phases, "schedules"):
             schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
         self._model, self._programs = model, programs
+        # Texts seen recently skip the tokenizers (8 Python CLIP tokenizer calls per request, under a lock
+        # and the GIL the step loop needs): a shared negative prompt, the empty one, a repeated prompt.
+        # The ids are only read (np.stack copies them), so sharing the cached arrays is safe.
+        self._tokenize = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(model.tokenize)
         self._slots = SlotTable(cfg.resolutions, mesh.size, cfg.slots_per_device)
         self._stats.set_slots_total(slots)
         self._device = DeviceClock(cfg.busy_window_seconds, on_error=self._fail)
@@ -339,8 +344,8 @@ class JaxEngine:
                 self._retry_after(),
             )
         tokenizing = time.perf_counter()
-        prompt_ids, prompt_truncated = self._model.tokenize(request.prompt)
-        negative_ids, _ = self._model.tokenize(request.negative_prompt)
+        prompt_ids, prompt_truncated = self._tokenize(request.prompt)
+        negative_ids, _ = self._tokenize(request.negative_prompt)
         unknown_words = self._model.unknown_words(request.prompt, request.negative_prompt)
         tokenize_seconds = time.perf_counter() - tokenizing
         tracked = TrackedRequest(

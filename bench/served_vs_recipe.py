@@ -1,0 +1,516 @@
+"""The served path against the engine in-process and the seed's recipe, in one run: what callers get.
+
+Same model (the bench-size SDXL of bench_model.py with its expensive VAE), same CPU devices, batch, size
+and steps on every side; the gRPC server is a real `sdxl-server serve` process and its client runs in a
+separate process (this file with --client), so that the client's CPU is not the server's. Measured:
+
+* saturation at 8 and 20 steps (256x256, 2 devices x 2 slots; the recipe's batch is 2 per device): the
+  recipe's images/s over whole batches, the in-process engine's and the served images/s with 2 x slots
+  requests kept in flight, between the slots-th and the last-slots-th finished image (the ramp-up and the
+  drain leave slots idle on any server); recipe, in-process and served alternate in rounds, and each ratio
+  is the median of the rounds' ratios (the machine is shared and its load drifts);
+* a lone request (128x128, 8 steps, a server with 4 slots on 1 device) against the recipe at batch 1 on
+  1 device: median latencies, client-observed, alternating blocks;
+* Poisson arrivals at 70% of the served capacity (128x128, steps 4..14): p50/p99 of a continuous and a
+  static server;
+* the prompt-embedding cache: a repeated prompt's Timings show no text encoding and its image is the
+  same bytes; in-process, the trace shows no encode;
+* the time budget (mean seconds per phase) of a lone and of a saturated request, served and in-process,
+  and the client's CPU per call.
+
+Prints tables, writes bench/results/served_vs_recipe.json. Goals (issue 21): saturated served >= 0.95x
+the recipe at 8 and 20 steps; lone <= 1.1x; continuous p99 <= 0.6x static's at 70% load, served.
+
+    .venv/bin/python bench/served_vs_recipe.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
+BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
+TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
+COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
+RESULTS = REPO / "bench" / "results" / "served_vs_recipe.json"
+DEVICES = 2
+SLOTS_PER_DEVICE = 2
+SATURATION_SIZE = (256, 256)
+SMALL_SIZE = (128, 128)
+LONE_SLOTS = 4
+GUIDANCE = 7.5
+STEP_MIX = (4, 12, 6, 10, 8, 14, 5, 9, 7, 11, 13)
+STEPS_PER_DISPATCH = 4  # as bench/engine_vs_recipe.py: a CPU dispatch's fixed cost is visible at 128x128
+PHASES = (
+    "admission",
+    "tokenize",
+    "text_encode",
+    "queue",
+    "denoise",
+    "decode",
+    "to_host",
+    "image_encode",
+    "total",
+)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def steady_rate(finished_at: list[float], edge: int) -> float:
+    """Images/s between the edge-th and the last-edge-th finish: every slot busy throughout."""
+    ordered = sorted(finished_at)
+    return (len(ordered) - 2 * edge) / (ordered[-edge - 1] - ordered[edge - 1])
+
+
+def prompt(i: int) -> str:
+    return f"a benchmark prompt number {i}"
+
+
+# ---- the client process (this file with --client): grpc.aio, images kept as bytes, never decoded
+
+
+async def _client(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc.aio
+    from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
+
+    width, height = spec["size"]
+    steps_of = spec["steps"]
+    results: list[dict[str, Any]] = []
+
+    def message(i: int) -> Any:
+        return sdxl_pb2.GenerateRequest(
+            prompt=spec.get("prompt") or prompt(spec["offset"] + i), seed=spec["offset"] + i, num_images=1,
+            steps=steps_of[i % len(steps_of)], guidance_scale=GUIDANCE, width=width, height=height,
+        )  # fmt: skip
+
+    async with grpc.aio.insecure_channel(spec["target"]) as channel:
+        stub = sdxl_pb2_grpc.ImageServiceStub(channel)
+
+        async def one(i: int) -> None:
+            sent = time.perf_counter()
+            response = await stub.Generate(message(i), timeout=900)
+            now = time.perf_counter()
+            t = response.timings
+            results.append(
+                {
+                    "i": i,
+                    "latency": now - sent,
+                    "finished_at": now,
+                    "phases": {p: getattr(t, f"{p}_seconds") for p in PHASES},
+                    "sha256": hashlib.sha256(response.images[0].data).hexdigest(),
+                    "bytes": len(response.images[0].data),
+                }
+            )
+
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        began = time.perf_counter()
+        count = spec["count"]
+        if spec["mode"] == "closed":
+            next_index = 0
+
+            async def worker() -> None:
+                nonlocal next_index
+                while next_index < count:
+                    i = next_index
+                    next_index += 1
+                    await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
+        else:  # open loop: Poisson arrivals at spec["rate"]
+            rng = np.random.default_rng(spec["seed"])
+            at, tasks = began, []
+            for i, gap in enumerate(rng.exponential(1 / spec["rate"], count)):
+                at += gap
+                if (delay := at - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {"began": began, "results": sorted(results, key=lambda r: r["i"]), "client_cpu_seconds": cpu}
+
+
+def client_run(target: str, **spec: Any) -> dict[str, Any]:
+    """Runs one load in a separate client process and returns what it measured."""
+    spec = {"target": target, "offset": 0, "seed": 0, "concurrency": 1, "mode": "closed", **spec}
+    done = subprocess.run(
+        [sys.executable, __file__, "--client", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3600,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"client failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- servers
+
+
+@contextlib.contextmanager
+def server(devices: int, slots_per_device: int, size: tuple[int, int], policy: str) -> Iterator[str]:
+    from sdxl_test_support.servers import RunningServer
+
+    args = [
+        "--model", str(BENCH_MODEL_DIR), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--resolutions", f"{size[0]}x{size[1]}", "--slots-per-device", str(slots_per_device),
+        "--max-queue", "1024", "--max-steps", "20", "--default-steps", "8", "--policy", policy,
+        "--steps-per-dispatch", str(STEPS_PER_DISPATCH), "--compilation-cache-dir", str(COMPILE_CACHE),
+    ]  # fmt: skip
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    running = RunningServer(args, env=env)
+    try:
+        running.wait_ready(timeout=1800)
+        yield running.target
+    finally:
+        running.terminate(timeout=120)
+
+
+def engine_config(devices: int, slots_per_device: int, size: tuple[int, int], policy: str = "continuous"):
+    from sdxl_server.engine import EngineConfig
+    from sdxl_server.engine.api import Resolution
+
+    return EngineConfig(
+        model=str(BENCH_MODEL_DIR), resolutions=(Resolution(*size),), slots_per_device=slots_per_device,
+        max_devices=devices, policy=policy, max_queue=1024, max_steps=20, default_steps=8,
+        compilation_cache_dir=str(COMPILE_CACHE), busy_window_seconds=600.0,
+        steps_per_dispatch=STEPS_PER_DISPATCH,
+    )  # fmt: skip
+
+
+# ---- the engine in this process
+
+
+class InProcess:
+    """Submits requests to a JaxEngine in this process and records each one's Finished."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def run(self, count: int, steps: int, size: tuple[int, int], concurrency: int, offset: int = 0):
+        from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution
+
+        lock = threading.Condition()
+        results: list[dict[str, Any]] = []
+        failures: list[Any] = []
+
+        def submit(i: int) -> None:
+            sent = time.perf_counter()
+
+            def listener(event: object) -> None:
+                if isinstance(event, Finished | Failed):
+                    with lock:
+                        now = time.perf_counter()
+                        if isinstance(event, Failed):
+                            failures.append(event)
+                        else:
+                            phases = {p: getattr(event, f"{p}_seconds") for p in PHASES if p != "admission"}
+                            results.append(
+                                {"i": i, "latency": now - sent, "finished_at": now, "phases": phases}
+                            )
+                        lock.notify_all()
+
+            request = GenerationRequest(
+                request_id=f"in-process-{offset + i}", prompt=prompt(offset + i), negative_prompt="",
+                seed=offset + i, num_images=1, steps=steps, guidance_scale=GUIDANCE,
+                resolution=Resolution(*size),
+            )  # fmt: skip
+            self.engine.submit(request, listener)
+
+        submitted = 0
+        with lock:
+            while len(results) + len(failures) < count:
+                while submitted < count and submitted - len(results) - len(failures) < concurrency:
+                    lock.release()
+                    try:
+                        submit(submitted)
+                    finally:
+                        lock.acquire()
+                    submitted += 1
+                lock.wait()
+        if failures:
+            raise RuntimeError(f"in-process requests failed: {failures[:3]}")
+        return {"results": sorted(results, key=lambda r: r["i"])}
+
+
+def recipe_rate(recipe: Any, batches: int, steps: int, size: tuple[int, int]) -> float:
+    per_device = SLOTS_PER_DEVICE
+    recipe.generate(["warm-up"] * per_device, "", 0, steps, GUIDANCE, size[1], size[0])
+    began = time.perf_counter()
+    for b in range(batches):
+        prompts = [prompt(b * per_device + i) for i in range(per_device)]
+        recipe.generate(prompts, "", b, steps, GUIDANCE, size[1], size[0])
+    return batches * per_device * len(recipe.devices) / (time.perf_counter() - began)
+
+
+def mean_phases(results: list[dict[str, Any]]) -> dict[str, float]:
+    keys = results[0]["phases"].keys()
+    return {k: float(statistics.mean(r["phases"][k] for r in results)) for k in keys}
+
+
+# ---- the run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fewer requests and rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="saturation rounds (default 2; 1 quick)")
+    parser.add_argument(
+        "--parts",
+        default="saturation,lone,poisson",
+        help="which parts to run (saturation, lone, poisson); the JSON is written after each",
+    )
+    args = parser.parse_args()
+    if args.client:
+        print(json.dumps(asyncio.run(_client(json.loads(args.client)))))
+        return
+
+    import jax
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+
+    from bench.bench_model import ensure_bench_model
+
+    silence_library_noise()
+    if jax.local_device_count() < DEVICES:
+        raise SystemExit(
+            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
+        )
+    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    rounds = args.rounds or (1 if args.quick else 2)
+    batches = 3 if args.quick else 5
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {DEVICES} x {jax.devices()[0].device_kind}",
+        "load_average_before": load_before,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+    parts = set(args.parts.split(","))
+
+    def save() -> None:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({**result, "load_average_now": os.getloadavg()}, indent=2) + "\n")
+
+    if "saturation" in parts:
+        saturate(result, rounds, batches)
+        save()
+    if "lone" in parts:
+        lone(result, args.quick)
+        save()
+    if "poisson" in parts:
+        poisson_70(result, args.quick)
+        save()
+    report(result)
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+def saturate(result: dict[str, Any], rounds: int, batches: int) -> None:
+    """Saturation at 8 and 20 steps: recipe, in-process, served, alternating in rounds."""
+    from sdxl_server.engine import JaxEngine
+
+    from bench.seed_recipe import SeedRecipe
+
+    slots = DEVICES * SLOTS_PER_DEVICE
+    images = batches * slots
+    say("loading the recipe and starting the in-process engine and the server (256x256, 2 x 2 slots)")
+    recipe = SeedRecipe(str(BENCH_MODEL_DIR), DEVICES)
+    engine = JaxEngine(engine_config(DEVICES, SLOTS_PER_DEVICE, SATURATION_SIZE))
+    engine.start()
+    in_process = InProcess(engine)
+    saturation: dict[str, Any] = {}
+    with server(DEVICES, SLOTS_PER_DEVICE, SATURATION_SIZE, "continuous") as target:
+        client_run(target, size=SATURATION_SIZE, steps=[8], count=slots, concurrency=slots, offset=90_000)
+        in_process.run(slots, 8, SATURATION_SIZE, slots, offset=90_000)
+        for steps in (8, 20):
+            per_round = []
+            for r in range(rounds):
+                theirs = recipe_rate(recipe, batches, steps, SATURATION_SIZE)
+                ours = in_process.run(images, steps, SATURATION_SIZE, 2 * slots, offset=r * images)
+                served = client_run(
+                    target, size=SATURATION_SIZE, steps=[steps], count=images, concurrency=2 * slots,
+                    offset=r * images,
+                )  # fmt: skip
+                ours_rate = steady_rate([x["finished_at"] for x in ours["results"]], slots)
+                served_rate = steady_rate([x["finished_at"] for x in served["results"]], slots)
+                per_round.append(
+                    {
+                        "recipe": theirs, "in_process": ours_rate, "served": served_rate,
+                        "served_budget": mean_phases(served["results"]),
+                        "in_process_budget": mean_phases(ours["results"]),
+                        "client_cpu_per_call": served["client_cpu_seconds"] / images,
+                    }
+                )  # fmt: skip
+                say(
+                    f"{steps} steps round {r}: recipe {theirs:.3f}/s, in-process {ours_rate:.3f}/s, "
+                    f"served {served_rate:.3f}/s"
+                )
+            saturation[str(steps)] = {
+                "rounds": per_round,
+                "served_over_recipe": statistics.median(x["served"] / x["recipe"] for x in per_round),
+                "in_process_over_recipe": statistics.median(x["in_process"] / x["recipe"] for x in per_round),
+                "served_over_in_process": statistics.median(x["served"] / x["in_process"] for x in per_round),
+            }
+    engine.stop()
+    result["saturation"] = saturation
+
+
+def lone(result: dict[str, Any], quick: bool) -> None:
+    """A lone request against the recipe at batch 1, and the prompt-embedding cache."""
+    from sdxl_server.engine import JaxEngine
+    from sdxl_server.engine.event_trace import TraceKind
+
+    from bench.seed_recipe import SeedRecipe
+
+    say("lone request: 4 slots on 1 device, 128x128, 8 steps")
+    solo = SeedRecipe(str(BENCH_MODEL_DIR), 1)
+    solo.generate(["warm-up"], "", 0, 8, GUIDANCE, SMALL_SIZE[1], SMALL_SIZE[0])
+    lone_engine = JaxEngine(engine_config(1, LONE_SLOTS, SMALL_SIZE))
+    lone_engine.start()
+    lone_in_process = InProcess(lone_engine)
+    blocks = 2 if quick else 4
+    theirs_s: list[float] = []
+    served_lone: list[dict[str, Any]] = []
+    ours_lone: list[dict[str, Any]] = []
+    with server(1, LONE_SLOTS, SMALL_SIZE, "continuous") as target:
+        client_run(target, size=SMALL_SIZE, steps=[8], count=2, offset=80_000)  # warm
+        lone_in_process.run(2, 8, SMALL_SIZE, 1, offset=80_000)
+        for b in range(blocks):
+            for i in range(3):
+                began = time.perf_counter()
+                solo.generate([prompt(b * 3 + i)], "", b * 3 + i, 8, GUIDANCE, SMALL_SIZE[1], SMALL_SIZE[0])
+                theirs_s.append(time.perf_counter() - began)
+            served_lone += client_run(target, size=SMALL_SIZE, steps=[8], count=3, offset=1000 + b * 3)[
+                "results"
+            ]
+            ours_lone += lone_in_process.run(3, 8, SMALL_SIZE, 1, offset=2000 + b * 3)["results"]
+        # The cache: a prompt not asked before, then the same prompt and seed again.
+        twice = {"size": SMALL_SIZE, "steps": [8], "count": 1, "prompt": "a prompt asked twice", "offset": 5}
+        first = client_run(target, **twice)["results"][0]
+        again = client_run(target, **twice)["results"][0]
+    miss = lone_in_process.run(1, 8, SMALL_SIZE, 1, offset=777)
+    hit = lone_in_process.run(1, 8, SMALL_SIZE, 1, offset=777)
+    encodes = [e.request_id for e in lone_engine.trace() if e.kind is TraceKind.ENCODE]
+    lone_engine.stop()
+    served_median = statistics.median(r["latency"] for r in served_lone)
+    recipe_median = statistics.median(theirs_s)
+    in_process_median = statistics.median(r["latency"] for r in ours_lone)
+    result["lone"] = {
+        "recipe_seconds": theirs_s, "served_seconds": [r["latency"] for r in served_lone],
+        "in_process_seconds": [r["latency"] for r in ours_lone],
+        "served_over_recipe": served_median / recipe_median,
+        "in_process_over_recipe": in_process_median / recipe_median,
+        "served_budget": mean_phases(served_lone), "in_process_budget": mean_phases(ours_lone),
+    }  # fmt: skip
+    result["prompt_cache"] = {
+        "served_first_text_encode_seconds": first["phases"]["text_encode"],
+        "served_repeat_text_encode_seconds": again["phases"]["text_encode"],
+        "served_same_image_bytes": first["sha256"] == again["sha256"],
+        "in_process_encodes_of_the_miss": encodes.count("in-process-777"),
+        "in_process_repeat_text_encode_seconds": hit["results"][0]["phases"]["text_encode"],
+        "in_process_first_text_encode_seconds": miss["results"][0]["phases"]["text_encode"],
+    }  # fmt: skip
+
+
+def poisson_70(result: dict[str, Any], quick: bool) -> None:
+    """Poisson arrivals at 70% of the served capacity, continuous against static, served."""
+    slots = DEVICES * SLOTS_PER_DEVICE
+    requests = 30 if quick else 60
+    poisson: dict[str, Any] = {}
+    for policy in ("continuous", "static"):
+        with server(DEVICES, SLOTS_PER_DEVICE, SMALL_SIZE, policy) as target:
+            client_run(target, size=SMALL_SIZE, steps=[8], count=slots, concurrency=slots, offset=70_000)
+            if policy == "continuous":
+                capacity_run = client_run(
+                    target, size=SMALL_SIZE, steps=list(STEP_MIX), count=3 * slots * 2,
+                    concurrency=2 * slots, offset=60_000,
+                )  # fmt: skip
+                capacity = steady_rate([x["finished_at"] for x in capacity_run["results"]], slots)
+                poisson["capacity_images_per_second"] = capacity
+            rate = 0.7 * poisson["capacity_images_per_second"]
+            run = client_run(
+                target,
+                size=SMALL_SIZE,
+                steps=list(STEP_MIX),
+                count=requests,
+                mode="open",
+                rate=rate,
+                seed=3,
+            )
+            latencies = np.array([r["latency"] for r in run["results"]])
+            poisson[policy] = {
+                "offered_per_second": rate,
+                "p50": float(np.percentile(latencies, 50)),
+                "p99": float(np.percentile(latencies, 99)),
+            }
+            say(f"Poisson 70% {policy}: p50 {poisson[policy]['p50']:.2f}s p99 {poisson[policy]['p99']:.2f}s")
+    poisson["continuous_p99_over_static"] = poisson["continuous"]["p99"] / poisson["static"]["p99"]
+    result["poisson_70"] = poisson
+
+
+def report(result: dict[str, Any]) -> None:
+    print(f"\nmachine {result['machine']}; load average before {result['load_average_before'][0]:.1f}")
+    print(f"{'measure':<52}{'ratio':>8}  goal")
+    saturation = result.get("saturation", {})
+    for steps, s in saturation.items():
+        print(f"{f'saturated served / recipe, {steps} steps':<52}{s['served_over_recipe']:>8.3f}  >= 0.95")
+        print(f"{f'saturated in-process / recipe, {steps} steps':<52}{s['in_process_over_recipe']:>8.3f}")
+        print(f"{f'saturated served / in-process, {steps} steps':<52}{s['served_over_in_process']:>8.3f}")
+    rows = []
+    if "lone" in result:
+        lone = result["lone"]
+        print(f"{'lone served / recipe batch 1':<52}{lone['served_over_recipe']:>8.3f}  <= 1.1")
+        print(f"{'lone in-process / recipe batch 1':<52}{lone['in_process_over_recipe']:>8.3f}")
+        rows = [("lone served", lone["served_budget"]), ("lone in-process", lone["in_process_budget"])]
+    if "poisson_70" in result:
+        ratio = result["poisson_70"]["continuous_p99_over_static"]
+        print(f"{'Poisson 70%: continuous p99 / static p99, served':<52}{ratio:>8.3f}  <= 0.6")
+    if "prompt_cache" in result:
+        cache = result["prompt_cache"]
+        print(
+            f"prompt cache: served repeat text_encode {cache['served_repeat_text_encode_seconds']:.4f}s "
+            f"(first {cache['served_first_text_encode_seconds']:.4f}s), same image bytes "
+            f"{cache['served_same_image_bytes']}; in-process encodes of the repeated prompt "
+            f"{cache['in_process_encodes_of_the_miss']}"
+        )
+    for steps, s in saturation.items():
+        last = s["rounds"][-1]
+        rows += [(f"saturated {steps} steps served", last["served_budget"])]
+        rows += [(f"saturated {steps} steps in-process", last["in_process_budget"])]
+    print(f"\ntime budget, mean seconds per request ({', '.join(PHASES)})")
+    print(f"{'':<34}" + "".join(f"{p[:9]:>10}" for p in PHASES))
+    for label, budget in rows:
+        print(f"{label:<34}" + "".join(f"{budget.get(p, float('nan')):>10.4f}" for p in PHASES))
+    for steps, s in saturation.items():
+        print(f"client CPU per call, {steps} steps: {1000 * s['rounds'][-1]['client_cpu_per_call']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
