@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
 
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
@@ -218,10 +219,19 @@ def plan_memory(
     max_steps: int,
     attention: str,
     memory_fraction: float,
+    memory: DeviceMemory | None = None,
 ) -> MemoryPlan:
-    """Compiles the probe programs from shapes and returns the plan (nothing is placed on a device)."""
+    """Compiles the probe programs from shapes for `devices[0]` and returns the plan (nothing is placed
+    on a device). `devices` may be a described TPU topology's (`sdxl-server compile`), with `memory` the
+    chip's, as its devices report no memory statistics; by default the devices' own memory.
+
+    The probes go through JAX's persistent compilation cache when one is enabled, so a pod whose cache
+    already holds them (from an earlier start on the same platform) loads them."""
     platform = devices[0].platform
-    abstract = functools.partial(jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+    on_device = SingleDeviceSharding(devices[0])
+    abstract = functools.partial(
+        jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device)
+    )
     text_params = {
         "text_encoder": model.params["text_encoder"],
         "text_encoder_2": model.params["text_encoder_2"],
@@ -232,7 +242,7 @@ def plan_memory(
     plan = MemoryPlan(
         params_bytes=tree_bytes(model.params),
         needs=(),
-        memory=device_memory(devices),
+        memory=memory or device_memory(devices),
         memory_fraction=memory_fraction,
         temp_factor=CPU_TEMP_FACTOR if platform == "cpu" else 1.0,
         attention=attention,
@@ -240,12 +250,12 @@ def plan_memory(
     with attention_kernel(attention, platform):
         for resolution in resolutions:  # the steps first: the usual reason not to fit, found soonest
             h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
-            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
+            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32, sharding=on_device)
             step = jax.jit(functools.partial(_guided_unet, model)).lower(
                 unet_params,
-                _rows(latents, GUIDED_ROWS),
-                _rows(embeds, GUIDED_ROWS),
-                _rows(pooled, GUIDED_ROWS),
+                _rows(latents, GUIDED_ROWS, on_device),
+                _rows(embeds, GUIDED_ROWS, on_device),
+                _rows(pooled, GUIDED_ROWS, on_device),
             )
             needs = ResolutionNeeds(
                 resolution,
@@ -262,7 +272,7 @@ def plan_memory(
                 needs.resolution.height // model.vae_scale_factor,
                 needs.resolution.width // model.vae_scale_factor,
             )
-            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32)
+            latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32, sharding=on_device)
             decode = jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents)
             with_decodes.append(dataclasses.replace(needs, decode_temp_bytes=_temp_bytes(decode.compile())))
     return dataclasses.replace(plan, needs=tuple(with_decodes))
@@ -275,8 +285,8 @@ GUIDED_ROWS = 2
 _TABLES_PER_STEP = 8
 
 
-def _rows(spec: Any, rows: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((rows, *spec.shape[1:]), spec.dtype)
+def _rows(spec: Any, rows: int, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((rows, *spec.shape[1:]), spec.dtype, sharding=sharding)
 
 
 def _guided_unet(model: LoadedModel, unet_params: Any, sample: Any, embeds: Any, pooled: Any) -> Any:
