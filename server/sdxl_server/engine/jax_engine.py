@@ -276,7 +276,7 @@ class JaxEngine:
         return EngineInfo(
             model=cfg.model,
             limits=self.limits(),
-            slots=cfg.slots_per_device * devices,
+            slots=max(cfg.slots_per_device, 0) * devices,  # `auto` (negative) is decided at start
             devices=devices,
             device_kind=jax.local_devices()[0].device_kind,
             policy=cfg.policy,
