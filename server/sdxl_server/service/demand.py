@@ -14,9 +14,10 @@ A pod that takes exactly what it can serve reads 1.0; a step to 2.4x its capacit
 also one refused for a full queue or an unreachable deadline: that is work the fleet was asked for.
 A retry carries the request id of its first attempt: it counts once per window on each pod it reaches,
 not once per attempt (a retry budget of 30 attempts would otherwise read as 30x the demand).
-The step time is the engine's recent measure, which is smaller when few slots are busy (a smaller batch
-runs faster), so at low load demand reads below the full-batch figure: it errs toward fewer pods only
-where there is room.
+The step time is that of a full batch (``FullBatchSteps``): the engine's recent step time follows the
+occupancy (fewer busy slots run a smaller, faster program), and with it a pod at 75% of its slots would
+price its work at 75% and demand would fall as pods are added; the fleet harness showed the sum of
+demand over three pods reading 1.3-1.5 for 2.4 pods' worth.
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def demand(
     return slot_seconds / window_seconds / slots
 
 
+class FullBatchSteps:
+    """The step time of a full batch, per resolution: what an image-step costs a pod at its capacity.
+
+    Taken from the engine's first measurement (its warm-up times a full bank of every resolution before
+    any traffic) and again whenever every slot is busy, when the recent step time is a full batch's.
+    """
+
+    def __init__(self) -> None:
+        self._by_resolution: dict[str, float] = {}
+        self._overall = 0.0
+
+    def update(self, stats: EngineStats) -> None:
+        saturated = stats.slots_total > 0 and stats.slots_busy >= stats.slots_total
+        for resolution, seconds in stats.step_seconds_by_resolution.items():
+            if seconds > 0 and (saturated or resolution not in self._by_resolution):
+                self._by_resolution[resolution] = seconds
+        if stats.step_seconds_ewma > 0 and (saturated or self._overall == 0):
+            self._overall = stats.step_seconds_ewma
+
+    @property
+    def by_resolution(self) -> Mapping[str, float]:
+        return self._by_resolution
+
+    @property
+    def overall(self) -> float:
+        return self._overall
+
+
 class DemandMeter:
     """Arrivals are recorded from the event loop's thread (Admission.check); ``value`` is read by the
     metrics collector at scrape time from the metrics server's thread: both take no lock, because
@@ -69,6 +98,7 @@ class DemandMeter:
         self._clock = clock
         self._arrivals: collections.deque[Arrival] = collections.deque()
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # request id -> when
+        self._full_batch = FullBatchSteps()
 
     def arrived(self, request: GenerationRequest) -> None:
         """One validated request reached the admission checks (whatever they decide)."""
@@ -84,14 +114,16 @@ class DemandMeter:
         self._arrivals.append(Arrival(now, steps, str(request.resolution)))
 
     def value(self, stats: EngineStats) -> float:
-        """``sdxl_demand`` now, with the engine's measured step times and slots from ``stats``."""
+        """``sdxl_demand`` now, with the full-batch step times learnt from ``stats`` (and its slots).
+        Called from one thread (the metrics collector's), which alone updates the step times."""
+        self._full_batch.update(stats)
         start = self._clock() - self.window_seconds
         recent = [a for a in list(self._arrivals) if a.at >= start]
         return demand(
             recent,
             self.window_seconds,
-            stats.step_seconds_by_resolution,
-            stats.step_seconds_ewma,
+            self._full_batch.by_resolution,
+            self._full_batch.overall,
             stats.slots_total,
         )
 

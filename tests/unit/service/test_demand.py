@@ -6,6 +6,8 @@ is 1.0 pod, 12 images/s is 2.4 pods, whatever its queue does with them. A fake c
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sdxl_server.engine.api import EngineStats, GenerationRequest, Resolution
 from sdxl_server.server_settings import ConfigError, parse_serve_config
@@ -130,3 +132,17 @@ def test_the_window_must_be_positive_and_the_setting_names_itself() -> None:
     assert parse_serve_config(["--demand-window-seconds", "2.5"], env={}).demand_window_seconds == 2.5
     with pytest.raises(ConfigError, match="--demand-window-seconds: must be positive"):
         parse_serve_config(["--demand-window-seconds", "0"], env={})
+
+
+def test_a_partly_busy_pod_prices_its_work_at_the_full_batchs_step_time() -> None:
+    # Warm-up measured a full bank at 0.1 s; with one slot of four busy the engine's recent step takes
+    # 0.05 s, which would halve the demand of the same arrivals; a saturated pod's 0.12 s replaces it.
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    assert meter.value(_stats(step_seconds=0.1)) == 0.0  # the first measurement: the warm-up's full bank
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    quiet = _stats(step_seconds=0.05)
+    assert meter.value(quiet) == pytest.approx(1.0)
+    full = dataclasses.replace(_stats(step_seconds=0.12), slots_busy=4)
+    assert meter.value(full) == pytest.approx(1.2)
+    assert meter.value(quiet) == pytest.approx(1.2)
