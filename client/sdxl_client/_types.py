@@ -168,6 +168,7 @@ class GenerateResult:
     timings: Timings
     prompt_truncated: bool
     unknown_words: tuple[str, ...] = ()
+    sampler: str = ""  # the sampler that ran ("euler", "ddim", "dpmpp_2m", "lcm"); "" from an older server
 
     @classmethod
     def from_proto(cls, response: sdxl_pb2.GenerateResponse) -> GenerateResult:
@@ -180,6 +181,7 @@ class GenerateResult:
             timings=Timings.from_proto(response.timings),
             prompt_truncated=response.prompt_truncated,
             unknown_words=tuple(response.unknown_words),
+            sampler=_enum_name(sdxl_pb2.Sampler, response.sampler),
         )
 
 
@@ -216,6 +218,7 @@ class Done:
     prompt_truncated: bool
     num_images: int
     unknown_words: tuple[str, ...] = ()  # see GenerateResult.unknown_words
+    sampler: str = ""  # see GenerateResult.sampler
 
 
 StreamEvent: TypeAlias = Queued | Progress | GeneratedImage | Done
@@ -242,6 +245,7 @@ def stream_event_from_proto(event: sdxl_pb2.GenerateEvent) -> StreamEvent | None
             prompt_truncated=done.prompt_truncated,
             num_images=done.num_images,
             unknown_words=tuple(done.unknown_words),
+            sampler=_enum_name(sdxl_pb2.Sampler, done.sampler),
         )
     return None
 
@@ -279,6 +283,9 @@ class ServerInfo:
     max_queue: int
     formats: tuple[ImageFormat, ...]
     versions: dict[str, str]
+    # The model's recipe: what a request that names no sampler or spacing gets ("" from an older server).
+    default_sampler: str = ""
+    default_timestep_spacing: str = ""
 
     @classmethod
     def from_proto(cls, info: sdxl_pb2.ServerInfo) -> ServerInfo:
@@ -301,6 +308,8 @@ class ServerInfo:
             max_queue=info.max_queue,
             formats=tuple(ImageFormat(f) for f in info.formats if f in _KNOWN_FORMATS),
             versions=dict(info.versions),
+            default_sampler=_enum_name(sdxl_pb2.Sampler, info.default_sampler),
+            default_timestep_spacing=_enum_name(sdxl_pb2.TimestepSpacing, info.default_timestep_spacing),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -313,3 +322,8 @@ class ServerInfo:
 
 
 _KNOWN_FORMATS = {f.value for f in ImageFormat}
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """An API enum value as the lower-case name requests use ("dpmpp_2m"); "" for unspecified."""
+    return "" if value == 0 else str(enum.Name(value)).lower()

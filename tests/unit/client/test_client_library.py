@@ -384,3 +384,25 @@ def test_client_is_importable_without_jax_or_the_server():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_results_and_server_info_name_the_sampler_and_recipe_as_requests_do():
+    from sdxl_client._types import GenerateResult, ServerInfo
+
+    response = sdxl_pb2.GenerateResponse(request_id="r", sampler=sdxl_pb2.DPMPP_2M)
+    assert GenerateResult.from_proto(response).sampler == "dpmpp_2m"
+    info = ServerInfo.from_proto(
+        sdxl_pb2.ServerInfo(default_sampler=sdxl_pb2.LCM, default_timestep_spacing=sdxl_pb2.TRAILING)
+    )
+    assert (info.default_sampler, info.default_timestep_spacing) == ("lcm", "trailing")
+    assert ServerInfo.from_proto(sdxl_pb2.ServerInfo()).default_sampler == ""  # an older server
+
+
+def test_guidance_zero_is_sent_and_none_is_not():
+    assert build_generate_request("a cat", guidance_scale=0.0).HasField("guidance_scale")
+    assert not build_generate_request("a cat").HasField("guidance_scale")
+    request = build_generate_request(
+        "a cat", sampler="dpmpp_2m", guidance_interval=(0.0, 0.4), timesteps=[999, 499]
+    )
+    assert (request.sampler, list(request.timesteps)) == (sdxl_pb2.DPMPP_2M, [999, 499])
+    assert request.guidance_interval.end == pytest.approx(0.4)
