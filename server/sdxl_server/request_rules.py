@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 from sdxl_server.engine.api import GenerationRequest, ImageFormat, InvalidRequestError, Limits, Resolution
+from sdxl_server.engine.sampling.choices import LCM_ORIGINAL_STEPS, TAKES_TIMESTEPS
 
 # The API's seed is a uint64 (proto ``optional uint64 seed``); image i of a request uses seed + i, so the
 # last image's seed must fit as well.
@@ -155,10 +156,16 @@ def sampling_violations(request: GenerationRequest, limits: Limits) -> list[Fiel
         if spacing:
             reject("timestep_spacing", "not allowed together with explicit timesteps")
         reject_timesteps = timesteps_problem(request.timesteps, request.steps, limits)
+        if sampler in SAMPLERS and sampler not in TAKES_TIMESTEPS:
+            takes = " or ".join(sorted(TAKES_TIMESTEPS))
+            reject_timesteps = f"the {sampler} sampler takes none (it steps by a fixed stride); use {takes}"
         if reject_timesteps is not None:
             reject("timesteps", reject_timesteps)
     elif spacing == "" and usable == ():
-        pass  # a sampler with a schedule of its own (LCM) takes no spacing
+        # A sampler with a schedule of its own (LCM) takes no spacing; LCM picks its steps from the
+        # 50-step schedule it was distilled on.
+        if request.steps > LCM_ORIGINAL_STEPS:
+            reject("steps", f"the {sampler} sampler runs at most {LCM_ORIGINAL_STEPS} steps")
     elif spacing not in SPACINGS:
         reject("timestep_spacing", f"{spacing!r}: unknown spacing; use one of {', '.join(SPACINGS)}")
     elif usable is not None and spacing not in usable:

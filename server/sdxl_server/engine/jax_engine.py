@@ -53,7 +53,6 @@ from sdxl_server.engine.device import xla_cache as compile_cache
 from sdxl_server.engine.device.attention import attention_kernel
 from sdxl_server.engine.device.memory_plan import fit_to_memory
 from sdxl_server.engine.device.mesh import make_mesh
-from sdxl_server.engine.device.noise_schedule import ScheduleBook
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
 from sdxl_server.engine.device.programs import ProgramSet, Rearrangement, build_programs
 from sdxl_server.engine.device_clock import DeviceClock
@@ -61,6 +60,8 @@ from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
 from sdxl_server.engine.image_workers import ImageWorkers
 from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
 from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.engine.sampling.book import TableBook
+from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS
 from sdxl_server.engine.settings import EngineConfig
 from sdxl_server.engine.stats import LoopStatistics, LoopView, StatsBoard
 from sdxl_server.engine.step_loop import StepLoop
@@ -143,7 +144,11 @@ class JaxEngine:
         self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
         self.programs_loaded = saved.hits  # whole executables, no tracing (e.g. from `sdxl-server compile`)
         with _timed(phases, "schedules"):
-            schedules = ScheduleBook(model.pipeline.scheduler, model.scheduler_state, cfg.max_steps)
+            schedules = TableBook(
+                model.pipeline.scheduler.config,
+                np.asarray(model.scheduler_state.common.alphas_cumprod),
+                cfg.max_steps,
+            )
         self._model, self._programs = model, programs
         # Texts seen recently skip the tokenizers (8 Python CLIP tokenizer calls per request, under a lock
         # and the GIL the step loop needs): a shared negative prompt, the empty one, a repeated prompt.
@@ -302,19 +307,13 @@ class JaxEngine:
             max_queue=cfg.max_queue,
             default_sampler=cfg.default_sampler,
             default_timestep_spacing=cfg.default_timestep_spacing,
-            samplers=self._samplers(),
+            samplers=dict(SAMPLER_SPACINGS),  # engine/sampling/ tabulates each of them
+            accepts_timesteps=True,  # for the samplers in sampling.choices.TAKES_TIMESTEPS
             train_timesteps=self._train_timesteps(),
             max_loras_per_request=cfg.max_loras_per_request if cfg.lora_dir else 0,
             min_lora_scale=cfg.min_lora_scale,
             max_lora_scale=cfg.max_lora_scale,
         )
-
-    def _samplers(self) -> dict[str, tuple[str, ...]]:
-        """What the step loop can run: today Euler with the model's own spacing (noise_schedule.py).
-        engine/sampling/ widens this to every sampler and spacing it tabulates."""
-        if self._model is None:
-            return {"euler": (self.config.default_timestep_spacing,)}
-        return {"euler": (str(self._model.pipeline.scheduler.config.timestep_spacing),)}
 
     def _train_timesteps(self) -> int:
         if self._model is None:

@@ -11,7 +11,7 @@ applied here with the compiled programs, in this order:
    `rearrange` program per bank that changed);
 3. admit: queued images enter free slots (any free slot with the continuous policy, a whole new batch
    with the static one) at the end of the least-loaded device's block: the request's prompts are encoded
-   once and `insert` writes the slot's latents, embeddings and schedule on the device;
+   once and `insert` writes the slot's latents, embeddings and step tables (engine/sampling/) on the device;
 4. decode: a bank's held images are decoded, in the smallest compiled batch that holds them, when
    waiting longer cannot fill more devices or fewer images are queued than there are slots
    (decode_hold.py); the pixels go to the image workers (image_workers.py), which copy only the real
@@ -65,12 +65,12 @@ from sdxl_server.engine.batching.boundary_plan import (
 )
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
-from sdxl_server.engine.device.noise_schedule import ScheduleBook
 from sdxl_server.engine.device.programs import Bank, ProgramSet, Rearrangement, SlotUpdate
 from sdxl_server.engine.device_clock import DeviceClock
 from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
 from sdxl_server.engine.image_workers import DecodedBatch, ImageWorkers
 from sdxl_server.engine.prompt_cache import PromptCache
+from sdxl_server.engine.sampling.book import TableBook
 from sdxl_server.engine.settings import EngineConfig
 from sdxl_server.engine.stats import LoopStatistics, LoopView, StatsBoard
 
@@ -85,7 +85,7 @@ class StepLoop:
         *,
         config: EngineConfig,
         programs: ProgramSet,
-        schedules: ScheduleBook,
+        schedules: TableBook,
         slots: SlotTable,
         queue: AdmissionQueue,
         device: DeviceClock,
@@ -231,7 +231,8 @@ class StepLoop:
         if request.first_step_at is None:
             request.first_step_at = now
         embeds, pooled = request.embeddings
-        schedule = self._schedules.get(item.steps)
+        asked = request.request
+        schedule = self._schedules.get(asked.sampler, asked.timestep_spacing, item.steps, asked.timesteps)
         update = SlotUpdate(
             slot=np.int32(admission.slot),
             seed=np.uint32(item.seed % 2**32),  # what PRNGKey(seed) keeps of a 64-bit seed

@@ -111,7 +111,8 @@ def lcm(steps: int, explicit: tuple[int, ...] = ()) -> tuple[np.ndarray, float, 
             if i == len(timesteps) - 1:
                 return denoised
             a_next = acp[timesteps[i + 1]]
-            seeds, steps_done = jnp.array([seed], jnp.uint32), jnp.array([i], jnp.int32)
+            # The slot's key is PRNGKey(seed), which keeps the seed's low 32 bits (as the engine's slot does).
+            seeds, steps_done = jnp.array([seed % 2**32], jnp.uint32), jnp.array([i], jnp.int32)
             z = np.asarray(step_noise(seeds, steps_done, x.shape[1:]))
             x = np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * z
         return x

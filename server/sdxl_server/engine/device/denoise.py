@@ -2,8 +2,9 @@
 
 It follows `FlaxStableDiffusionXLPipeline._generate` operation for operation, so that one image equals
 the pipeline's (the engine's correctness oracle); the sampler's part (input scaling and the update) is
-sampler_step.py's. Every slot carries its own per-step tables and step counter: slots at different steps
-share one call, and a slot that is done or empty is left unchanged.
+engine/sampling/update.py's, the same arithmetic for every sampler. Every slot carries its own per-step
+tables and step counter: slots at different steps or samplers share one call, and a slot that is done or
+empty is left unchanged.
 
 Rows, not slots: at each step a slot takes two UNet rows when it is guided (its unconditional and
 conditional rows, next to each other) and one, the conditional row, when it is not (guidance <= 1, or
@@ -23,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.device import sampler_step
 from sdxl_server.engine.models.loader import LoadedModel
+from sdxl_server.engine.sampling import update as sampler_update
 
 
 class SlotState(NamedTuple):
@@ -37,8 +38,8 @@ class SlotState(NamedTuple):
     guided_from: Any  # int32[S]: steps guided_from <= i < guided_until run with guidance (two rows)
     guided_until: Any  # int32[S]
     timesteps: Any  # int32[S, max_steps]: what the UNet sees at step i
-    coefficients: Any  # float32[S, max_steps, len(sampler_step.COEFFICIENTS)]: the sampler's table
-    history: Any  # float32[S, C, h/8, w/8]: what the sampler keeps between steps (sampler_step.py)
+    coefficients: Any  # float32[S, max_steps, len(sampler_update.COEFFICIENTS)]: the sampler's table
+    history: Any  # float32[S, C, h/8, w/8]: what the sampler keeps between steps (the previous x0)
     seed: Any  # uint32[S]: the slot's own key, for samplers that draw noise at each step
     num_steps: Any  # int32[S]; 0 marks a slot that holds no image
     step: Any  # int32[S]: steps done; the slot is active while step < num_steps
@@ -100,7 +101,7 @@ def denoise_step(
     layout = row_layout(rows, row_count)
     source, conditional = layout.slot_of_row, layout.conditional.astype(jnp.int32)
 
-    scaled = sampler_step.scale_model_input(coefficients, latents)
+    scaled = sampler_update.scale_model_input(coefficients, latents)
     embeds = state.prompt_embeds[source, conditional]
     pooled = state.pooled[source, conditional]
     h, w = resolution.height, resolution.width
@@ -118,7 +119,9 @@ def denoise_step(
     guided_prediction = uncond + guidance * (cond - uncond)
     model_output = jnp.where(per_slot(guided, latents), guided_prediction, cond)
 
-    stepped, history = sampler_step.update(coefficients, latents, model_output, state.history)
+    stepped, history = sampler_update.update(
+        coefficients, latents, model_output, state.history, state.seed, state.step
+    )
     keep = per_slot(active, latents)
     return state._replace(
         latents=jnp.where(keep, stepped, latents),

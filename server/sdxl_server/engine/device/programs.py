@@ -29,11 +29,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes
-from sdxl_server.engine.device import sampler_step
 from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
 from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
 from sdxl_server.engine.device.program_cache import ProgramCache
 from sdxl_server.engine.models.loader import LoadedModel
+from sdxl_server.engine.sampling import update as sampler_update
 
 # Two rows per encode call: the negative prompt (the unconditional row) and the prompt.
 ENCODE_ROWS = 2
@@ -54,7 +54,7 @@ class SlotUpdate(NamedTuple):
     guided_from: Any  # int32: the first guided step (guidance_rows.guided_steps)
     guided_until: Any  # int32: the step after the last guided one
     timesteps: Any  # int32[max_steps]
-    coefficients: Any  # float32[max_steps, len(sampler_step.COEFFICIENTS)]
+    coefficients: Any  # float32[max_steps, len(sampler_update.COEFFICIENTS)]
     num_steps: Any  # int32
     init_noise_sigma: Any  # float32
 
@@ -230,7 +230,7 @@ def build_programs(
             guided_until=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             timesteps=jax.ShapeDtypeStruct((max_steps,), jnp.int32, sharding=rep),
             coefficients=jax.ShapeDtypeStruct(
-                (max_steps, len(sampler_step.COEFFICIENTS)), jnp.float32, sharding=rep
+                (max_steps, len(sampler_update.COEFFICIENTS)), jnp.float32, sharding=rep
             ),
             num_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             init_noise_sigma=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
@@ -331,7 +331,7 @@ def _bank_shapes(
         guided_from=shape((slots,), jnp.int32),
         guided_until=shape((slots,), jnp.int32),
         timesteps=shape((slots, max_steps), jnp.int32),
-        coefficients=shape((slots, max_steps, len(sampler_step.COEFFICIENTS)), jnp.float32),
+        coefficients=shape((slots, max_steps, len(sampler_update.COEFFICIENTS)), jnp.float32),
         history=shape(latent_shape, jnp.float32),
         seed=shape((slots,), jnp.uint32),
         num_steps=shape((slots,), jnp.int32),
