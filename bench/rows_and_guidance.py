@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, ImageReady, Resolution  # noqa: E402
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
+from sdxl_server.service.request_conversion import default_spacing  # noqa: E402
 
 from bench.bench_model import ensure_bench_model  # noqa: E402
 from bench.seed_recipe import SeedRecipe  # noqa: E402
@@ -74,6 +75,7 @@ class Kind:
     guidance: float
     interval: tuple[float, float] = (0.0, 1.0)
     sampler: str = "euler"
+    spacing: str = "leading"  # "" for a sampler with a schedule of its own (LCM)
 
 
 def engine_config() -> EngineConfig:
@@ -142,6 +144,7 @@ def request(i: int, kind: Kind) -> GenerationRequest:
         resolution=RESOLUTION,
         guidance_interval=kind.interval,
         sampler=kind.sampler,
+        timestep_spacing=kind.spacing,
     )
 
 
@@ -244,15 +247,17 @@ def main() -> None:
     say("starting the engine (compiles every row bucket's step program on a cold cache)")
     engine = JaxEngine(engine_config())
     engine.start()
-    few_sampler = "lcm" if "lcm" in engine.limits().samplers else "euler"
+    limits = engine.limits()
+    few_sampler = "lcm" if "lcm" in limits.samplers else "euler"
+    few_spacing = default_spacing(few_sampler, limits)
     n = args.images
     kinds = {
         "guided": [Kind("guided", STEPS, GUIDANCE)] * n,
         "unguided": [Kind("unguided", STEPS, 0.0)] * n,
         "interval": [Kind("interval", STEPS, GUIDANCE, (0.0, 0.4))] * n,
-        "few-step": [Kind("few-step", FEW_STEPS, 0.0, sampler=few_sampler)] * n,
+        "few-step": [Kind("few-step", FEW_STEPS, 0.0, sampler=few_sampler, spacing=few_spacing)] * n,
         "mix": [
-            Kind("few-step", FEW_STEPS, 0.0, sampler=few_sampler)
+            Kind("few-step", FEW_STEPS, 0.0, sampler=few_sampler, spacing=few_spacing)
             if i % 2 == 0
             else Kind("guided", STEPS, GUIDANCE)
             for i in range(n)
