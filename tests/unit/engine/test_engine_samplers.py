@@ -82,6 +82,8 @@ def oracle(tiny_model_dir, engine):  # after the engine: it turns the persistent
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
             ).sample
             uncond, cond = np.split(np.asarray(out, np.float64), 2)
+            if guidance <= 1:  # no classifier-free guidance: the conditional prediction (diffusers' rule)
+                return cond
             return uncond + guidance * (cond - uncond)
 
         latents = run_reference(noise * init_noise_sigma, model, seed)
