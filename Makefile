@@ -40,8 +40,8 @@ test: install $(TEST_PREREQS)
 	$(PY) -m pytest
 
 lint: install
-	$(PY) -m ruff check client server tests bench tools
-	$(PY) -m ruff format --check client server tests bench tools
+	$(PY) -m ruff check client server tests bench tools fleet
+	$(PY) -m ruff format --check client server tests bench tools fleet
 	$(PY) -m mypy
 
 # Extra serve flags: make run ARGS="--http-port 8080 --port 50061" (make's own options come before ARGS).
