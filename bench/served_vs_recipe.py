@@ -56,7 +56,6 @@ COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "
 RESULTS = REPO / "bench" / "results" / "served_vs_recipe.json"
 DEVICES = 2
 SLOTS_PER_DEVICE = 2
-SATURATION_SIZE = (256, 256)
 SMALL_SIZE = (128, 128)
 LONE_SLOTS = 4
 GUIDANCE = 7.5
@@ -288,6 +287,9 @@ def main() -> None:
         default="saturation,lone,poisson",
         help="which parts to run (saturation, lone, poisson); the JSON is written after each",
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--saturation-size", default="256x256", help="WxH of the saturation part")
+    parser.add_argument("--saturation-steps", default="8,20", help="step counts of the saturation part")
     args = parser.parse_args()
     if args.client:
         print(json.dumps(asyncio.run(_client(json.loads(args.client)))))
@@ -316,11 +318,13 @@ def main() -> None:
     parts = set(args.parts.split(","))
 
     def save() -> None:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({**result, "load_average_now": os.getloadavg()}, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**result, "load_average_now": os.getloadavg()}, indent=2) + "\n")
 
     if "saturation" in parts:
-        saturate(result, rounds, batches)
+        size = tuple(int(v) for v in args.saturation_size.split("x"))
+        steps_list = [int(v) for v in args.saturation_steps.split(",")]
+        saturate(result, rounds, batches, (size[0], size[1]), steps_list)
         save()
     if "lone" in parts:
         lone(result, args.quick)
@@ -329,10 +333,12 @@ def main() -> None:
         poisson_70(result, args.quick)
         save()
     report(result)
-    print(f"wrote {RESULTS.relative_to(REPO)}")
+    print(f"wrote {args.out}")
 
 
-def saturate(result: dict[str, Any], rounds: int, batches: int) -> None:
+def saturate(
+    result: dict[str, Any], rounds: int, batches: int, size: tuple[int, int], steps_list: list[int]
+) -> None:
     """Saturation at 8 and 20 steps: recipe, in-process, served, alternating in rounds."""
     from sdxl_server.engine import JaxEngine
 
@@ -340,22 +346,22 @@ def saturate(result: dict[str, Any], rounds: int, batches: int) -> None:
 
     slots = DEVICES * SLOTS_PER_DEVICE
     images = batches * slots
-    say("loading the recipe and starting the in-process engine and the server (256x256, 2 x 2 slots)")
+    say(f"starting the recipe, the in-process engine and the server ({size[0]}x{size[1]}, 2 x 2 slots)")
     recipe = SeedRecipe(str(BENCH_MODEL_DIR), DEVICES)
-    engine = JaxEngine(engine_config(DEVICES, SLOTS_PER_DEVICE, SATURATION_SIZE))
+    engine = JaxEngine(engine_config(DEVICES, SLOTS_PER_DEVICE, size))
     engine.start()
     in_process = InProcess(engine)
     saturation: dict[str, Any] = {}
-    with server(DEVICES, SLOTS_PER_DEVICE, SATURATION_SIZE, "continuous") as target:
-        client_run(target, size=SATURATION_SIZE, steps=[8], count=slots, concurrency=slots, offset=90_000)
-        in_process.run(slots, 8, SATURATION_SIZE, slots, offset=90_000)
-        for steps in (8, 20):
+    with server(DEVICES, SLOTS_PER_DEVICE, size, "continuous") as target:
+        client_run(target, size=size, steps=[8], count=slots, concurrency=slots, offset=90_000)
+        in_process.run(slots, 8, size, slots, offset=90_000)
+        for steps in steps_list:
             per_round = []
             for r in range(rounds):
-                theirs = recipe_rate(recipe, batches, steps, SATURATION_SIZE)
-                ours = in_process.run(images, steps, SATURATION_SIZE, 2 * slots, offset=r * images)
+                theirs = recipe_rate(recipe, batches, steps, size)
+                ours = in_process.run(images, steps, size, 2 * slots, offset=r * images)
                 served = client_run(
-                    target, size=SATURATION_SIZE, steps=[steps], count=images, concurrency=2 * slots,
+                    target, size=size, steps=[steps], count=images, concurrency=2 * slots,
                     offset=r * images,
                 )  # fmt: skip
                 ours_rate = steady_rate([x["finished_at"] for x in ours["results"]], slots)
