@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 
 from sdxl_server.engine.api import GenerationRequest, ImageFormat, InvalidRequestError, Limits, Resolution
-from sdxl_server.engine.sampling.choices import LCM_ORIGINAL_STEPS, TAKES_TIMESTEPS
+from sdxl_server.engine.sampling.choices import LCM_ORIGINAL_STEPS, SAMPLERS, SPACINGS, TAKES_TIMESTEPS
 
 # The API's seed is a uint64 (proto ``optional uint64 seed``); image i of a request uses seed + i, so the
 # last image's seed must fit as well.
@@ -36,8 +36,6 @@ MIN_QUALITY, MAX_QUALITY = 1, 100
 RESOLUTION_MULTIPLE = 8
 # Every sampler and timestep spacing the API names (diffusers' names); which of them a server runs, and
 # which spacings each sampler can use, is in its Limits.
-SAMPLERS = ("euler", "ddim", "dpmpp_2m", "lcm")
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclasses.dataclass(frozen=True)

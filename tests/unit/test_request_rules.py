@@ -153,3 +153,15 @@ def test_the_default_format_and_quality_pass_the_rules() -> None:
     request = to_generation_request(sdxl_pb2.GenerateRequest(prompt="a cat"), LIMITS, None)
     assert (request.image_format, request.quality) == (ImageFormat.PNG, 90)
     assert request_violations(request, LIMITS) == []
+
+
+def test_the_rules_import_first_in_a_fresh_interpreter() -> None:
+    """The doors import the rules before anything of the engine: no import cycle through the engine's
+    settings (which name the samplers) may break that."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sdxl_server.request_rules"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

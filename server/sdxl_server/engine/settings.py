@@ -16,7 +16,7 @@ from sdxl_server import request_rules
 from sdxl_server.engine.adapters.fuse_spec import FusedLora, fused_lora_problem, parse_fused_loras
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.models.model_source import DEFAULT_TINY_MODEL_DIR
-from sdxl_server.request_rules import SAMPLERS, SPACINGS
+from sdxl_server.engine.sampling.choices import SAMPLERS, SPACINGS
 from sdxl_server.settable import described, setting
 
 POLICIES = ("continuous", "static")
