@@ -161,7 +161,6 @@ def test_the_rules_import_first_in_a_fresh_interpreter() -> None:
     import subprocess
     import sys
 
-    done = subprocess.run(
-        [sys.executable, "-c", "import sdxl_server.request_rules"], capture_output=True, text=True, timeout=120
-    )
+    command = [sys.executable, "-c", "import sdxl_server.request_rules"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
