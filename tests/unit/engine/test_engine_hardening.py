@@ -7,13 +7,16 @@ import random
 import string
 import threading
 
+import numpy as np
 import pytest
 from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, request
-from sdxl_server.engine.batching.admission_queue import AdmissionQueue
 from sdxl_server.engine.api import Failed, QueueFullError
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue
+from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.engine.models.loader import readable_prefix
 from sdxl_server.engine.stats import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS, StatsBoard
-from sdxl_server.engine.batching.tracked_request import TrackedRequest
+
+_NO_TOKENS = np.zeros((2, 2, 4), np.int32)  # token ids the queue never reads; they key the prompt cache
 
 
 def test_a_huge_prompt_reaches_the_tokenizer_as_a_bounded_prefix_with_the_same_ids(engine):
@@ -90,7 +93,8 @@ def test_queued_images_are_judged_once_when_the_loop_retires_them():
     board = StatsBoard(slots_total=1)
     queue = AdmissionQueue(max_images=8, board=board)
     tracked = [
-        TrackedRequest(request(f"q{i}", num_images=2), lambda _: None, None, True, 0.0) for i in range(3)
+        TrackedRequest(request(f"q{i}", num_images=2), lambda _: None, _NO_TOKENS, True, 0.0)
+        for i in range(3)
     ]
     for item in tracked:
         queue.put(item, lambda: 1.0, lambda _: None)
