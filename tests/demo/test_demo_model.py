@@ -27,7 +27,7 @@ from sdxl_server.engine.models.shapes import Judgement
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-DEFAULT_GUIDANCE = 0.0  # the server's default
+DEFAULT_GUIDANCE = None  # unset: the server's default (0 now means no guidance)
 NO_GUIDANCE = 1.0
 SEED = 1000
 # For the negative prompt: a pair that training did show, with the background left open, so that the
