@@ -12,8 +12,8 @@ import ssl
 
 from aiohttp import web
 
-from sdxl_server.service.http.images_api import ImagesApi
 from sdxl_server.service.grpc_server import BindError
+from sdxl_server.service.http.images_api import ImagesApi
 
 
 class HttpServer:
