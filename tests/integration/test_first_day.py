@@ -129,12 +129,16 @@ def test_the_readme_python_examples_run_and_draw_what_they_ask(demo, tmp_path, m
 
 
 def test_make_run_passes_args_to_the_server():
+    # Under `make test` this runs inside make: without its MAKE* variables and with --no-print-directory, the
+    # sub-make prints no "Entering/Leaving directory" lines around the command.
+    outside_make = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-n", "run", "ARGS=--http-port 8080 --port 50061"],
+        ["make", "--no-print-directory", "-n", "run", "ARGS=--http-port 8080 --port 50061"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env=outside_make,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].endswith(
