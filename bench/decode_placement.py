@@ -24,6 +24,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import json
 
 import jax
+import numpy as np
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.device.denoise import decode_latents
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise
@@ -56,12 +57,14 @@ def main() -> None:
         return programs.steps[(1, 2)](params["unet"], bank.slots)  # 2 UNet rows: one guided image
 
     figures = {
-        "spmd_decode_1": best(lambda: programs.decode[1](params["vae"], bank.held)),
-        "spmd_decode_2": best(lambda: programs.decode[2](params["vae"], bank.held)),
+        "spmd_decode_1": best(lambda: programs.decode[1](params["vae"], bank.held, np.int32(0))),
+        "spmd_decode_2": best(lambda: programs.decode[2](params["vae"], bank.held, np.int32(0))),
         "one_device_decode_1": best(lambda: decode_here(vae_here, held_here, 1)),
         "one_device_decode_2": best(lambda: decode_here(vae_here, held_here, 2)),
         "spmd_step_1": best(step),
-        "spmd_decode_1_then_step": best(lambda: (programs.decode[1](params["vae"], bank.held), step())),
+        "spmd_decode_1_then_step": best(
+            lambda: (programs.decode[1](params["vae"], bank.held, np.int32(0)), step())
+        ),
         "one_device_decode_1_then_step": best(lambda: (decode_here(vae_here, held_here, 1), step())),
     }
     engine.stop()

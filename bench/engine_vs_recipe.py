@@ -302,7 +302,7 @@ def cost_ratio(engine: JaxEngine) -> dict:
         for b in programs.row_buckets
     }
     step = by_bucket[2]  # one guided image
-    decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held))
+    decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held, np.int32(0)))
     largest = max(by_bucket)
     return {
         "guided_step_seconds": step,

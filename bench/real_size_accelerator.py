@@ -100,6 +100,7 @@ def measure_engine(
 ) -> dict:
     """One engine with `busy` slots on one device: program times and FLOPs, images/s, MFU, memory."""
     import jax
+    import numpy as np
     from sdxl_server.engine import EngineConfig, JaxEngine
 
     began = time.perf_counter()
@@ -125,10 +126,14 @@ def measure_engine(
     params = engine.compiled_programs().params
     bank = programs.empty_bank
     # One step of every slot: the largest single-step program (its UNet rows: two per guided image).
-    step, decode = programs.steps[max(key for key in programs.steps if key[0] == 1)], programs.decode[busy]
+    # The largest decode the memory plan allowed (max_decode_batch), scaled per image below.
+    decode_images = max(programs.decode)
+    step = programs.steps[max(key for key in programs.steps if key[0] == 1)]
+    decode = programs.decode[decode_images]
     step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))
-    decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held))
-    step_flops, decode_flops = flops_of(step), flops_of(decode)
+    decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held, np.int32(0)))
+    decode_seconds *= busy / decode_images
+    step_flops, decode_flops = flops_of(step), flops_of(decode) * busy / decode_images
     rates = [
         engine_images_per_second(engine, busy, args.waves, args.steps, resolution)
         for _ in range(args.repeats)

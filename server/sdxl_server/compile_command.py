@@ -63,7 +63,17 @@ def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str
     parser.add_argument(
         "--slots-per-device",
         **serve_default("SLOTS_PER_DEVICE"),
-        help="batch slots per chip [$SDXL_SLOTS_PER_DEVICE]",
+        help="batch slots per chip, or auto: the most the memory plan fits [$SDXL_SLOTS_PER_DEVICE]",
+    )
+    parser.add_argument(
+        "--max-decode-batch",
+        **serve_default("MAX_DECODE_BATCH", "auto"),
+        help="images per VAE decode call per chip, or auto: the most that fit [auto]",
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        **serve_default("MEMORY_FRACTION", "0.9"),
+        help="share of the chip's HBM the memory plan may fill, as serve's [0.9]",
     )
     parser.add_argument(
         "--steps-per-dispatch", **serve_default("STEPS_PER_DISPATCH", "1"), help="as serve's [1]"
@@ -119,23 +129,35 @@ def run_compile(args: argparse.Namespace) -> int:
         return _refuse(
             "--programs and --cache-dir: a partial cache would leave the server compiling the rest"
         )
+    from sdxl_server.engine.settings import parse_count_or_auto
+
     numbers = {}
-    for flag in ("slots_per_device", "steps_per_dispatch", "max_steps", "max_devices"):
+    for flag in ("slots_per_device", "max_decode_batch", "steps_per_dispatch", "max_steps", "max_devices"):
         text = str(getattr(args, flag))
         if flag == "max_devices" and not text:
             continue
-        if flag == "slots_per_device" and text == "auto":
-            return _refuse(
-                "--slots-per-device auto: the server decides it at start from the device's memory; compile "
-                "for the number it chooses (its log's memory plan line, or the `fits` of this command's runs)"
-            )
+        if flag in ("slots_per_device", "max_decode_batch"):  # serve's parser: a count or auto
+            try:
+                numbers[flag] = parse_count_or_auto(text)
+            except ValueError as error:
+                return _refuse(f"--{flag.replace('_', '-')}: {error}")
+            if numbers[flag] == 0:
+                return _refuse(f"--{flag.replace('_', '-')}: must be at least 1, or auto")
+            continue
         if not text.isdigit() or int(text) < 1:
             return _refuse(f"--{flag.replace('_', '-')}: must be a whole number >= 1 (got {text!r})")
         numbers[flag] = int(text)
+    try:
+        args.memory_fraction = float(args.memory_fraction)
+    except ValueError:
+        return _refuse(f"--memory-fraction: {args.memory_fraction!r} is not a number")
+    if not 0 < args.memory_fraction <= 1:
+        return _refuse("--memory-fraction: must be within (0, 1]")
     args.slots_per_device, args.steps_per_dispatch = (
         numbers["slots_per_device"],
         numbers["steps_per_dispatch"],
     )
+    args.max_decode_batch = numbers["max_decode_batch"]
     args.max_steps, args.max_devices = numbers["max_steps"], numbers.get("max_devices")
     args.model_configs = args.model_configs or None
     from sdxl_server.engine.device.ahead_of_time import allow_libtpu_without_a_tpu
@@ -148,7 +170,6 @@ def run_compile(args: argparse.Namespace) -> int:
         ProgramReport,
         TopologyUnavailable,
         abstract_model,
-        compile_for_topology,
         describe,
         topology_devices,
     )
@@ -167,7 +188,29 @@ def run_compile(args: argparse.Namespace) -> int:
         # The whole row as JSON as soon as it exists: a real SDXL takes minutes per program here.
         print(f"compiled {json.dumps(dataclasses.asdict(program))}", file=sys.stderr, flush=True)
 
-    report = compile_for_topology(
+    from sdxl_server.engine.device.memory_plan import MemoryPlanError
+
+    try:
+        report = _compile(args, model, resolutions, attention, progress)
+    except MemoryPlanError as error:  # what a pod would refuse at start, in its one line
+        sys.stderr.write(f"sdxl-server compile: --{error.field.replace('_', '-')}: {error.message}\n")
+        return 1
+    print(describe(report), flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    if args.cache_dir:
+        print(f"executables written into the program cache under {args.cache_dir}", flush=True)
+    return 0 if report.fits else 1
+
+
+def _compile(
+    args: argparse.Namespace, model: Any, resolutions: tuple[Resolution, ...], attention: str, progress: Any
+) -> Any:
+    from sdxl_server.engine.device.ahead_of_time import compile_for_topology
+
+    return compile_for_topology(
         args.topology,
         model,
         args.model,
@@ -182,15 +225,9 @@ def run_compile(args: argparse.Namespace) -> int:
         progress=progress,
         programs=args.programs,
         seed_images=args.seed_images,
+        max_decode_batch=args.max_decode_batch,
+        memory_fraction=args.memory_fraction,
     )
-    print(describe(report), flush=True)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
-    if args.cache_dir:
-        print(f"executables written into the program cache under {args.cache_dir}", flush=True)
-    return 0 if report.fits else 1
 
 
 def _refuse(message: str) -> int:

@@ -32,7 +32,10 @@ ACCEPTED: dict[str, dict[str, Any]] = {
         "server": {"defaultSampler": "lcm", "defaultTimestepSpacing": "trailing", "defaultGuidanceScale": 0}
     },
     # The memory plan's settings: slots decided at start, the share of memory, the attention.
-    "memory-plan": {"server": {"slotsPerDevice": "auto", "memoryFraction": 0.5, "attention": "flash"}},
+    "memory-plan": {
+        "server": {"slotsPerDevice": "auto", "maxDecodeBatch": "auto", "memoryFraction": 0.5, "attention": "flash"}
+    },
+    "decode-batch": {"server": {"slotsPerDevice": 4, "maxDecodeBatch": 1}},
     "smallest": {
         "server": {
             "resolutions": ["8x8", "1016x1000", "2048x1152"],

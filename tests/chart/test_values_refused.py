@@ -22,6 +22,7 @@ REFUSED_BY_SCHEMA: list[tuple[dict[str, Any], str]] = [
     ({"server": {"slotsPerDevice": 0}}, "/server/slotsPerDevice"),
     ({"server": {"slotsPerDevice": "many"}}, "/server/slotsPerDevice"),
     ({"server": {"memoryFraction": 1.5}}, "/server/memoryFraction"),
+    ({"server": {"maxDecodeBatch": 0}}, "/server/maxDecodeBatch"),
     ({"server": {"attention": "fast"}}, "/server/attention"),
     ({"server": {"maxQueue": "lots"}}, "/server/maxQueue"),
     ({"server": {"policy": "fifo"}}, "/server/policy"),

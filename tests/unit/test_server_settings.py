@@ -134,8 +134,9 @@ def test_the_default_shown_in_help_is_the_dataclass_default(option) -> None:
         assert shown is not None and shown.group(1).startswith("1024x1024; ")
         assert "64x64,128x128 for the tiny model" in shown.group(1)
         assert declared == option.parse("64x64,128x128")  # the default model is the tiny one
-    elif option.setting.shown_default is not None:  # a None default that means something
-        assert declared is None and shown is not None and shown.group(1) == option.setting.shown_default
+    elif option.setting.shown_default is not None:  # a None default that means something, or a word
+        assert shown is not None and shown.group(1) == option.setting.shown_default
+        assert declared is None or option.parse(shown.group(1)) == declared  # e.g. "auto" for AUTO
     elif declared is None:
         assert shown is None  # nothing to show
     else:
@@ -149,6 +150,7 @@ _REFUSED_ENGINE_VALUES = {
     "model": "",
     "resolutions": "1001x1001",
     "slots_per_device": "0",
+    "max_decode_batch": "0",
     "max_queue": "0",
     "policy": "random",
     "dtype": "float8",

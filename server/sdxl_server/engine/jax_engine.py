@@ -50,7 +50,7 @@ from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.engine.device import xla_cache as compile_cache
-from sdxl_server.engine.device.attention import attention_kernel
+from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
 from sdxl_server.engine.device.memory_plan import fit_to_memory
 from sdxl_server.engine.device.mesh import make_mesh
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
@@ -107,6 +107,7 @@ class JaxEngine:
         # Programs start() loaded from the compilation cache directory instead of compiling them.
         self.compilation_cache_hits = 0
         self.programs_loaded = 0  # of those, programs the program cache held whole
+        self.memory_probes_recorded = 0  # memory-plan probes not compiled: their figures were recorded
         self.startup_phases: dict[str, float] = {}  # seconds spent in each part of start()
 
     # ---- lifecycle
@@ -126,23 +127,31 @@ class JaxEngine:
             fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
             self._adapters = open_adapter_directory(cfg.lora_dir, model, cfg.lora_rescan_seconds)
         mesh = make_mesh(cfg.max_devices)
-        with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
-            cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat))
-        slots = cfg.slots_per_device * mesh.size
-        ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
+        platform = mesh.devices.flat[0].platform
         saved = ProgramCache(
             cfg.compilation_cache_dir,
             architecture(model.pipeline, model.dtype_name),
             list(mesh.devices.flat),
-            attention=cfg.attention,  # resolved by the memory plan; part of the programs' key
+            attention=resolve_attention(cfg.attention, platform),  # part of the programs' key
         )
-        platform = mesh.devices.flat[0].platform
+        with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
+            cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat), records=saved)
+        slots = cfg.slots_per_device * mesh.size
+        ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
         with _timed(phases, "trace_and_compile"), attention_kernel(cfg.attention, platform):
             programs = build_programs(
-                model, mesh, cfg.resolutions, cfg.slots_per_device, cfg.max_steps, ks, saved
+                model,
+                mesh,
+                cfg.resolutions,
+                cfg.slots_per_device,
+                cfg.max_steps,
+                ks,
+                saved,
+                decode_batch=cfg.max_decode_batch,
             )
         self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
         self.programs_loaded = saved.hits  # whole executables, no tracing (e.g. from `sdxl-server compile`)
+        self.memory_probes_recorded = saved.records_found
         with _timed(phases, "schedules"):
             schedules = TableBook(
                 model.pipeline.scheduler.config,
@@ -234,7 +243,7 @@ class JaxEngine:
                 if bucket == largest:
                     by_resolution[str(resolution)] = max(by_resolution.get(str(resolution), 0.0), seconds)
             for bucket, decode in sorted(res_programs.decode.items()):
-                seconds = second_run(functools.partial(decode, params["vae"], bank.held))
+                seconds = second_run(functools.partial(decode, params["vae"], bank.held, np.int32(0)))
                 if bucket == 1:  # one finished image at a time is the common case under staggered load
                     decode_seconds = max(decode_seconds, seconds)
             per = self.config.slots_per_device

@@ -22,18 +22,27 @@ from sdxl_server.settable import described, setting
 POLICIES = ("continuous", "static")
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTIONS = ("auto", "xla", "flash")
-# slots_per_device's value for "auto": the memory plan (device/memory_plan.py) fits as many as it can.
-AUTO_SLOTS = -1
+# The value of slots_per_device and max_decode_batch for "auto": the memory plan (device/memory_plan.py)
+# takes as many as fit.
+AUTO = -1
+AUTO_SLOTS = AUTO
 
 
-def parse_slots(text: str) -> int:
-    """``--slots-per-device``: a whole number (checked by EngineConfig) or ``auto`` (AUTO_SLOTS)."""
+def parse_count_or_auto(text: str) -> int:
+    """``--slots-per-device``, ``--max-decode-batch``: a whole number (EngineConfig requires >= 1) or
+    ``auto`` (AUTO). A negative number is refused here, not taken for the AUTO it is stored as."""
     if text.strip().lower() == "auto":
-        return AUTO_SLOTS
+        return AUTO
     try:
-        return int(text)
+        count = int(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number or auto") from None
+    if count < 0:
+        raise ValueError(f"{text!r}: must be at least 1, or auto")
+    return count
+
+
+parse_slots = parse_count_or_auto
 
 
 class SettingError(ValueError):
@@ -69,6 +78,16 @@ class EngineConfig:
     # does not fit, before anything is compiled for real).
     slots_per_device: int = setting(
         1, "images denoised concurrently per device, or auto: the most that fit", parse=parse_slots
+    )
+    # Images one VAE decode call takes per device. At 1024x1024 the decode's full-size activations are
+    # its cost: on v5e, 4 images at once hold 12.1 GiB of temporaries (more than the 4 slots' steps and
+    # parameters together) where one holds 1.76 GiB and reads 15x fewer bytes per image
+    # (docs/PERFORMANCE.md). AUTO: the most, up to the slots per device, that fit the memory plan.
+    max_decode_batch: int = setting(
+        AUTO,
+        "images per VAE decode call per device, or auto: the most that fit",
+        parse=parse_count_or_auto,
+        shown_default="auto",
     )
     # The share of the device's memory (on CPU: of the host's available RAM) that parameters, slot state
     # and the largest program's temporaries may fill; the memory plan checks it at start.
@@ -118,6 +137,12 @@ class EngineConfig:
     # How old the adapter folder's listing may be when GetServerInfo asks (a request naming an adapter
     # the server does not know lists it again at once).
     lora_rescan_seconds: float = 1.0
+    # The device-resident adapter bank requests' adapters load into (engine/adapters/adapter_bank.py):
+    # places hold one adapter each, every layer's rank padded to lora_max_rank, so a load never
+    # recompiles. Its bytes are places x (in + out) x rank over the UNet's transformer linear layers
+    # (SDXL base, rank 64, bf16: about 0.32 GiB per place, by hand; replicated on every device).
+    lora_places: int = setting(8, "adapters the device-resident adapter bank holds at once (with --lora-dir)")
+    lora_max_rank: int = setting(64, "highest LoRA rank a per-request adapter may have (with --lora-dir)")
     # Per-request bounds the service validates against (steps need no recompilation up to max_steps).
     min_steps: int = 1
     max_steps: int = setting(50, "most denoising steps a request may ask for")
@@ -184,6 +209,8 @@ class EngineConfig:
             "must be finite and at least min_lora_scale",
         )
         require(self.lora_rescan_seconds >= 0, "lora_rescan_seconds", "must not be negative")
+        require(self.lora_places >= 1, "lora_places", "must be at least 1")
+        require(self.lora_max_rank >= 1, "lora_max_rank", "must be at least 1")
         for fused in self.fuse_lora:
             problem = fused_lora_problem(fused)
             require(problem is None, "fuse_lora", str(problem))
@@ -192,6 +219,11 @@ class EngineConfig:
         require(
             self.slots_per_device >= 1 or self.slots_per_device == AUTO_SLOTS,
             "slots_per_device",
+            "must be at least 1, or auto",
+        )
+        require(
+            self.max_decode_batch >= 1 or self.max_decode_batch == AUTO,
+            "max_decode_batch",
             "must be at least 1, or auto",
         )
         require(0 < self.memory_fraction <= 1, "memory_fraction", "must be within (0, 1]")

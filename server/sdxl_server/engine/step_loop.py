@@ -208,8 +208,8 @@ class StepLoop:
         """Makes room in the held buffer if needed, then stashes the latents of images finished at the
         last dispatch and repacks the bank."""
         resolution = compaction.resolution
-        if compaction.room is not None:
-            self._decode(compaction.room)
+        for decode in compaction.room:
+            self._decode(decode)
         repacking = compaction.repacking
         if repacking is None:
             return
@@ -277,14 +277,18 @@ class StepLoop:
         bounded queue counts as backpressure)."""
         resolution, bucket = decode.resolution, decode.bucket
         programs = self._programs.by_resolution[resolution]
-        pixels = programs.decode[bucket](self._programs.params["vae"], self._banks[resolution].held)
+        pixels = programs.decode[bucket](
+            self._programs.params["vae"], self._banks[resolution].held, np.int32(decode.first)
+        )
         device_seconds: Future[float] = Future()  # for the time budgets of the requests it holds
         self._device.track(pixels, "decode", on_measured=device_seconds.set_result)
         self._tracked_this_boundary += 1
         images = decode.images()
         self._trace.add(
             TraceEvent(
-                TraceKind.DECODE, self.boundary, detail=f"{resolution} batch={bucket} images={len(images)}"
+                TraceKind.DECODE,
+                self.boundary,
+                detail=f"{resolution} batch={bucket} first={decode.first} images={len(images)}",
             )
         )
         batch = DecodedBatch(pixels, bucket, images, resolution, device_seconds)

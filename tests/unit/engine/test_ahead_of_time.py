@@ -34,7 +34,7 @@ engine = JaxEngine(config(sys.argv[1], sys.argv[2], max_devices=1, slots_per_dev
 engine.start()
 built = engine.loop_statistics().programs_compiled
 engine.stop()
-print(json.dumps({"loaded": engine.programs_loaded, "built": built}))
+print(json.dumps({"loaded": engine.programs_loaded, "built": built, "probes": engine.memory_probes_recorded}))
 """
 
 
@@ -98,9 +98,13 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
     steps = [p for p in report["programs"] if "step" in p["name"]]
     assert all(p["flops"] > 0 and p["roofline_seconds"] > 0 for p in steps)
 
+    assert report["slots_per_device"] == 2 and report["max_decode_batch"] == 2
+    assert report["memory_plan"].startswith("memory plan: 2 slots per device need")
+
     started, log = start_engine(tiny_model_dir, cache)
-    # Every program the server builds came whole from the cache: nothing was traced or compiled.
-    assert started == {"loaded": len(names), "built": len(names)}, log[-3000:]
+    # Every program the server builds came whole from the cache, nothing traced or compiled, and the
+    # memory plan read its two probes' figures (step and decode at 64x64) instead of compiling them.
+    assert started == {"loaded": len(names), "built": len(names), "probes": 2}, log[-3000:]
     assert "not in the program cache" not in log
 
 
@@ -181,7 +185,10 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
         max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9)
     )
     saved = sorted(p.name for p in (tmp_path / "cache" / "sdxl-programs").iterdir())
-    assert len(saved) == len(report["programs"]) >= 5, saved
+    executables = [name for name in saved if name.endswith(".bin")]
+    assert len(executables) == len(report["programs"]) >= 5, saved
+    # The memory plan's probes, recorded for the pod's start (their figures, not executables).
+    assert len([name for name in saved if name.startswith("memory-probe-")]) == 2, saved
     keys = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "sdxl-program-keys").iterdir()]
     assert {k["parts"]["topology"].split(":")[0] for k in keys} == {"tpu"}
     assert all(k["parts"]["libtpu"] != "?" for k in keys)
@@ -190,8 +197,10 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        (["--slots-per-device", "auto"], "--slots-per-device auto"),
+        (["--slots-per-device", "-1"], "--slots-per-device"),
         (["--slots-per-device", "0"], "--slots-per-device"),
+        (["--slots-per-device", "1", "--max-decode-batch", "0"], "--max-decode-batch"),
+        (["--slots-per-device", "1", "--memory-fraction", "2"], "--memory-fraction"),
         (
             ["--slots-per-device", "1", "--programs", "step", "--cache-dir", "/tmp/x"],
             "--programs and --cache-dir",

@@ -135,3 +135,37 @@ def test_a_full_bank_runs_several_steps_per_dispatch_while_an_image_waits(engine
     waited_steps = [e for e in steps if e.boundary <= max(e.boundary for e in admits)]
     assert waited_steps and all(e.detail.startswith("k=2") for e in waited_steps), waited_steps
     assert [e.detail.split()[0] for e in steps] == ["k=2"] * 6
+
+
+def test_decodes_of_one_image_per_call_give_each_image_its_own_pixels(
+    engine, tiny_model_dir, compilation_cache_dir
+):
+    """max_decode_batch 1 (what lets 4 slots fit a v5e chip at 1024x1024): three images that finish at
+    the same step are decoded in three calls, from held rows 0, 1 and 2, and each equals the image the
+    shared engine makes with decodes of up to 3 images."""
+    from engine_helpers import make_config
+    from sdxl_server.engine import JaxEngine
+
+    asked = dict(prompt="three lighthouses", seed=5, steps=3, num_images=3, resolution=SQUARE)
+    one_per_call = JaxEngine(
+        make_config(
+            tiny_model_dir,
+            compilation_cache_dir,
+            resolutions=(SQUARE,),
+            steps_per_dispatch=1,
+            max_decode_batch=1,
+            decode_hold_steps=0,
+        )
+    )
+    one_per_call.start()
+    try:
+        assert sorted(one_per_call.compiled_programs().by_resolution[SQUARE].decode) == [1]
+        images = run(one_per_call, request("one-per-call", **asked)).images()
+        decodes = [e.detail for e in one_per_call.trace() if e.kind == "decode"]
+    finally:
+        one_per_call.stop(drain_seconds=10)
+    assert [d.split("first=")[1].split()[0] for d in decodes] == ["0", "1", "2"], decodes
+    together = run(engine, request("together", **asked)).images()
+    assert sorted(images) == sorted(together) == [0, 1, 2]
+    for index in range(3):
+        assert max_level_difference(images[index], together[index]) <= 1

@@ -10,7 +10,8 @@
    held buffer and packs each block's busy slots at its front again;
 3. admissions: which queued images enter which slot (any free slot with the continuous policy, a whole
    new batch with the static one), each at the end of its bank's least-loaded device block;
-4. decodes: which banks' held images are decoded now, in which compiled batch (decode_hold.py);
+4. decodes: which banks' held images are decoded now, in which compiled batch, in as many calls of at
+   most the largest decode batch as they need (decode_hold.py);
 5. the dispatch: the steps per dispatch k and, per bank in use, the compiled row batch that covers the
    UNet rows of its busiest block at any of those k steps (None when no slot is busy). An image takes
    two rows at a guided step and one at an unguided step (guidance_rows.py), so a slot's rows can
@@ -35,7 +36,7 @@ import numpy as np
 
 from sdxl_server.engine.api import CancelledError, DeadlineUnreachableError, EngineError, Resolution
 from sdxl_server.engine.batching.admission_queue import AdmissionQueue, admittable
-from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting, row_bucket_sizes
+from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting
 from sdxl_server.engine.batching.decode_hold import HeldImage, HeldImages, decode_now
 from sdxl_server.engine.batching.slot_table import Occupant, SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
@@ -45,13 +46,14 @@ from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 class ProgramSizes:
     """What was compiled, as far as the policy cares: the programs' shapes, not the programs."""
 
-    buckets: Mapping[Resolution, tuple[int, ...]]  # per-device decode batch sizes (images) of each bank
+    # Per-device decode batch sizes (images) of each bank: 1, 2, 4, ... up to the decode batch.
+    buckets: Mapping[Resolution, tuple[int, ...]]
     steps_per_dispatch: tuple[int, ...]  # 1, 2, 4, ..., K (ascending)
     # Per-device UNet row counts the step programs of each bank are compiled for (1, 2, 4, ..., 2P).
-    row_buckets: Mapping[Resolution, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    row_buckets: Mapping[Resolution, tuple[int, ...]]
 
     def rows_of(self, resolution: Resolution) -> tuple[int, ...]:
-        return self.row_buckets.get(resolution) or row_bucket_sizes(self.buckets[resolution][-1])
+        return self.row_buckets[resolution]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +65,21 @@ class Retirement:
 
 @dataclasses.dataclass(frozen=True)
 class Decode:
-    """The decode of every image a bank holds, in the smallest compiled batch per device that holds them."""
+    """One decode call: held rows first .. first+bucket-1 of every device's block, in the smallest
+    compiled batch per device that holds the images it delivers."""
 
     resolution: Resolution
     bucket: int
-    held: list[list[HeldImage]]  # per device, the rows decoded (row i of device d's block)
+    held: list[list[HeldImage]]  # per device, the images this call delivers (row i of device d's block)
+    first: int = 0  # the first held row it decodes, on every device
 
     def images(self) -> list[tuple[int, int, WorkItem]]:
-        """(device, row in its block, image) for every decoded image, device by device."""
-        return [(device, image.row, image.item) for device, rows in enumerate(self.held) for image in rows]
+        """(device, row in the call's output block, image) for every decoded image, device by device."""
+        return [
+            (device, image.row - self.first, image.item)
+            for device, rows in enumerate(self.held)
+            for image in rows
+        ]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,7 +96,7 @@ class Repacking:
 @dataclasses.dataclass(frozen=True)
 class Compaction:
     resolution: Resolution
-    room: Decode | None  # applied first: the held buffer is emptied for the arriving images
+    room: tuple[Decode, ...]  # applied first: the held buffer is emptied for the arriving images
     repacking: Repacking | None
 
 
@@ -230,9 +238,9 @@ class BoundaryPlanner:
             arriving = [0] * slots.devices
             for occupant in finishing:
                 arriving[occupant.device] += 1
-            room = None
+            room: tuple[Decode, ...] = ()
             if any(h + a > held.capacity for h, a in zip(held.counts(), arriving, strict=True)):
-                room = self._take_decode(resolution)  # never drop a finished image
+                room = self._take_decodes(resolution)  # never drop a finished image
             held_source = np.zeros(slots.total, np.int32)
             held_take = np.zeros(slots.total, bool)
             for occupant in finishing:
@@ -243,7 +251,7 @@ class BoundaryPlanner:
             repacking = None
             if repack is not None:
                 repacking = Repacking(repack.order, repack.live, held_source, held_take, held.counts())
-            if room is not None or repacking is not None:
+            if room or repacking is not None:
                 compactions.append(Compaction(resolution, room, repacking))
         return tuple(compactions)
 
@@ -282,7 +290,7 @@ class BoundaryPlanner:
                 held.capacity,
                 backlog_deep=len(self._queue) >= slots.total,
             ):
-                decodes.append(self._take_decode(resolution))
+                decodes.extend(self._take_decodes(resolution))
         return tuple(decodes)
 
     def _dispatch(self) -> Dispatch:
@@ -300,10 +308,26 @@ class BoundaryPlanner:
         )
         return Dispatch(k, buckets, len(occupants), sum(o.rows_ahead(0) for o in occupants))
 
-    def _take_decode(self, resolution: Resolution) -> Decode:
+    def _take_decodes(self, resolution: Resolution) -> tuple[Decode, ...]:
+        """Every image the bank holds, in calls of at most the largest decode batch: call i delivers
+        held rows [i*B, (i+1)*B) of every device, in the smallest bucket covering its busiest device."""
         held = self._held[resolution]
-        bucket = covering_bucket(self._sizes.buckets[resolution], max(held.counts()))
-        return Decode(resolution, bucket, held.take_all())
+        sizes = self._sizes.buckets[resolution]
+        per_call = sizes[-1]
+        rows = held.take_all()
+        most = max(len(device_rows) for device_rows in rows)
+        decodes = []
+        for first in range(0, most, per_call):
+            bucket = covering_bucket(sizes, min(per_call, most - first))
+            # Kept within the block: the last call of an uneven split starts early and its first rows,
+            # already delivered by the call before, are decoded again and not delivered twice.
+            start = min(first, held.capacity - bucket)
+            delivered = [
+                [image for image in device_rows if first <= image.row < first + per_call]
+                for device_rows in rows
+            ]
+            decodes.append(Decode(resolution, bucket, delivered, start))
+        return tuple(decodes)
 
 
 def steps_per_dispatch(

@@ -31,10 +31,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.device.attention import Kernel, attention_flops, attention_kernel, flash_kernel
+from sdxl_server.engine.device.memory_plan import DeviceMemory, fit_and_describe
 from sdxl_server.engine.device.mesh import DATA_AXIS
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
 from sdxl_server.engine.device.programs import ENCODE_ROWS, build_programs, is_abstract
 from sdxl_server.engine.models.loader import PARAM_GROUPS, LoadedModel, load_model, resolve_dtype
+from sdxl_server.engine.settings import AUTO, EngineConfig
 
 GIB = 1024**3
 
@@ -238,6 +240,8 @@ class AheadOfTimeReport:
     programs: list[ProgramReport]
     seed_programs: list[ProgramReport]
     selected: str | None = None  # the --programs pattern of a partial run (totals cover only those)
+    max_decode_batch: int = 0  # images per decode call per device (the decode buckets stop there)
+    memory_plan: str | None = None  # the memory plan's line, as a pod of this configuration logs it
 
     @property
     def total_hbm_bytes(self) -> int:
@@ -261,6 +265,8 @@ class AheadOfTimeReport:
             "attention": self.attention,
             "resolutions": [str(r) for r in self.resolutions],
             "slots_per_device": self.slots_per_device,
+            "max_decode_batch": self.max_decode_batch,
+            "memory_plan": self.memory_plan,
             "device_hbm_bytes": self.chip.memory_bytes,
             "resident_bytes": self.resident_bytes,
             "total_hbm_bytes": self.total_hbm_bytes,
@@ -306,11 +312,18 @@ def compile_for_topology(
     progress: Callable[[ProgramReport], None] | None = None,
     programs: str | None = None,
     seed_images: int | None = None,
+    max_decode_batch: int = AUTO,
+    memory_fraction: float = 0.9,
 ) -> AheadOfTimeReport:
     """Compiles every program of the server's configuration for `topology` (only those whose name
     matches the regular expression `programs`, when given: the report is then partial); with
     `seed_steps`, also the seed's per-chip generate (the Flax pipeline's, `seed_images` images per chip,
-    default `slots_per_device`) per resolution."""
+    default `slots_per_device`) per resolution.
+
+    First the memory plan runs as a pod's start would, against the chip's memory: it resolves `auto`
+    slots and decode batch, and with `cache_dir` its probes' figures are recorded where the pod's plan
+    looks them up, so that the pod compiles nothing at all. A partial run skips it (unless its pattern
+    selects `memory-probe-` or something is `auto`) and decodes up to every slot."""
     devices, chip = topology_devices(topology, max_devices)
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
     pattern = re.compile(programs) if programs else None
@@ -321,6 +334,24 @@ def compile_for_topology(
         attention,
         selected=lambda name: pattern is None or pattern.search(name) is not None,
     )
+    plan_line = None
+    wants_plan = pattern is None or pattern.search("memory-probe-") is not None
+    if wants_plan or AUTO in (slots_per_device, max_decode_batch):
+        memory = DeviceMemory(chip.memory_bytes, f"{chip.memory_bytes / GIB:.1f} GiB of {chip.name} HBM")
+        config = EngineConfig(
+            model=model_name,
+            resolutions=resolutions,
+            slots_per_device=slots_per_device,
+            max_decode_batch=max_decode_batch,
+            max_steps=max_steps,
+            default_steps=max_steps,  # any value within the bounds: the plan does not read it
+            attention=attention,
+            memory_fraction=memory_fraction,
+        )
+        fitted, plan_line = fit_and_describe(config, model, devices, records=cache, memory=memory)
+        slots_per_device, max_decode_batch = fitted.slots_per_device, fitted.max_decode_batch
+    elif max_decode_batch == AUTO:
+        max_decode_batch = slots_per_device
     reports: list[ProgramReport] = []
     attention_calls: list[int] = []  # FLOPs of each flash attention traced since the last program
 
@@ -351,6 +382,7 @@ def compile_for_topology(
             bucket_sizes(steps_per_dispatch),
             cache,
             on_compiled=observe,
+            decode_batch=max_decode_batch,
         )
     resident = _bytes_per_device(built.params, 1) + sum(
         _bytes_per_device(p.empty_bank, mesh.size) for p in built.by_resolution.values()
@@ -375,6 +407,8 @@ def compile_for_topology(
         programs=reports,
         seed_programs=seed,
         selected=programs,
+        max_decode_batch=max_decode_batch,
+        memory_plan=plan_line,
     )
 
 

@@ -4,13 +4,18 @@ What one device holds while serving:
 
 * the parameters (replicated: every device holds all of them);
 * per resolution, the slot state of its block (latents, embeddings, schedules) and the held latents;
-* the temporaries of the program that runs, one at a time: the largest is a step or a decode.
+* the temporaries of the program that runs, one at a time: the largest is a step or a decode. A step
+  runs every slot's rows at once; a decode takes at most `max_decode_batch` images per call (at 1024x1024
+  on v5e the decode of 4 images holds 12.1 GiB of temporaries, so 4 slots fit only with decodes of fewer
+  images: docs/PERFORMANCE.md).
 
 Temporaries come from XLA's memory analysis of probe programs compiled from abstract shapes (no weights
 placed, nothing allocated): the per-device step body and the VAE decode on one slot, traced with the
 configured attention, scaled by the slots per device (activations grow with the batch; the parameters,
 which do not, are arguments, not temporaries). A probe costs one compile of one program (seconds on CPU
-for the demo model at 1024x1024), and the persistent compilation cache keeps it.
+for the demo model at 1024x1024, minutes for SDXL's UNet on a TPU). Their figures are recorded in the
+program cache (program_cache.py, `measured`) under the programs' key, so a pod whose cache was filled by
+`sdxl-server compile --cache-dir` plans without compiling anything.
 
 The device's memory: `memory_stats()["bytes_limit"]` on TPU and GPU; on the CPU the host's available RAM
 (`MemAvailable`, and the cgroup's limit less its usage when that is smaller: in a pod, /proc/meminfo
@@ -34,10 +39,12 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
 from sdxl_server.engine.device.denoise import decode_latents
+from sdxl_server.engine.device.program_cache import ProgramCache
 from sdxl_server.engine.models.loader import LoadedModel
-from sdxl_server.engine.settings import AUTO_SLOTS, EngineConfig, SettingError
+from sdxl_server.engine.settings import AUTO, EngineConfig, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +60,51 @@ class MemoryPlanError(SettingError):
     and one line of figures; the server prints it after the field's flag and exits 2."""
 
 
-def fit_to_memory(config: EngineConfig, model: LoadedModel, devices: Sequence[Any]) -> EngineConfig:
-    """`config` with its attention resolved for the platform and its slots per device checked against
-    the memory plan (`auto`: the most that fit); MemoryPlanError when they do not fit."""
+def fit_to_memory(
+    config: EngineConfig,
+    model: LoadedModel,
+    devices: Sequence[Any],
+    records: ProgramCache | None = None,
+    memory: DeviceMemory | None = None,
+) -> EngineConfig:
+    """`config` with its attention resolved for the platform, and its slots per device and decode batch
+    checked against the memory plan (`auto`: the most that fit); MemoryPlanError when they do not fit.
+    `records`: where the probes' figures are looked up and saved (the program cache, whose attention
+    must be the resolved one); `memory`: the device's memory when its devices cannot report it (a
+    described TPU topology)."""
+    fitted, line = fit_and_describe(config, model, devices, records, memory)
+    log.info("%s", line)
+    return fitted
+
+
+def fit_and_describe(
+    config: EngineConfig,
+    model: LoadedModel,
+    devices: Sequence[Any],
+    records: ProgramCache | None = None,
+    memory: DeviceMemory | None = None,
+) -> tuple[EngineConfig, str]:
+    """`fit_to_memory`'s decision and its one line for the log."""
     attention = resolve_attention(config.attention, devices[0].platform)
     plan = plan_memory(
-        model, devices, config.resolutions, config.max_steps, attention, config.memory_fraction
+        model,
+        devices,
+        config.resolutions,
+        config.max_steps,
+        attention,
+        config.memory_fraction,
+        memory=memory,
+        records=records,
     )
     slots = plan.slots_per_device(config.slots_per_device)
-    log.info(
-        "%s%s",
-        plan.describe(slots),
-        " (--slots-per-device auto)" if config.slots_per_device == AUTO_SLOTS else "",
+    decode_batch = plan.decode_batch(slots, config.max_decode_batch)
+    asked = {"slots-per-device": config.slots_per_device, "max-decode-batch": config.max_decode_batch}
+    chosen = [flag for flag, value in asked.items() if value == AUTO]
+    line = plan.describe(slots, decode_batch) + (f" (--{' and --'.join(chosen)} auto)" if chosen else "")
+    fitted = dataclasses.replace(
+        config, slots_per_device=slots, max_decode_batch=decode_batch, attention=attention
     )
-    return dataclasses.replace(config, slots_per_device=slots, attention=attention)
+    return fitted, line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,17 +178,51 @@ class MemoryPlan:
         """What one device may use: its share of the memory, times the memory fraction."""
         return int(self.memory.bytes * self.memory_fraction / self.memory.shared_by)
 
-    def bytes_per_device(self, slots_per_device: int, needs: Sequence[ResolutionNeeds] | None = None) -> int:
+    def bytes_per_device(
+        self,
+        slots_per_device: int,
+        needs: Sequence[ResolutionNeeds] | None = None,
+        decode_batch: int | None = None,
+    ) -> int:
+        """Parameters, every slot's state, and the largest temporaries of one program: the step over
+        every slot, or a decode of `decode_batch` images (default: every slot's)."""
         chosen = self.needs if needs is None else needs
+        decoded = slots_per_device if decode_batch is None else min(decode_batch, slots_per_device)
         state = sum(n.state_bytes for n in chosen)
-        temps = max(max(n.step_temp_bytes, n.decode_temp_bytes) for n in chosen) * self.temp_factor
-        return self.params_bytes + math.ceil(slots_per_device * (state + temps))
+        temps = max(max(n.step_temp_bytes * slots_per_device, n.decode_temp_bytes * decoded) for n in chosen)
+        return self.params_bytes + math.ceil(slots_per_device * state + temps * self.temp_factor)
 
     def most_slots(self, needs: Sequence[ResolutionNeeds] | None = None) -> int:
-        """The most slots per device that fit the budget (0: not even one)."""
-        per_slot = self.bytes_per_device(1, needs) - self.params_bytes
-        room = self.budget_bytes - self.params_bytes
-        return max(room // per_slot, 0) if per_slot > 0 else 1 << 20
+        """The most slots per device that fit the budget with decodes of one image (0: not even one)."""
+        fits = lambda slots: self.bytes_per_device(slots, needs, decode_batch=1) <= self.budget_bytes  # noqa: E731
+        low, high = 0, 1 << 20  # fits(low); a bound past which counting slots means nothing
+        if fits(high):
+            return high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+
+    def decode_batch(self, slots_per_device: int, requested: int) -> int:
+        """Images per decode call: `requested` (at most the slots) if it fits, the most of the compiled
+        sizes (1, 2, 4, ..., slots) that fit for `auto`; else MemoryPlanError naming the setting."""
+        if requested != AUTO:
+            wanted = min(requested, slots_per_device)
+            if self.bytes_per_device(slots_per_device, decode_batch=wanted) > self.budget_bytes:
+                most = self.decode_batch(slots_per_device, AUTO)
+                raise MemoryPlanError(
+                    "max_decode_batch",
+                    f"decodes of {wanted} images do not fit beside {_slots(slots_per_device)}: "
+                    f"{self._figures(slots_per_device, self.needs, wanted)}; at most {most} fit "
+                    f"(--max-decode-batch {most} or auto)",
+                )
+            return wanted
+        fitting = [
+            size
+            for size in bucket_sizes(slots_per_device)
+            if self.bytes_per_device(slots_per_device, decode_batch=size) <= self.budget_bytes
+        ]
+        return max(fitting, default=1)  # 1 fits whenever the slots were accepted
 
     def slots_per_device(self, requested: int) -> int:
         """`requested` if it fits, the most that fit for `auto`; else MemoryPlanError naming the setting."""
@@ -161,37 +233,48 @@ class MemoryPlan:
                 raise MemoryPlanError(
                     "resolutions",
                     f"{', '.join(str(n.resolution) for n in alone)} does not fit the device: "
-                    f"{self._figures(1, [worst])}; serve smaller --resolutions{self._flash_hint()}",
+                    f"{self._figures(1, [worst], 1)}; serve smaller --resolutions{self._flash_hint()}",
                 )
             raise MemoryPlanError(
                 "resolutions",
                 f"{len(self.needs)} resolutions together do not fit the device: "
-                f"{self._figures(1, self.needs)}; serve fewer --resolutions{self._flash_hint()}",
+                f"{self._figures(1, self.needs, 1)}; serve fewer --resolutions{self._flash_hint()}",
             )
-        if requested == AUTO_SLOTS:
+        if requested == AUTO:
             return min(self.most_slots(), MAX_AUTO_SLOTS)
-        if self.bytes_per_device(requested) > self.budget_bytes:
+        if self.bytes_per_device(requested, decode_batch=1) > self.budget_bytes:
             raise MemoryPlanError(
                 "slots_per_device",
-                f"{_slots(requested)} per device do not fit: {self._figures(requested, self.needs)}; "
+                f"{_slots(requested)} per device do not fit: {self._figures(requested, self.needs, 1)}; "
                 f"at most {self.most_slots()} fit (--slots-per-device {self.most_slots()} or auto)",
             )
         return requested
 
-    def describe(self, slots_per_device: int) -> str:
+    def describe(self, slots_per_device: int, decode_batch: int | None = None) -> str:
         """One line for the start-up log."""
-        return f"memory plan: {self._figures(slots_per_device, self.needs)}; at most {self.most_slots()} fit"
+        decoded = slots_per_device if decode_batch is None else decode_batch
+        return (
+            f"memory plan: {self._figures(slots_per_device, self.needs, decode_batch)}; decodes of "
+            f"{decoded} image{'s' if decoded != 1 else ''} per call; at most {self.most_slots()} slots fit"
+        )
 
-    def _figures(self, slots: int, needs: Sequence[ResolutionNeeds]) -> str:
-        largest = max(needs, key=lambda n: max(n.step_temp_bytes, n.decode_temp_bytes))
-        program = "step" if largest.step_temp_bytes >= largest.decode_temp_bytes else "decode"
-        temps = max(largest.step_temp_bytes, largest.decode_temp_bytes) * slots * self.temp_factor
+    def _figures(self, slots: int, needs: Sequence[ResolutionNeeds], decode_batch: int | None = None) -> str:
+        decoded = slots if decode_batch is None else min(decode_batch, slots)
+
+        def largest_temps(n: ResolutionNeeds) -> tuple[int, str]:
+            return max((n.step_temp_bytes * slots, "step"), (n.decode_temp_bytes * decoded, "decode"))
+
+        largest = max(needs, key=lambda n: largest_temps(n)[0])
+        temps_bytes, program = largest_temps(largest)
+        if program == "decode" and decoded != slots:
+            program = f"decode of {decoded}"
+        temps = temps_bytes * self.temp_factor
         counted = f", {self.temp_factor:g}x XLA:CPU's analysis" if self.temp_factor != 1 else ""
         state = slots * sum(n.state_bytes for n in needs)
         share = f" shared by {self.memory.shared_by} devices" if self.memory.shared_by > 1 else ""
         return (
             f"{_slots(slots)} per device need{'s' if slots == 1 else ''} "
-            f"{self.bytes_per_device(slots, needs) / GIB:.2f} GiB "
+            f"{self.bytes_per_device(slots, needs, decoded) / GIB:.2f} GiB "
             f"(parameters {self.params_bytes / GIB:.2f} GiB, slot state {state / GIB:.2f} GiB, "
             f"the {program}'s temporaries at {largest.resolution} {temps / GIB:.2f} GiB "
             f"with --attention {self.attention}{counted}) but --memory-fraction {self.memory_fraction:g} "
@@ -220,13 +303,15 @@ def plan_memory(
     attention: str,
     memory_fraction: float,
     memory: DeviceMemory | None = None,
+    records: ProgramCache | None = None,
 ) -> MemoryPlan:
     """Compiles the probe programs from shapes for `devices[0]` and returns the plan (nothing is placed
     on a device). `devices` may be a described TPU topology's (`sdxl-server compile`), with `memory` the
     chip's, as its devices report no memory statistics; by default the devices' own memory.
 
-    The probes go through JAX's persistent compilation cache when one is enabled, so a pod whose cache
-    already holds them (from an earlier start on the same platform) loads them."""
+    With `records` (the program cache, built for these devices and this attention), a probe whose figures
+    were recorded under the same key is not compiled at all; one that is compiled has its figures
+    recorded. Without a record the probes still go through JAX's persistent compilation cache."""
     platform = devices[0].platform
     on_device = SingleDeviceSharding(devices[0])
     abstract = functools.partial(
@@ -251,17 +336,20 @@ def plan_memory(
         for resolution in resolutions:  # the steps first: the usual reason not to fit, found soonest
             h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
             latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32, sharding=on_device)
-            step = jax.jit(functools.partial(_guided_unet, model)).lower(
+            step_args = (
                 unet_params,
                 _rows(latents, GUIDED_ROWS, on_device),
                 _rows(embeds, GUIDED_ROWS, on_device),
                 _rows(pooled, GUIDED_ROWS, on_device),
             )
+            step_temps = _probe(
+                records,
+                f"memory-probe-step-{resolution}",
+                step_args[1:],
+                lambda args=step_args: jax.jit(functools.partial(_guided_unet, model)).lower(*args).compile(),
+            )
             needs = ResolutionNeeds(
-                resolution,
-                _slot_state_bytes(latents, embeds, pooled, max_steps),
-                _temp_bytes(step.compile()),
-                0,
+                resolution, _slot_state_bytes(latents, embeds, pooled, max_steps), step_temps, 0
             )
             plan = dataclasses.replace(plan, needs=(*plan.needs, needs))
         if plan.most_slots() < 1:
@@ -273,8 +361,15 @@ def plan_memory(
                 needs.resolution.width // model.vae_scale_factor,
             )
             latents = jax.ShapeDtypeStruct((1, model.latent_channels, h, w), jnp.float32, sharding=on_device)
-            decode = jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents)
-            with_decodes.append(dataclasses.replace(needs, decode_temp_bytes=_temp_bytes(decode.compile())))
+            decode_temps = _probe(
+                records,
+                f"memory-probe-decode-{needs.resolution}",
+                latents,
+                lambda latents=latents: (
+                    jax.jit(functools.partial(decode_latents, model)).lower(vae_params, latents).compile()
+                ),
+            )
+            with_decodes.append(dataclasses.replace(needs, decode_temp_bytes=decode_temps))
     return dataclasses.replace(plan, needs=tuple(with_decodes))
 
 
@@ -307,6 +402,14 @@ def _slot_state_bytes(latents: Any, embeds: Any, pooled: Any, max_steps: int) ->
         + GUIDED_ROWS * (tree_bytes(_rows(embeds, 1)) + tree_bytes(_rows(pooled, 1)))
         + _TABLES_PER_STEP * 4 * max_steps
     )
+
+
+def _probe(records: ProgramCache | None, name: str, signature: Any, compile_probe: Any) -> int:
+    """A probe's temporaries: recorded under the programs' key, or compiled (and then recorded)."""
+    if records is None:
+        return _temp_bytes(compile_probe())
+    figures = records.measured(name, signature, lambda: {"temp_bytes": _temp_bytes(compile_probe())})
+    return int(figures["temp_bytes"])
 
 
 def _temp_bytes(compiled: Any) -> int:

@@ -49,6 +49,8 @@ _SOURCE_MODULES = (
     "sdxl_server.engine.batching.buckets",
     "sdxl_server.engine.models.loader",
     "sdxl_server.engine.device.program_cache",
+    "sdxl_server.engine.device.attention",
+    "sdxl_server.engine.device.memory_plan",  # its probes' figures are recorded under this key too
 )
 
 
@@ -68,8 +70,10 @@ class ProgramCache:
         self._devices = devices
         self.parts = key_parts(context, devices, attention)
         self._context = "|".join(f"{part}={value}" for part, value in self.parts.items())
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # programs loaded
+        self.misses = 0  # programs compiled because none was saved under their key
+        self.records_found = 0  # recorded figures used instead of compiling a probe (`measured`)
+        self.records_missed = 0
 
     def get_or_compile(self, name: str, signature: Any, compile_program: Callable[[], Any]) -> Any:
         """The compiled program `name` for arguments like `signature` (abstract or concrete arrays)."""
@@ -95,6 +99,34 @@ class ProgramCache:
         if path is not None and compile_cache.hits() == xla_hits_before:
             self._save(path, program)
         return program
+
+    def measured(self, name: str, signature: Any, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Figures measured from a program (the memory plan's probes: their temporaries), recorded as JSON
+        under the same key a program of that name and signature would have: a start that finds them
+        (e.g. written by `sdxl-server compile --cache-dir`) does not compile the probe at all."""
+        path = self._path(name, signature)
+        record = path.with_suffix(".json") if path is not None else None
+        if record is not None and record.exists():
+            try:
+                figures = json.loads(record.read_text())["figures"]
+                self.records_found += 1
+                return dict(figures)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning(
+                    "could not read the recorded figures %s (%s); measuring again",
+                    record.name,
+                    error,
+                )
+        if record is not None:
+            self.records_missed += 1
+            log.info(
+                "program %s is not in the program cache: compiling it (%s)", name, self._why_missed(name)
+            )
+        figures = measure()
+        if record is not None:
+            self._write_atomically(record, (json.dumps({"figures": figures}) + "\n").encode())
+            self._save_key(record)
+        return figures
 
     def store(self, name: str, signature: Any, program: Any) -> None:
         """Saves a program compiled elsewhere (ahead of time) under the key a start would look it up by."""
@@ -130,18 +162,32 @@ class ProgramCache:
         try:
             from jax.experimental.serialize_executable import serialize
 
-            blob = pickle.dumps(serialize(program))
+            self._write_atomically(path, pickle.dumps(serialize(program)))
+            self._save_key(path)
+        except Exception as error:
+            log.warning("could not save the compiled program %s: %s", path.name, error)
+
+    @staticmethod
+    def _write_atomically(path: Path, blob: bytes) -> None:
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             with os.fdopen(handle, "wb") as out:
                 out.write(blob)
-            os.replace(temporary, path)  # atomic: readers never see half a program
-            if self._keys is not None:
-                self._keys.mkdir(parents=True, exist_ok=True)
-                key = {"name": path.name, "parts": self.parts}
-                (self._keys / f"{path.stem}.json").write_text(json.dumps(key, indent=1) + "\n")
-        except Exception as error:
-            log.warning("could not save the compiled program %s: %s", path.name, error)
+            os.replace(temporary, path)  # atomic: readers never see half a file
+        except OSError as error:
+            log.warning("could not save %s: %s", path.name, error)
+
+    def _save_key(self, path: Path) -> None:
+        """The key's named parts beside a saved program or record, for `_why_missed`."""
+        if self._keys is None:
+            return
+        try:
+            self._keys.mkdir(parents=True, exist_ok=True)
+            key = {"name": path.name, "parts": self.parts}
+            (self._keys / f"{path.stem}.json").write_text(json.dumps(key, indent=1) + "\n")
+        except OSError as error:
+            log.warning("could not save the key of %s: %s", path.name, error)
 
 
 def architecture(pipeline: Any, dtype_name: str) -> str:

@@ -9,7 +9,9 @@ so that every per-device program works on a prefix of its own block:
   (r a row bucket, buckets.py: one row per unguided image, two per guided one; denoise.py);
 * `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
   permutes the slots so that the busy ones come first again (a gather with local indices);
-* `decode[b]`: the VAE over the first b held latents of every block, uint8 pixels out.
+* `decode[b]`: the VAE over b held latents of every block from a given row (the same on every device),
+  uint8 pixels out. b is at most the decode batch (`max_decode_batch`): more held images are decoded in
+  several calls, since the decode's activations, not the step's, are what fills a TPU at 1024x1024.
 
 The per-device programs are `shard_map`s: each device computes on its own block and nothing in them moves
 data between devices (tests check the compiled step and decode for collectives).
@@ -83,7 +85,7 @@ class ResolutionPrograms:
     insert: Any  # (SlotState, SlotUpdate) -> SlotState
     steps: dict[tuple[int, int], Any]  # (k, rows) -> (unet params, SlotState) -> (latents, history, step)
     rearrange: Any  # (Bank, Rearrangement) -> Bank
-    decode: dict[int, Any]  # b -> (vae params, held) -> uint8[D*b, h, w, 3]
+    decode: dict[int, Any]  # b -> (vae params, held, int32 first row) -> uint8[D*b, h, w, 3]
     empty_bank: Bank
 
 
@@ -115,8 +117,10 @@ def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
     return Bank(moved, held)
 
 
-def _decode_prefix(model: LoadedModel, b: int, vae_params: Any, held: jax.Array) -> jax.Array:
-    return decode_latents(model, vae_params, held[:b])
+def _decode_rows(model: LoadedModel, b: int, vae_params: Any, held: jax.Array, first: jax.Array) -> jax.Array:
+    """Rows first .. first+b-1 of one device's held latents (the host keeps first + b within the block:
+    a dynamic slice would otherwise clamp `first` and decode other rows)."""
+    return decode_latents(model, vae_params, jax.lax.dynamic_slice_in_dim(held, first, b, axis=0))
 
 
 def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update: SlotUpdate) -> SlotState:
@@ -174,16 +178,18 @@ def build_programs(
     steps_per_dispatch: tuple[int, ...],
     cache: ProgramCache | None = None,
     on_compiled: Callable[[str, Any, float], None] | None = None,
+    decode_batch: int | None = None,
 ) -> ProgramSet:
     """Places the parameters and compiles (or loads from `cache`) every program for every resolution.
 
     With abstract parameters (`jax.ShapeDtypeStruct` leaves, as `sdxl-server compile` passes for a TPU
     topology that is not attached) nothing is placed or allocated: the same programs are compiled from
     shapes alone, for the mesh's devices, and the returned set's params and empty banks are shapes too.
-    `on_compiled(name, program, seconds)` sees each program as it is built."""
+    `on_compiled(name, program, seconds)` sees each program as it is built. `decode_batch`: the most
+    images one decode call takes per device (default: the slots per device)."""
     rep, sharded = replicated(mesh), slot_sharded(mesh)
     slots = slots_per_device * mesh.size
-    buckets = bucket_sizes(slots_per_device)
+    buckets = bucket_sizes(min(decode_batch or slots_per_device, slots_per_device))
     row_buckets = row_bucket_sizes(slots_per_device)
     abstract = is_abstract(model.params)
     params = _abstract_on(model.params, rep) if abstract else jax.device_put(model.params, rep)
@@ -283,11 +289,14 @@ def build_programs(
         decode = {
             b: compile_(
                 f"decode{b}-{resolution}",
-                _per_device(mesh, functools.partial(_decode_prefix, model, b), (_WHOLE, _BLOCK), _BLOCK),
-                (rep, sharded),
+                _per_device(
+                    mesh, functools.partial(_decode_rows, model, b), (_WHOLE, _BLOCK, _WHOLE), _BLOCK
+                ),
+                (rep, sharded, rep),
                 sharded,
                 params["vae"],
                 bank.held,
+                jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             )
             for b in buckets
         }

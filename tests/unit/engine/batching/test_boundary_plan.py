@@ -29,7 +29,7 @@ from sdxl_server.engine.batching.boundary_plan import (
     Repacking,
     steps_per_dispatch,
 )
-from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 from sdxl_server.engine.stats import StatsBoard
@@ -90,14 +90,18 @@ class FakePrograms:
 
     def apply(self, plan: BoundaryPlan, planner: BoundaryPlanner) -> None:
         for compaction in plan.compactions:
-            if compaction.room is not None:
-                self.decode(compaction.room)
+            for decode in compaction.room:
+                self.decode(decode)
+            if compaction.room:
+                assert not any(self.banks[compaction.resolution].held), "the room's decodes empty the bank"
             if compaction.repacking is not None:
                 self.rearrange(self.banks[compaction.resolution], compaction.repacking)
         for admission in plan.admissions:
             self.insert(admission)
         for decode in plan.decodes:
             self.decode(decode)
+        for decode in plan.decodes:
+            assert not any(self.banks[decode.resolution].held), "a bank's decodes leave none of it held"
         if plan.dispatch is not None:
             self.step(plan.dispatch)
             planner.record_dispatch(plan.dispatch)
@@ -123,12 +127,12 @@ class FakePrograms:
 
     def decode(self, decode: Decode) -> None:
         bank = self.banks[decode.resolution]
+        assert decode.first >= 0 and decode.first + decode.bucket <= self.per, "a decode outside the block"
         for device, row, item in decode.images():
-            assert row < decode.bucket, "a decoded image outside the compiled batch"
-            assert bank.held[device * self.per + row] is item
-            bank.held[device * self.per + row] = None
+            assert 0 <= row < decode.bucket, "a decoded image outside the compiled batch"
+            assert bank.held[device * self.per + decode.first + row] is item
+            bank.held[device * self.per + decode.first + row] = None
             self.decoded.append(item)
-        assert not any(bank.held), "a decode leaves every held image of its bank decoded"
 
     def step(self, dispatch: Dispatch) -> None:
         self.dispatches.append(dispatch)
@@ -162,13 +166,15 @@ class Server:
         hold_steps: int = 0,
         most_steps_per_dispatch: int = 1,
         resolutions: tuple[Resolution, ...] = (SQUARE,),
+        decode_batch: int | None = None,
     ) -> None:
         board = StatsBoard(slots_total=devices * per_device)
         self.queue = AdmissionQueue(max_images=1000, board=board)
         self.slots = SlotTable(resolutions, devices, per_device)
         sizes = ProgramSizes(
-            buckets={res: bucket_sizes(per_device) for res in resolutions},
+            buckets={res: bucket_sizes(min(decode_batch or per_device, per_device)) for res in resolutions},
             steps_per_dispatch=bucket_sizes(most_steps_per_dispatch),
+            row_buckets={res: row_bucket_sizes(per_device) for res in resolutions},
         )
         self.planner = BoundaryPlanner(
             policy=policy, decode_hold_steps=hold_steps, sizes=sizes, slots=self.slots, queue=self.queue
@@ -352,10 +358,12 @@ def test_a_queued_image_whose_deadline_passed_never_reaches_a_slot():
     assert plan.left_queue == 1 and len(server.queue) == 0
 
 
-@pytest.mark.parametrize("policy", ["continuous", "static"])
-def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy):
-    """Two devices, two banks, steps per dispatch up to 4, a decode hold, arrivals between boundaries:
-    the fake programs check every plan along the way."""
+@pytest.mark.parametrize(
+    ("policy", "decode_batch"), [("continuous", None), ("static", None), ("continuous", 2)]
+)
+def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy, decode_batch):
+    """Two devices, two banks, steps per dispatch up to 4, a decode hold, arrivals between boundaries,
+    decodes of every slot or of at most 2 images a call: the fake programs check every plan."""
     rng = random.Random(7)
     server = Server(
         devices=2,
@@ -364,6 +372,7 @@ def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy):
         hold_steps=3,
         most_steps_per_dispatch=4,
         resolutions=(SQUARE, WIDE),
+        decode_batch=decode_batch,
     )
     images = 0
     for i in range(40):
@@ -376,6 +385,18 @@ def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy):
     server.run_until_idle()
     decoded = [(item.request.request_id, item.index) for item in server.programs.decoded]
     assert len(decoded) == images and len(set(decoded)) == images
+
+
+def test_held_images_beyond_the_decode_batch_are_decoded_in_several_calls_within_the_block():
+    """7 slots, decodes of at most 4 images: 7 finished images take a call of 4 from row 0, then one of
+    4 that starts at row 3 (kept within the block) and delivers rows 4 to 6 only."""
+    server = Server(per_device=7, decode_batch=4, hold_steps=0)
+    server.submit(*(tracked(f"r{i}", steps=1) for i in range(7)))
+    server.boundary()  # admits all 7 and runs their one step
+    plan = server.boundary()  # they finished: stashed (the held buffer fits 7), then decoded
+    calls = [(d.first, d.bucket, len(d.images())) for d in plan.decodes]
+    assert calls == [(0, 4, 4), (3, 4, 3)]
+    assert sorted(item.request.request_id for item in server.programs.decoded) == [f"r{i}" for i in range(7)]
 
 
 # ---- rows, not slots

@@ -17,7 +17,7 @@ from sdxl_server.engine.device.memory_plan import (
     host_available_bytes,
     plan_memory,
 )
-from sdxl_server.engine.settings import AUTO_SLOTS, EngineConfig, SettingError, parse_slots
+from sdxl_server.engine.settings import AUTO, AUTO_SLOTS, EngineConfig, SettingError, parse_count_or_auto
 
 SMALL, LARGE = Resolution(64, 64), Resolution(512, 512)
 
@@ -65,6 +65,26 @@ def test_too_many_slots_are_refused_naming_the_flag_the_figures_and_what_fits():
     assert "is 11.00 GiB" in line and line.endswith("at most 5 fit (--slots-per-device 5 or auto)")
 
 
+def test_the_decode_batch_is_the_most_that_fits_beside_the_slots():
+    """A decode's temporaries grow with its images (at 1024x1024 on v5e: 1.76 GiB for one, 12.1 for 4):
+    4 slots fit with decodes of 2, and the slots count decodes of one image when they are sized."""
+    plan = plan_with(7.0, [needs(LARGE, 0.25, 0.5, decode_gib=2.0)])
+    assert plan.bytes_per_device(4, decode_batch=4) == 10 * GIB  # 1 + 4 x 0.25 + 4 x 2.0
+    assert plan.bytes_per_device(4, decode_batch=2) == 6 * GIB
+    assert plan.decode_batch(4, AUTO) == 2
+    assert plan.decode_batch(4, 1) == 1 and plan.decode_batch(1, 4) == 1  # never above the slots
+    assert plan.most_slots() == 8  # 1 + 8 x 0.25 + max(8 x 0.5, 2.0) = 7
+    assert plan.slots_per_device(AUTO_SLOTS) == 8
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.decode_batch(4, 4)
+    assert refused.value.field == "max_decode_batch"
+    line = refused.value.message
+    assert "\n" not in line and line.startswith("decodes of 4 images do not fit beside 4 slots")
+    assert "the decode's temporaries at 512x512 8.00 GiB" in line
+    assert line.endswith("at most 2 fit (--max-decode-batch 2 or auto)")
+    assert "decodes of 2 images per call" in plan.describe(4, 2)
+
+
 def test_a_size_that_does_not_fit_one_slot_is_refused_naming_resolutions():
     plan = plan_with(4.0, [needs(SMALL, 0.1, 0.2), needs(LARGE, 0.5, 9.0)])
     with pytest.raises(MemoryPlanError) as refused:
@@ -104,9 +124,13 @@ def test_available_ram_is_the_cgroup_s_room_when_that_is_smaller(tmp_path):
 
 
 def test_slots_per_device_takes_auto_or_a_positive_number():
-    assert parse_slots("auto") == AUTO_SLOTS and parse_slots("3") == 3
+    assert parse_count_or_auto("auto") == AUTO_SLOTS and parse_count_or_auto("3") == 3
     with pytest.raises(ValueError, match="whole number or auto"):
-        parse_slots("two")
+        parse_count_or_auto("two")
+    with pytest.raises(ValueError, match="must be at least 1, or auto"):
+        parse_count_or_auto("-1")  # not taken for the AUTO it is stored as
+    with pytest.raises(SettingError, match="max_decode_batch: must be at least 1, or auto"):
+        EngineConfig(model="tiny", resolutions=(SMALL,), max_decode_batch=0)
     config = EngineConfig(model="tiny", resolutions=(SMALL,), slots_per_device=AUTO_SLOTS)
     assert config.slots_per_device == AUTO_SLOTS
     with pytest.raises(SettingError, match="slots_per_device: must be at least 1, or auto"):
@@ -141,3 +165,26 @@ def test_the_demo_model_s_figures_come_from_xla_s_analysis_on_the_cpu(demo_model
     # The resident state is the slot's latents (twice: the slot and its held row), embeddings, schedules.
     assert large.state_bytes >= 2 * 4 * 64 * 64 * 4
     assert xla.params_bytes > 0
+
+
+@pytest.mark.slow
+def test_recorded_probe_figures_make_the_next_plan_compile_nothing(demo_model, tmp_path):
+    """The probes' figures go into the program cache under the programs' key: a second start (a new
+    process would build the same key) reads them and compiles no probe; another attention does not."""
+    import jax
+    from sdxl_server.engine.device.program_cache import ProgramCache, architecture
+
+    devices = jax.local_devices()[:1]
+    context = architecture(demo_model.pipeline, demo_model.dtype_name)
+
+    def plan(attention: str) -> tuple[MemoryPlan, ProgramCache]:
+        records = ProgramCache(str(tmp_path), context, devices, attention)
+        return plan_memory(demo_model, devices, (SMALL,), 50, attention, 0.9, records=records), records
+
+    first, records = plan("flash")
+    assert (records.records_found, records.records_missed) == (0, 2)
+    again, records = plan("flash")
+    assert (records.records_found, records.records_missed) == (2, 0)
+    assert again.needs == first.needs and first.needs[0].step_temp_bytes > 0
+    _, records = plan("xla")
+    assert (records.records_found, records.records_missed) == (0, 2)
