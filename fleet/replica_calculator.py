@@ -164,6 +164,13 @@ def get_external_per_pod_metric_replicas(
         raise MetricsUnavailable("unable to get external metric: no metrics returned")
     usage = sum(series)
     replica_count = status_replicas
+    if status_replicas <= 0:
+        # Every pod is being deleted (the harness counts those out of status.replicas). Go divides in
+        # float64 here: usage / 0 is +Inf, outside any tolerance, so the count becomes usage / target;
+        # 0 / 0 is NaN, within no tolerance test, so the count stays 0. The usage per pod has no pods to
+        # spread over: the whole usage is reported (Go's conversion of +Inf to int64 is undefined).
+        replica_count = math.ceil(usage / target_usage_per_pod) if usage > 0 else 0
+        return replica_count, usage
     usage_ratio = usage / (target_usage_per_pod * replica_count)
     if not tolerances.within(usage_ratio):
         replica_count = math.ceil(usage / target_usage_per_pod)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from sdxl_client._channel import DEFAULT_TARGET, ChannelSettings
 from sdxl_client._errors import SdxlError
-from sdxl_client._retry import CallsInProgress, RetryPolicy, RetryState
+from sdxl_client._retry import ATTEMPT_METADATA_KEY, CallsInProgress, RetryPolicy, RetryState
 
 RetryHook = Callable[[SdxlError, int, float], None]
 """Called before each retry with the error, the number of the attempt that failed, and the wait."""
@@ -87,6 +87,11 @@ class ClientBase:
             self.default_timeout if timeout == _USE_DEFAULT else timeout,
             calls=self._calls,
         )
+
+    def _attempt_metadata(self, state: RetryState) -> tuple[tuple[str, str], ...]:
+        """The call's metadata with the number of the attempt being made (the server counts first
+        attempts alone as arriving work)."""
+        return (*self._metadata, (ATTEMPT_METADATA_KEY, str(state.attempts)))
 
     def _single_timeout(self, timeout: float | None) -> float | None:
         return self.default_timeout if timeout == _USE_DEFAULT else timeout

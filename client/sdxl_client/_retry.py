@@ -25,6 +25,10 @@ time; the others fail fast with the server's answer. A lone
 caller, or a few, always retry (the floor). UNAVAILABLE is not budgeted: it means one server went away
 (killed, draining, warming up) and a retry reaches another, which is what keeps a pod's death or a
 scale-down free of failures.
+
+Every attempt carries its number in the call's metadata (``ATTEMPT_METADATA_KEY``: "1" for the first):
+the server counts only first attempts as arriving work for its autoscaling signal (``sdxl_demand``), so
+that a call retried across a saturated fleet reads as one request's demand, not one per attempt.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ import grpc
 from sdxl_client._errors import DeadlineExceeded, SdxlError
 
 __all__ = ["RetryBudget", "RetryPolicy"]
+
+# The server reads the same name (sdxl_server/service/demand.py ATTEMPT_HEADER); the HTTP door takes it
+# as a header.
+ATTEMPT_METADATA_KEY = "x-sdxl-attempt"
 
 
 @dataclass(frozen=True)

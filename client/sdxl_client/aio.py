@@ -28,6 +28,7 @@ from sdxl_client._types import (
 __all__ = ["AsyncClient"]
 
 _T = TypeVar("_T")
+Metadata = tuple[tuple[str, str], ...]
 
 
 class AsyncClient(ClientBase):
@@ -132,7 +133,9 @@ class AsyncClient(ClientBase):
         )
         stub, _ = self._stubs()
         response = await self._with_retries(
-            lambda attempt_timeout: stub.Generate(request, timeout=attempt_timeout, metadata=self._metadata),
+            lambda attempt_timeout, metadata: stub.Generate(
+                request, timeout=attempt_timeout, metadata=metadata
+            ),
             timeout,
         )
         return GenerateResult.from_proto(response)
@@ -198,7 +201,9 @@ class AsyncClient(ClientBase):
         with state:
             while True:
                 attempt_timeout = state.start_attempt()
-                call = stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
+                call = stub.GenerateStream(
+                    request, timeout=attempt_timeout, metadata=self._attempt_metadata(state)
+                )
                 received_any = False
                 try:
                     async for message in call:
@@ -230,8 +235,8 @@ class AsyncClient(ClientBase):
         """
         stub, _ = self._stubs()
         info = await self._with_retries(
-            lambda attempt_timeout: stub.GetServerInfo(
-                sdxl_pb2.GetServerInfoRequest(), timeout=attempt_timeout, metadata=self._metadata
+            lambda attempt_timeout, metadata: stub.GetServerInfo(
+                sdxl_pb2.GetServerInfoRequest(), timeout=attempt_timeout, metadata=metadata
             ),
             timeout,
         )
@@ -296,13 +301,13 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def _with_retries(
-        self, invoke: Callable[[float | None], Awaitable[_T]], timeout: float | None
+        self, invoke: Callable[[float | None, Metadata], Awaitable[_T]], timeout: float | None
     ) -> _T:
         with self._retry_state(timeout) as state:
             while True:
                 attempt_timeout = state.start_attempt()
                 try:
-                    return await invoke(attempt_timeout)
+                    return await invoke(attempt_timeout, self._attempt_metadata(state))
                 except grpc.RpcError as rpc_error:
                     error = from_rpc_error(rpc_error)
                     delay = self._retry_delay(state, error)

@@ -27,6 +27,7 @@ from sdxl_client._types import (
 __all__ = ["Client"]
 
 _T = TypeVar("_T")
+Metadata = tuple[tuple[str, str], ...]
 
 
 class Client(ClientBase):
@@ -121,8 +122,8 @@ class Client(ClientBase):
             request_id=request_id,
         )
         response = self._with_retries(
-            lambda attempt_timeout: self._stub.Generate(
-                request, timeout=attempt_timeout, metadata=self._metadata
+            lambda attempt_timeout, metadata: self._stub.Generate(
+                request, timeout=attempt_timeout, metadata=metadata
             ),
             timeout,
         )
@@ -184,7 +185,9 @@ class Client(ClientBase):
         with state:
             while True:
                 attempt_timeout = state.start_attempt()
-                call = self._stub.GenerateStream(request, timeout=attempt_timeout, metadata=self._metadata)
+                call = self._stub.GenerateStream(
+                    request, timeout=attempt_timeout, metadata=self._attempt_metadata(state)
+                )
                 received_any = False
                 try:
                     for message in call:
@@ -215,8 +218,8 @@ class Client(ClientBase):
             Unavailable: No server could be reached. Unauthenticated: the token is missing or wrong.
         """
         info = self._with_retries(
-            lambda attempt_timeout: self._stub.GetServerInfo(
-                sdxl_pb2.GetServerInfoRequest(), timeout=attempt_timeout, metadata=self._metadata
+            lambda attempt_timeout, metadata: self._stub.GetServerInfo(
+                sdxl_pb2.GetServerInfoRequest(), timeout=attempt_timeout, metadata=metadata
             ),
             timeout,
         )
@@ -277,12 +280,12 @@ class Client(ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _with_retries(self, invoke: Callable[[float | None], _T], timeout: float | None) -> _T:
+    def _with_retries(self, invoke: Callable[[float | None, Metadata], _T], timeout: float | None) -> _T:
         with self._retry_state(timeout) as state:
             while True:
                 attempt_timeout = state.start_attempt()
                 try:
-                    return invoke(attempt_timeout)
+                    return invoke(attempt_timeout, self._attempt_metadata(state))
                 except grpc.RpcError as rpc_error:
                     error = from_rpc_error(rpc_error)
                     delay = self._retry_delay(state, error)

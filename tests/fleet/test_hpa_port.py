@@ -92,6 +92,14 @@ def test_replica_calc_tolerance_per_pod_cm_external() -> None:
     assert get_external_per_pod_metric_replicas(3, 2900, [8600]) == (3, 2867)
 
 
+def test_per_pod_external_with_every_pod_deleting_sizes_from_the_usage_alone() -> None:
+    # No pod counts in status.replicas while all are being deleted: Go's float division gives +Inf (a
+    # ratio outside any tolerance: usage / target pods) or NaN for no usage (the count stays 0); the
+    # port divided by zero and the sync loop died.
+    assert get_external_per_pod_metric_replicas(0, 700, [1400, 700]) == (3, 2100)
+    assert get_external_per_pod_metric_replicas(0, 700, [0, 0]) == (0, 0)
+
+
 def test_plain_metric_replica_calc_missing_metrics_no_change_eq() -> None:
     assert get_metric_replicas(5, 20000, levels(20000, 19000, 21000), pods(5)) == (5, 20000)
 

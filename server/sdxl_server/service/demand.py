@@ -18,6 +18,16 @@ The step time is that of a full batch (``FullBatchSteps``): the engine's recent 
 occupancy (fewer busy slots run a smaller, faster program), and with it a pod at 75% of its slots would
 price its work at 75% and demand would fall as pods are added; the fleet harness showed the sum of
 demand over three pods reading 1.3-1.5 for 2.4 pods' worth.
+
+Device seconds alone still miss the host's share of a slot's time (dispatch, tokenizing, decode hand-off,
+encoding responses: on the harness's CPU-limited pods under load, most of it), so a saturated pod's
+price is its measured throughput instead: wall seconds between two saturated snapshots x slots / the
+image-steps completed in between, the seconds one image-step really held a slot (``Throughput``). A pod
+that serves N image-steps a second at capacity then reads exactly arrivals / N.
+
+Only first attempts count (``ATTEMPT_HEADER``, sent by sdxl_client on both doors): a retry was counted
+where its first attempt arrived, refused or not, and counting it again on every pod it reaches made a
+saturated fleet read its retries as demand. A request without the header counts once per request id.
 """
 
 from __future__ import annotations
@@ -31,6 +41,29 @@ from sdxl_server.engine.api import EngineStats, GenerationRequest
 
 # Request ids remembered to count a retry once: far more than a window's arrivals at any rate a pod sees.
 _MAX_REMEMBERED_IDS = 100_000
+
+# The attempt number a client sends with each call (gRPC metadata on the gRPC door, an HTTP header on
+# the HTTP door; header names are case-insensitive there): 1 for the first attempt. Clients that send
+# none are taken as first attempts. sdxl_client has its own copy (it does not import the server).
+ATTEMPT_HEADER = "x-sdxl-attempt"
+
+# Smoothing of the measured throughput: each saturated interval moves the price this share of the way.
+_THROUGHPUT_WEIGHT = 0.3
+
+
+def parse_attempt(value: str | None) -> int:
+    """The attempt number in an ``x-sdxl-attempt`` value (None: absent, a first attempt).
+
+    Raises ValueError naming the header when it is not a positive integer."""
+    if value is None or value == "":
+        return 1
+    try:
+        attempt = int(value)
+    except ValueError:
+        attempt = 0
+    if attempt < 1:
+        raise ValueError(f"{ATTEMPT_HEADER} must be a positive integer (the attempt number), got {value!r}")
+    return attempt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +119,37 @@ class FullBatchSteps:
         return self._overall
 
 
+class Throughput:
+    """Measured wall seconds one image-step holds a slot at saturation, relative to the device's step time.
+
+    Between two snapshots that both have every slot busy, the slots were busy throughout (near enough: a
+    slot freed between two scrapes is refilled from the queue at the next boundary), so
+    ``elapsed x slots / image-steps completed`` is what an image-step costs a saturated pod, host work
+    included. ``factor`` is that over the full batch's device step time: the price of every resolution is
+    its device step time x factor (one factor: the host's share is per step, not per resolution, to a
+    first approximation). 1.0 until a saturated interval was measured.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None  # (when, steps_total) of the last saturated snapshot
+        self.factor = 1.0
+
+    def update(self, stats: EngineStats, now: float, device_step_seconds: float) -> None:
+        saturated = stats.slots_total > 0 and stats.slots_busy >= stats.slots_total
+        if not saturated:
+            self._last = None
+            return
+        last, self._last = self._last, (now, stats.steps_total)
+        if last is None or device_step_seconds <= 0:
+            return
+        elapsed, completed = now - last[0], stats.steps_total - last[1]
+        if elapsed <= 0 or completed < stats.slots_total:  # not even one full step between the snapshots
+            return
+        wall = elapsed * stats.slots_total / completed
+        measured = wall / device_step_seconds
+        self.factor += _THROUGHPUT_WEIGHT * (measured - self.factor)
+
+
 class DemandMeter:
     """Arrivals are recorded from the event loop's thread (Admission.check); ``value`` is read by the
     metrics collector at scrape time from the metrics server's thread: both take no lock, because
@@ -99,11 +163,15 @@ class DemandMeter:
         self._arrivals: collections.deque[Arrival] = collections.deque()
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # request id -> when
         self._full_batch = FullBatchSteps()
+        self._throughput = Throughput()
 
-    def arrived(self, request: GenerationRequest) -> None:
-        """One validated request reached the admission checks (whatever they decide)."""
+    def arrived(self, request: GenerationRequest, attempt: int = 1) -> None:
+        """One validated request reached the admission checks (whatever they decide); ``attempt``: the
+        client's attempt number (``ATTEMPT_HEADER``). Retries (attempt > 1) are not counted."""
         now = self._clock()
         self._forget_before(now - self.window_seconds)
+        if attempt > 1:
+            return  # counted where its first attempt arrived
         if request.request_id:
             if request.request_id in self._seen:
                 return  # a retry of work already counted in this window
@@ -116,14 +184,17 @@ class DemandMeter:
     def value(self, stats: EngineStats) -> float:
         """``sdxl_demand`` now, with the full-batch step times learnt from ``stats`` (and its slots).
         Called from one thread (the metrics collector's), which alone updates the step times."""
+        now = self._clock()
         self._full_batch.update(stats)
-        start = self._clock() - self.window_seconds
+        self._throughput.update(stats, now, self._full_batch.overall)
+        factor = self._throughput.factor
+        start = now - self.window_seconds
         recent = [a for a in list(self._arrivals) if a.at >= start]
         return demand(
             recent,
             self.window_seconds,
-            self._full_batch.by_resolution,
-            self._full_batch.overall,
+            {resolution: seconds * factor for resolution, seconds in self._full_batch.by_resolution.items()},
+            self._full_batch.overall * factor,
             stats.slots_total,
         )
 

@@ -23,6 +23,7 @@ from sdxl_server.logs import fields
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.bridge import EngineCall
+from sdxl_server.service.demand import ATTEMPT_HEADER, parse_attempt
 from sdxl_server.service.request_conversion import (
     SAMPLER_TO_PROTO,
     ValidationError,
@@ -94,11 +95,14 @@ class Generations:
         time_remaining: float | None,
         on_caller_gone: OnCallerGone | None = None,
         progress: bool = True,
+        attempt_header: str | None = None,
     ) -> AsyncIterator[tuple[Outcome, api.EngineEvent]]:
         """Admits the request and yields its engine events up to Finished; raises ServiceError on failure.
 
         ``time_remaining``: seconds until the caller's deadline (None: no deadline); ``progress``: False
-        for a door that shows none (no Progress events then, bridge.py). Every request
+        for a door that shows none (no Progress events then, bridge.py); ``attempt_header``: the
+        client's ``x-sdxl-attempt`` value as the door received it (None: absent), so that only first
+        attempts count as demand (service/demand.py). Every request
         leaves a trace in the log (see ``request_log``): a completion line once admitted, the
         rate-limited rejection log when refused before.
         """
@@ -106,7 +110,9 @@ class Generations:
         notes = _RequestLogNotes(started)
         code = "OK"
         try:
-            inner = self._admit_and_run(message, time_remaining, on_caller_gone, notes, progress)
+            inner = self._admit_and_run(
+                message, time_remaining, on_caller_gone, notes, progress, attempt_header
+            )
             async with contextlib.aclosing(inner) as events:
                 async for outcome, event in events:
                     if isinstance(event, api.Finished):
@@ -142,13 +148,18 @@ class Generations:
         on_caller_gone: OnCallerGone | None,
         notes: _RequestLogNotes,
         progress: bool,
+        attempt_header: str | None,
     ) -> AsyncGenerator[tuple[Outcome, api.EngineEvent], None]:
         with self._admission.admitted():
             try:
                 request = to_generation_request(message, self.limits(), time_remaining)
             except ValidationError as e:
                 raise errors.from_validation(e) from None
-            self._admission.check(request, time_remaining)
+            try:
+                attempt = parse_attempt(attempt_header)
+            except ValueError as e:
+                raise errors.invalid_argument([(ATTEMPT_HEADER, str(e))]) from None
+            self._admission.check(request, time_remaining, attempt)
             call = EngineCall(self.engine, asyncio.get_running_loop(), progress)
             try:
                 # Tokenizing (bounded, but still milliseconds) runs in a worker thread, never on the event

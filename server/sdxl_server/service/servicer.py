@@ -19,6 +19,7 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 from sdxl_server.engine import api
 from sdxl_server.metrics import ServiceMetrics
 from sdxl_server.service import status_mapping as errors
+from sdxl_server.service.demand import ATTEMPT_HEADER
 from sdxl_server.service.generation import Generations, Outcome, as_service_error
 from sdxl_server.service.request_conversion import FORMAT_TO_PROTO, SAMPLER_TO_PROTO, SPACING_TO_PROTO
 from sdxl_server.service.serving_gate import Admission
@@ -123,7 +124,8 @@ class ImageService(sdxl_pb2_grpc.ImageServiceServicer):
         def on_caller_gone(cancel: Callable[[], None]) -> None:
             context.add_done_callback(lambda _: cancel())
 
-        return self._generations.run(message, context.time_remaining(), on_caller_gone, progress)
+        attempt = dict(context.invocation_metadata() or ()).get(ATTEMPT_HEADER)
+        return self._generations.run(message, context.time_remaining(), on_caller_gone, progress, attempt)
 
     def _classify(
         self, error: BaseException, context: grpc.aio.ServicerContext

@@ -104,13 +104,14 @@ class Admission:
             if self._in_flight == 0:
                 self._idle.set()
 
-    def check(self, request: GenerationRequest, time_remaining: float | None) -> None:
+    def check(self, request: GenerationRequest, time_remaining: float | None, attempt: int = 1) -> None:
         """Raises DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED when the request should not be submitted.
 
-        ``time_remaining``: seconds until the caller's deadline (None: no deadline).
+        ``time_remaining``: seconds until the caller's deadline (None: no deadline); ``attempt``: the
+        client's attempt number (only first attempts count as demand).
         """
         if self._demand is not None:
-            self._demand.arrived(request)
+            self._demand.arrived(request, attempt)
         if time_remaining is not None and time_remaining <= 0:
             raise _deadline_error("the deadline had passed on arrival")
         stats = self._engine.stats()  # a lock-free snapshot: overload is answered without touching the engine

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 from sdxl_server.engine.api import EngineStats, GenerationRequest, Resolution
 from sdxl_server.server_settings import ConfigError, parse_serve_config
-from sdxl_server.service.demand import Arrival, DemandMeter, demand
+from sdxl_server.service.demand import ATTEMPT_HEADER, Arrival, DemandMeter, demand, parse_attempt
 
 R64 = Resolution(64, 64)
 
@@ -146,3 +146,58 @@ def test_a_partly_busy_pod_prices_its_work_at_the_full_batchs_step_time() -> Non
     full = dataclasses.replace(_stats(step_seconds=0.12), slots_busy=4)
     assert meter.value(full) == pytest.approx(1.2)
     assert meter.value(quiet) == pytest.approx(1.2)
+
+
+def test_only_first_attempts_count_refused_ones_included() -> None:
+    # A refused first attempt is demand (that is the signal's point); its retries, wherever they land,
+    # are the same demand again and must not add to it.
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    meter.arrived(_request("a", images=4), attempt=1)
+    for attempt in range(2, 31):  # retries with new ids (another client's copy) still do not count
+        meter.arrived(_request(f"a-{attempt}", images=4), attempt=attempt)
+        clock.now += 0.2
+    assert meter.value(_stats()) == pytest.approx(4 * 8 * 0.1 / 10.0 / 4)
+
+
+def test_the_attempt_header_is_a_positive_integer_named_in_the_error() -> None:
+    assert parse_attempt(None) == 1
+    assert parse_attempt("") == 1
+    assert parse_attempt("3") == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match=f"{ATTEMPT_HEADER} must be a positive integer"):
+            parse_attempt(bad)
+
+
+def test_a_saturated_pod_prices_an_image_step_at_its_measured_wall_time() -> None:
+    # The device says 0.1 s a step of 4 slots, but with host work between steps the pod completes only
+    # 4 image-steps every 0.25 s: an image-step holds a slot 0.25 s, and 5 images/s of 8 steps
+    # (40 image-steps/s) are 40 x 0.25 / 4 = 2.5 pods, not 1.0.
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    full = dataclasses.replace(_stats(step_seconds=0.1), slots_busy=4, queue_depth=8)
+    assert meter.value(full) == pytest.approx(1.0)  # one saturated snapshot: nothing measured yet
+    for _ in range(40):  # the price moves towards the measurement at each saturated scrape
+        clock.now += 1.0
+        full = dataclasses.replace(full, steps_total=full.steps_total + 16)  # 4 steps of 4 slots a second
+        meter.value(full)
+    # The window moved on without arrivals: the same rate again, read on a snapshot that is not
+    # saturated (it keeps the measured price).
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="b")
+    assert meter.value(dataclasses.replace(full, slots_busy=3)) == pytest.approx(2.5, rel=1e-3)
+
+
+def test_an_idle_interval_measures_no_throughput() -> None:
+    # Snapshots that are not both saturated say nothing about a slot's price: a pod with free slots
+    # completes few image-steps because few arrive, not because each costs more.
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    partly = dataclasses.replace(_stats(step_seconds=0.1), slots_busy=2)
+    for _ in range(10):
+        clock.now += 1.0
+        partly = dataclasses.replace(partly, steps_total=partly.steps_total + 1)
+        meter.value(partly)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="b")
+    assert meter.value(partly) == pytest.approx(1.0)

@@ -29,6 +29,7 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_server.engine import api
 from sdxl_server.service import status_mapping as errors
 from sdxl_server.service.auth import bearer_token
+from sdxl_server.service.demand import ATTEMPT_HEADER
 from sdxl_server.service.generation import Generations, as_service_error
 from sdxl_server.service.http.error_responses import error_json, error_response
 from sdxl_server.service.http.images_request import field_name, to_generate_request
@@ -108,7 +109,10 @@ class ImagesApi:
             raise errors.from_validation(e) from None
         images: list[api.ImageReady] = []
         done = sdxl_pb2.Done()
-        async for outcome, event in self._generations.run(message, time_remaining, progress=False):
+        attempt = request.headers.get(ATTEMPT_HEADER)
+        async for outcome, event in self._generations.run(
+            message, time_remaining, progress=False, attempt_header=attempt
+        ):
             if isinstance(event, api.ImageReady):
                 images.append(event)
             elif isinstance(event, api.Finished):
