@@ -173,6 +173,8 @@ _REFUSED_ENGINE_VALUES = {
     "fuse_lora": "/no/such/adapter.safetensors:0.5",
     "lora_dir": "/no/such/lora/folder",
     "max_loras_per_request": "-1",
+    "lora_places": "0",
+    "lora_max_rank": "0",
 }
 
 
