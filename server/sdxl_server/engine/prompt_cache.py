@@ -20,11 +20,13 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class PromptKey:
     """What the text encoders' output depends on. A small value: compared and hashed, never mutated.
-    Something else that changes the encoders' output (a LoRA adapter on them) becomes another field."""
+    Something else that changes the encoders' output becomes another field, as LoRA adapters on them did."""
 
     prompt_ids: bytes  # the prompt's token ids for both tokenizers, int32 bytes
     negative_ids: bytes  # the negative prompt's, likewise
     zero_negative: bool  # an empty negative prompt: zero embeddings, whatever its ids encode to
+    # The request's LoRA adapters that change a text encoder, with their scales (RequestAdapters).
+    adapters: tuple[tuple[Any, float], ...] = ()
 
     @classmethod
     def of(cls, token_ids: np.ndarray, zero_negative: bool) -> PromptKey:

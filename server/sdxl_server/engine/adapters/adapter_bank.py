@@ -19,6 +19,8 @@ import numpy as np
 from sdxl_server.engine.adapters.layer_names import FlaxPath, LayerNames
 from sdxl_server.engine.adapters.lora_file import LoraFile, LoraLayer
 
+# The components a per-request adapter may change, each with its own bank.
+ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 ModulePath = tuple[str, ...]  # a kernel's path without its final "kernel": what a Dense module is called
 
 

@@ -8,6 +8,10 @@ bank, asks it at each boundary and performs the loads it starts.
   its load starts (`start_load(key, place)`: asynchronous; the loader calls `loaded` when the place is
   written). Until all its adapters are resident, the request is not ready: it stays queued, holding no
   slot. With every place held by busy slots, nothing is evicted and the request waits.
+- `new_round()`: the step loop's boundary. An adapter a queued request asked for in this round is not
+  evicted for a request asked about later in it: requests are asked in queue order, so an older request's
+  adapters are never taken by a newer one (two requests evicting each other's adapters would both wait
+  forever when places are few).
 - `acquire(keys)` / `release(keys)`: a slot admitted with these adapters, and the slot freed. A held
   adapter is never evicted, so an image in progress keeps its weights even if its file is removed.
 """
@@ -24,6 +28,7 @@ class _Place:
     resident: bool = False  # False while its load is under way
     holders: int = 0  # busy slots using it
     last_used: int = 0  # a counter, not a clock: ties never happen
+    asked_in: int = -1  # the last round in which a queued request asked for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +39,24 @@ class ResidencyCounts:
 
 
 class AdapterResidency:
-    def __init__(self, places: int, start_load: Callable[[Hashable, int], None]) -> None:
+    def __init__(
+        self,
+        places: int,
+        start_load: Callable[[Hashable, int], None],
+        on_evict: Callable[[Hashable, int], None] | None = None,
+    ) -> None:
         if places < 1:
             raise ValueError("the adapter bank needs at least one place")
         self._places: list[_Place | None] = [None] * places
         self._start_load = start_load
+        self._on_evict = on_evict  # (the evicted key, its place), before the place's next load starts
         self._tick = 0
+        self._round = 0
         self._loads = 0
         self._evictions = 0
+
+    def new_round(self) -> None:
+        self._round += 1
 
     def place_of(self, key: Hashable) -> int | None:
         """The place `key` is resident in, or None (absent or still loading)."""
@@ -68,6 +83,7 @@ class AdapterResidency:
             held = self._places[index]
             assert held is not None
             held.last_used = self._tick
+            held.asked_in = self._round
             ready = ready and held.resident
         return ready
 
@@ -76,6 +92,12 @@ class AdapterResidency:
         held = self._places[place]
         if held is not None and held.key == key:
             held.resident = True
+
+    def forget(self, key: Hashable, place: int) -> None:
+        """`key`'s load into `place` failed: the place is free again."""
+        held = self._places[place]
+        if held is not None and held.key == key and held.holders == 0:
+            self._places[place] = None
 
     def acquire(self, keys: Sequence[Hashable]) -> tuple[int, ...]:
         """A slot starts with these (resident) adapters; returns their places."""
@@ -113,11 +135,18 @@ class AdapterResidency:
         idle = [
             (held.last_used, index)
             for index, held in enumerate(self._places)
-            if held is not None and held.resident and held.holders == 0 and held.key not in protected
+            if held is not None
+            and held.resident
+            and held.holders == 0
+            and held.key not in protected
+            and held.asked_in != self._round
         ]
         if not idle:
             return None
         _, index = min(idle)
         self._evictions += 1
+        evicted = self._places[index]
         self._places[index] = None
+        if self._on_evict is not None and evicted is not None:
+            self._on_evict(evicted.key, index)
         return index

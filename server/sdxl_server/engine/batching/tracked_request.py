@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_server.engine.adapters.request_adapters import NO_ADAPTERS
 from sdxl_server.engine.api import EngineEvent, Failed, Finished, GenerationRequest, Listener
 from sdxl_server.engine.batching.guidance_rows import guided_steps, rows_at
 from sdxl_server.engine.prompt_cache import PromptKey
@@ -50,6 +51,7 @@ class TrackedRequest:
         self.steps_done = [0] * request.num_images
         # [first, end) of the guided steps: two UNet rows each, one row for the others (guidance_rows.py).
         self.guided = guided_steps(request.guidance_scale, request.guidance_interval, request.steps)
+        self.adapters = NO_ADAPTERS  # its LoRA adapters, set by the engine once checked
         self._on_terminal = on_terminal
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
