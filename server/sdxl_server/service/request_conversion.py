@@ -19,6 +19,7 @@ from collections.abc import Callable
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
 from sdxl_server.engine.api import GenerationRequest, ImageFormat, Limits, LoraChoice, Resolution
+from sdxl_server.engine.sampling.choices import sampler_spacing
 from sdxl_server.request_rules import FieldViolation, request_violations
 
 __all__ = [
@@ -138,10 +139,7 @@ def to_generation_request(
 def default_spacing(sampler: str, limits: Limits) -> str:
     """The spacing a request that names none runs with: the model's default when its sampler can use
     it, else the sampler's first; "" for a sampler with a schedule of its own (LCM)."""
-    usable = limits.samplers.get(sampler, ())
-    if limits.default_timestep_spacing in usable or sampler not in limits.samplers:
-        return limits.default_timestep_spacing
-    return usable[0] if usable else ""
+    return sampler_spacing(sampler, "", limits.default_timestep_spacing, limits.samplers)
 
 
 def _enum_name(

@@ -103,6 +103,22 @@ def run(engine, req: GenerationRequest) -> Recorder:
     return recorder
 
 
+def trace_between(engine, after_boundary: int, kind: str):
+    """The engine's trace events of `kind` after boundary `after_boundary`."""
+    return [e for e in engine.trace() if e.kind == kind and e.boundary > after_boundary]
+
+
+def bucket_of(event, resolution=SQUARE) -> int:
+    """The batch size a step or decode event ran for `resolution`."""
+    for field in event.detail.split():
+        if field.startswith("batch="):
+            for part in field.removeprefix("batch=").split(","):
+                name, _, size = part.rpartition(":")
+                if not name or name == str(resolution):
+                    return int(size)
+    raise AssertionError(f"no batch for {resolution} in {event}")
+
+
 def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())

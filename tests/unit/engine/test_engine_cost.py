@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import threading
 
-from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, request, run
+from engine_helpers import SQUARE, WAIT_SECONDS, Recorder, bucket_of, request, run, trace_between
 from sdxl_server.engine.api import Finished
 from sdxl_server.engine.batching.buckets import covering_bucket
-
-
-def trace_between(engine, after_boundary: int, kind: str):
-    return [e for e in engine.trace() if e.kind == kind and e.boundary > after_boundary]
-
-
-def bucket_of(event, resolution=SQUARE) -> int:
-    """The batch size a step or decode event ran for `resolution`."""
-    for field in event.detail.split():
-        if field.startswith("batch="):
-            for part in field.removeprefix("batch=").split(","):
-                name, _, size = part.rpartition(":")
-                if not name or name == str(resolution):
-                    return int(size)
-    raise AssertionError(f"no batch for {resolution} in {event}")
 
 
 def test_a_lone_unguided_request_runs_the_smallest_step_and_decode(engine):

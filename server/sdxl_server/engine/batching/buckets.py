@@ -22,10 +22,17 @@ def bucket_sizes(per_device: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def row_bucket_sizes(per_device: int) -> tuple[int, ...]:
-    """The UNet row counts a step program is compiled for: 1, 2, 4, ... up to two rows (a guided image)
-    for each of the `per_device` slots, so that a lone unguided image runs one row."""
-    return bucket_sizes(2 * per_device)
+def rows_per_device(slots_per_device: int) -> int:
+    """A device's capacity, in UNet rows per step: two (one guided image's) for each of the operator's
+    `slots_per_device`. It is also the most images a device block holds, since every image takes at
+    least one row at each of its steps: 2P unguided images share a step as P guided ones do."""
+    return 2 * slots_per_device
+
+
+def row_bucket_sizes(slots_per_device: int) -> tuple[int, ...]:
+    """The UNet row counts a step program is compiled for: 1, 2, 4, ... up to the device's row capacity,
+    so that a lone unguided image runs one row."""
+    return bucket_sizes(rows_per_device(slots_per_device))
 
 
 def covering_bucket(sizes: tuple[int, ...], needed: int) -> int:

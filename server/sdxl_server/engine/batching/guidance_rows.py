@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 # Fractions arrive as float32 over gRPC: 0.4 is 0.4000000059604645, and 0.4 x 20 must still be step 8.
 _FRACTION_SLACK = 1e-6
 
@@ -35,6 +37,13 @@ def rows_at(guided: tuple[int, int], steps: int, step: int) -> int:
         return 0
     first, until = guided
     return 2 if first <= step < until else 1
+
+
+def rows_over(guided: tuple[int, int], steps: int, start: int, count: int) -> np.ndarray:
+    """`rows_at` for the steps start, start + 1, ..., start + count - 1, as an int32 array."""
+    at = np.arange(start, start + count)
+    first, until = guided
+    return np.where(at < steps, 1 + ((at >= first) & (at < until)), 0).astype(np.int32)
 
 
 def row_steps(guided: tuple[int, int], steps: int) -> int:

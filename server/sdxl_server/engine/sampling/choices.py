@@ -17,7 +17,7 @@ No JAX here: both doors and the engine read it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 SAMPLERS = ("euler", "ddim", "dpmpp_2m", "lcm")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -35,13 +35,21 @@ TAKES_TIMESTEPS = frozenset({"euler", "lcm"})
 LCM_ORIGINAL_STEPS = 50
 
 
-def sampler_spacing(sampler: str, requested: str, model_default: str) -> str:
+def sampler_spacing(
+    sampler: str,
+    requested: str,
+    model_default: str,
+    served: Mapping[str, tuple[str, ...]] = SAMPLER_SPACINGS,
+) -> str:
     """The spacing a request runs with: its own, else the model's default when the sampler can use it,
-    else the sampler's first ("" for a sampler with its own schedule)."""
-    usable = SAMPLER_SPACINGS.get(sampler, ())
+    else the sampler's first ("" for a sampler with its own schedule). `served`: the spacings of each
+    sampler the server runs (Limits.samplers); a sampler it does not run gets the model's default, so
+    that only the sampler is refused. The one copy of this rule: both doors and the engine's `submit`
+    (for a caller that leaves `timestep_spacing` empty) apply it."""
     if requested:
         return requested
-    if model_default in usable:
+    usable = served.get(sampler)
+    if usable is None or model_default in usable:
         return model_default
     return usable[0] if usable else ""
 

@@ -82,3 +82,5 @@ def test_an_unset_spacing_is_the_models_when_the_sampler_can_use_it():
     assert sampler_spacing("euler", "", "trailing") == "trailing"
     assert sampler_spacing("ddim", "linspace", "trailing") == "linspace"
     assert sampler_spacing("lcm", "", "leading") == ""  # LCM's own schedule
+    assert sampler_spacing("euler", "", "leading", {"euler": ("trailing",)}) == "trailing"  # as served
+    assert sampler_spacing("unknown", "", "leading") == "leading"  # only the sampler is refused
