@@ -304,6 +304,12 @@ def main() -> None:
         help="requests per policy in the Poisson part (default 120; 30 quick): at 100 or more the p99 is "
         "not the slowest request",
     )
+    parser.add_argument(
+        "--poisson-rounds",
+        type=int,
+        default=2,
+        help="rounds the Poisson part's requests are split into, the policies alternating (load drift)",
+    )
     args = parser.parse_args()
     if args.client:
         print(json.dumps(asyncio.run(_client(json.loads(args.client)))))
@@ -344,7 +350,7 @@ def main() -> None:
         lone(result, args.quick)
         save()
     if "poisson" in parts:
-        poisson_70(result, args.poisson_requests or (30 if args.quick else 120))
+        poisson_70(result, args.poisson_requests or (30 if args.quick else 120), args.poisson_rounds)
         save()
     report(result)
     print(f"wrote {args.out}")
@@ -459,66 +465,98 @@ def lone(result: dict[str, Any], quick: bool) -> None:
     }  # fmt: skip
 
 
-def poisson_70(result: dict[str, Any], requests: int) -> None:
+def poisson_70(result: dict[str, Any], requests: int, rounds: int) -> None:
     """Poisson arrivals at 70% of the served capacity, continuous against static, served.
 
     Both servers run one step per dispatch, as the in-process Poisson runs do and as the server ships:
     at K steps per dispatch an arrival waits for the running call's K steps before it can join, which
     costs continuous batching its point (the first served figure, 0.75, ran at K=4). The capacity is that
     of the continuous server with the same step mix, the median of three saturated rounds (one round of
-    24 requests once read 30% low, which puts "70%" near half the real capacity). Every request's latency
-    is kept, and whether the server kept up (late over early median latency, near 1 when stable).
+    24 requests once read 30% low, which puts "70%" near half the real capacity).
+
+    Both servers stay up (an idle server's step loop sleeps on its queue) and the policies alternate in
+    rounds, each round on its own arrivals, which both policies get, the first policy swapped every
+    round: on a shared machine the load drifts within minutes, and one policy run after the other would
+    read the drift as the policy's. Each policy's p50/p99 pool every round's requests.
     """
     slots = DEVICES * SLOTS_PER_DEVICE
-    poisson: dict[str, Any] = {"requests_per_policy": requests, "steps_per_dispatch": 1}
-    for policy in ("continuous", "static"):
-        with server(DEVICES, SLOTS_PER_DEVICE, SMALL_SIZE, policy, steps_per_dispatch=1) as target:
+    per_round = max(1, requests // rounds)
+    poisson: dict[str, Any] = {
+        "requests_per_policy": per_round * rounds, "rounds": rounds, "steps_per_dispatch": 1,
+    }  # fmt: skip
+    latencies: dict[str, list[float]] = {"continuous": [], "static": []}
+    runs: dict[str, list[dict[str, Any]]] = {"continuous": [], "static": []}
+    with contextlib.ExitStack() as stack:
+        targets = {
+            policy: stack.enter_context(
+                server(DEVICES, SLOTS_PER_DEVICE, SMALL_SIZE, policy, steps_per_dispatch=1)
+            )
+            for policy in ("continuous", "static")
+        }
+        for target in targets.values():
             # Warm every step count of the mix: a step count's first request may build its schedule.
             client_run(
                 target, size=SMALL_SIZE, steps=list(STEP_MIX), count=len(STEP_MIX), concurrency=slots,
                 offset=70_000,
             )  # fmt: skip
-            if policy == "continuous":
-                capacities = []
-                for r in range(3):
-                    capacity_run = client_run(
-                        target, size=SMALL_SIZE, steps=list(STEP_MIX), count=8 * slots,
-                        concurrency=2 * slots, offset=60_000 + 100 * r,
-                    )  # fmt: skip
-                    capacities.append(steady_rate([x["finished_at"] for x in capacity_run["results"]], slots))
-                poisson["capacity_rounds"] = capacities
-                poisson["capacity_images_per_second"] = statistics.median(capacities)
-                say(f"capacity with mixed steps: {statistics.median(capacities):.3f}/s (rounds {capacities})")
-            rate = 0.7 * poisson["capacity_images_per_second"]
-            load_before = os.getloadavg()
-            run = client_run(
-                target, size=SMALL_SIZE, steps=list(STEP_MIX), count=requests, mode="open", rate=rate,
-                seed=3,
+        capacities = []
+        for r in range(3):
+            capacity_run = client_run(
+                targets["continuous"], size=SMALL_SIZE, steps=list(STEP_MIX), count=8 * slots,
+                concurrency=2 * slots, offset=60_000 + 100 * r,
             )  # fmt: skip
-            results = run["results"]
-            latencies = np.array([r["latency"] for r in results])
-            quarter = max(1, requests // 4)
-            wall = max(r["finished_at"] for r in results) - run["began"]
-            poisson[policy] = {
-                "offered_per_second": rate,
-                "served_per_second": requests / wall,
-                "p50": float(np.percentile(latencies, 50)),
-                "p99": float(np.percentile(latencies, 99)),
-                "max": float(latencies.max()),
-                "late_over_early_p50": float(
-                    np.median(latencies[-quarter:]) / np.median(latencies[:quarter])
-                ),
-                "budget": mean_phases(results),
-                "load_average_before": load_before,
-                "load_average_after": os.getloadavg(),
-                "latencies": [float(x) for x in latencies],
-            }
-            got = poisson[policy]
-            say(
-                f"Poisson 70% {policy}: p50 {got['p50']:.2f}s p99 {got['p99']:.2f}s max {got['max']:.2f}s "
-                f"late/early p50 {got['late_over_early_p50']:.2f}"
-            )
+            capacities.append(steady_rate([x["finished_at"] for x in capacity_run["results"]], slots))
+        capacity = statistics.median(capacities)
+        poisson["capacity_rounds"] = capacities
+        poisson["capacity_images_per_second"] = capacity
+        shown = ", ".join(f"{c:.3f}" for c in capacities)
+        say(f"capacity with mixed steps: {capacity:.3f}/s (rounds {shown})")
+        rate = 0.7 * capacity
+        for r in range(rounds):
+            order = ("continuous", "static") if r % 2 == 0 else ("static", "continuous")
+            for policy in order:
+                load_before = os.getloadavg()
+                run = client_run(
+                    targets[policy], size=SMALL_SIZE, steps=list(STEP_MIX), count=per_round, mode="open",
+                    rate=rate, seed=3 + r, offset=1000 * r,
+                )  # fmt: skip
+                results = run["results"]
+                got = np.array([x["latency"] for x in results])
+                quarter = max(1, per_round // 4)
+                wall = max(x["finished_at"] for x in results) - run["began"]
+                runs[policy].append(
+                    {
+                        "round": r, "offered_per_second": rate, "served_per_second": per_round / wall,
+                        "p50": float(np.percentile(got, 50)), "p99": float(np.percentile(got, 99)),
+                        "late_over_early_p50": float(np.median(got[-quarter:]) / np.median(got[:quarter])),
+                        "budget": mean_phases(results), "load_average_before": load_before,
+                        "load_average_after": os.getloadavg(),
+                    }
+                )  # fmt: skip
+                latencies[policy] += [float(x) for x in got]
+                say(
+                    f"Poisson 70% round {r + 1} {policy}: p50 {runs[policy][-1]['p50']:.2f}s "
+                    f"p99 {runs[policy][-1]['p99']:.2f}s (load {load_before[0]:.1f})"
+                )
+    for policy in ("continuous", "static"):
+        pooled = np.array(latencies[policy])
+        poisson[policy] = {
+            "offered_per_second": rate,
+            "p50": float(np.percentile(pooled, 50)),
+            "p99": float(np.percentile(pooled, 99)),
+            "max": float(pooled.max()),
+            "p99_by_round": [x["p99"] for x in runs[policy]],
+            "runs": runs[policy],
+            "latencies": latencies[policy],
+        }
+        got = poisson[policy]
+        say(
+            f"Poisson 70% {policy}, pooled: p50 {got['p50']:.2f}s p99 {got['p99']:.2f}s max {got['max']:.2f}s"
+        )
     poisson["continuous_p99_over_static"] = poisson["continuous"]["p99"] / poisson["static"]["p99"]
+    poisson["continuous_p99_over_static_by_round"] = [
+        c["p99"] / s["p99"] for c, s in zip(runs["continuous"], runs["static"], strict=True)
+    ]
     result["poisson_70"] = poisson
 
 
