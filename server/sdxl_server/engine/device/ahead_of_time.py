@@ -49,8 +49,10 @@ class Chip:
     memory_bytes: int  # HBM per chip (per device)
 
 
-# Google's published v5e figures: 197 TFLOP/s bf16, 819 GB/s HBM bandwidth, 16 GiB HBM per chip.
-V5E = Chip("TPU v5e", 197e12, 819e9, 16 * GIB)
+# Google's published v5e figures: 197 TFLOP/s bf16, 819 GB/s HBM bandwidth; of the 16 GiB of HBM per chip
+# libtpu gives programs 15.75 GiB (its own out-of-memory error when compiling for v5e here: "exceeds
+# available HBM (15.75G)"), the figure a pod's memory plan reads, so that `auto` decides the same here.
+V5E = Chip("TPU v5e", 197e12, 819e9, int(15.75 * GIB))
 # name -> the chips a single host of that slice holds (x, y, z): v5e's single-host shapes.
 TPU_TOPOLOGIES = {"v5e:1x1": (1, 1, 1), "v5e:2x2": (2, 2, 1), "v5e:2x4": (2, 4, 1)}
 CPU_TOPOLOGY = "cpu"  # this process's CPU devices (XLA_FLAGS may simulate several): the CI proxy
