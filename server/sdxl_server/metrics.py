@@ -146,6 +146,38 @@ class EngineCollector(Collector):
             "Admissions that ran the text encoders while the prompt-embedding cache was on.",
             value=float(s.prompt_cache_misses),
         )
+        # Per-request LoRA adapters: totals over all adapters, never a series per adapter name (a folder
+        # may hold thousands; names come from users' files).
+        yield CounterMetricFamily(
+            "sdxl_lora_loads_total",
+            "LoRA adapters loaded into the device's adapter bank.",
+            value=float(s.lora_loads),
+        )
+        yield CounterMetricFamily(
+            "sdxl_lora_evictions_total",
+            "LoRA adapters evicted from the adapter bank (least recently used, held by no busy slot).",
+            value=float(s.lora_evictions),
+        )
+        yield CounterMetricFamily(
+            "sdxl_lora_load_seconds_total",
+            "Seconds from an adapter's first use to its place written in the bank, summed over loads.",
+            value=float(s.lora_load_seconds),
+        )
+        yield CounterMetricFamily(
+            "sdxl_lora_load_failures_total",
+            "Adapter loads that failed (the file changed or vanished after the request was checked).",
+            value=float(s.lora_load_failures),
+        )
+        yield CounterMetricFamily(
+            "sdxl_lora_requests_total",
+            "Requests with LoRA adapters that reached a slot.",
+            value=float(s.lora_requests),
+        )
+        yield GaugeMetricFamily(
+            "sdxl_lora_resident",
+            "LoRA adapters resident in the adapter bank now.",
+            value=float(s.lora_resident),
+        )
         histogram = self._step_histogram() if self._step_histogram else None
         if histogram is not None:
             buckets, total = histogram

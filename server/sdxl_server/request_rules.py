@@ -159,10 +159,11 @@ def sampling_violations(request: GenerationRequest, limits: Limits) -> list[Fiel
             reject_timesteps = f"the {sampler} sampler takes none (it steps by a fixed stride); use {takes}"
         if reject_timesteps is not None:
             reject("timesteps", reject_timesteps)
-    elif spacing == "" and usable == ():
-        # A sampler with a schedule of its own (LCM) takes no spacing; LCM picks its steps from the
-        # 50-step schedule it was distilled on.
-        if request.steps > LCM_ORIGINAL_STEPS:
+    elif spacing == "":
+        # Unset: the sampler's default (sampling/choices.py `sampler_spacing`, which the doors and the
+        # engine's submit apply). A sampler with a schedule of its own (LCM) takes no spacing; LCM picks
+        # its steps from the 50-step schedule it was distilled on.
+        if usable == () and request.steps > LCM_ORIGINAL_STEPS:
             reject("steps", f"the {sampler} sampler runs at most {LCM_ORIGINAL_STEPS} steps")
     elif spacing not in SPACINGS:
         reject("timestep_spacing", f"{spacing!r}: unknown spacing; use one of {', '.join(SPACINGS)}")

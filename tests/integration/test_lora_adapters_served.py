@@ -1,10 +1,9 @@
 """A real server with `--lora-dir`: GetServerInfo lists the folder's adapters (usable with their rank, or
-unusable with the reason), a file dropped in while serving is found without a restart, and both doors
-refuse the same requests the same way: an unknown name is NOT_FOUND naming it, too many adapters or a
-scale out of bounds is INVALID_ARGUMENT naming the field.
-
-Per-request adapters are not applied by this build yet (issue 23, item 3: the per-row adapter bank);
-a request naming a usable adapter is refused saying so, and the test holds that it is not NOT_FOUND.
+unusable with the reason), a file dropped in while serving is found without a restart and served, and
+both doors refuse the same requests the same way: an unknown name is NOT_FOUND naming it, too many
+adapters or a scale out of bounds is INVALID_ARGUMENT naming the field; a LoCon adapter (usable merged
+at start) is refused per request with the reason. The images' equality with merged weights is
+tests/unit/engine/adapters/test_adapters_per_request.py's.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ def lora_folder(tiny_model_dir, tmp_path_factory):
     write_kohya(tiny_model_dir, layers, folder / "style.safetensors", original_unet_names=True)
     unet_only = random_layers(tiny_model_dir, rank=8, seed=2, components=("unet",), every=2)
     write_diffusers(tiny_model_dir, unet_only, folder / "detail.safetensors")
+    locon = random_layers(tiny_model_dir, rank=2, seed=4, components=("unet",), convolutions=True)
+    write_kohya(tiny_model_dir, locon, folder / "locon.safetensors")
     (folder / "broken.safetensors").write_bytes(b"half a download")
     return folder
 
@@ -67,7 +68,7 @@ def _http(server, loras: list[dict]) -> tuple[int, dict]:
 def test_server_info_lists_the_folders_adapters(server):
     info = _info(server)
     adapters = {adapter.name: adapter for adapter in info.adapters}
-    assert sorted(adapters) == ["broken", "detail", "style"]
+    assert sorted(adapters) == ["broken", "detail", "locon", "style"]
     assert (adapters["style"].usable, adapters["style"].rank) == (True, 4)
     assert (adapters["detail"].usable, adapters["detail"].rank) == (True, 8)
     assert not adapters["broken"].usable
@@ -78,14 +79,31 @@ def test_server_info_lists_the_folders_adapters(server):
 
 
 @pytest.mark.slow
-def test_an_adapter_dropped_in_while_serving_is_found_without_a_restart(server, lora_folder, tiny_model_dir):
+def test_an_adapter_dropped_in_while_serving_is_found_and_served_without_a_restart(
+    server, lora_folder, tiny_model_dir
+):
     assert "late" not in {adapter.name for adapter in _info(server).adapters}
-    write_diffusers(tiny_model_dir, random_layers(tiny_model_dir, seed=3), lora_folder / "late.safetensors")
-    refused = _generate(server, sdxl_pb2.LoraRef(name="late", scale=0.5))
-    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # found; not applied per request yet
-    assert "not yet applied per request" in refused.details()
+    late = random_layers(tiny_model_dir, seed=3, components=("unet",))
+    write_diffusers(tiny_model_dir, late, lora_folder / "late.safetensors")
+    late_ref = sdxl_pb2.LoraRef(name="late", scale=0.5)
+    request = sdxl_pb2.GenerateRequest(prompt="a cat", steps=2, loras=[late_ref])
+    with server.channel() as channel:
+        response = image_stub(channel).Generate(request, timeout=120)
+    assert len(response.images) == 1 and response.images[0].data
     adapters = {adapter.name: adapter for adapter in _info(server).adapters}
     assert adapters["late"].usable and adapters["late"].rank == 4
+    loads = [
+        e for e in server.log_entries() if "LoRA adapter late loaded into place" in str(e.get("message"))
+    ]
+    assert len(loads) == 1
+
+
+@pytest.mark.slow
+def test_an_adapter_the_bank_cannot_hold_is_refused_per_request_with_the_reason(server):
+    refused = _generate(server, sdxl_pb2.LoraRef(name="locon"))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reason = bad_request_fields(refused)["loras[0].name"]
+    assert "convolution (LoCon)" in reason and "--fuse-lora" in reason
 
 
 @pytest.mark.slow

@@ -65,7 +65,10 @@ class GenerationRequest:
     # (start, end): the fractions of the steps during which guidance applies; outside, one UNet row.
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     sampler: str = "euler"  # one of Limits.samplers
-    timestep_spacing: str = "leading"  # one the sampler can use (Limits.samplers[sampler])
+    # One the sampler can use (Limits.samplers[sampler]); "" for none (explicit timesteps, or a sampler
+    # with its own schedule such as LCM). Left "" otherwise, the engine's submit takes the sampler's
+    # default (sampling/choices.py `sampler_spacing`: the model's when the sampler can use it).
+    timestep_spacing: str = ""
     # Explicit timesteps, strictly decreasing; when given, their count is `steps`.
     timesteps: tuple[int, ...] = ()
     # LoRA adapters, stacked in order (at most Limits.max_loras_per_request).
@@ -245,6 +248,13 @@ class EngineStats:
     # the text encoders (counted only while the cache is on).
     prompt_cache_hits: int = 0
     prompt_cache_misses: int = 0
+    # Per-request LoRA adapters (engine/adapters/adapter_loads.py): totals, and adapters resident now.
+    lora_loads: int = 0
+    lora_evictions: int = 0
+    lora_load_seconds: float = 0.0
+    lora_resident: int = 0
+    lora_load_failures: int = 0
+    lora_requests: int = 0
 
 
 class Ticket(Protocol):

@@ -8,6 +8,7 @@ that bad input fails at once and the loop only computes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging
@@ -21,13 +22,17 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from sdxl_server.engine.adapters.adapter_bank import ADAPTER_COMPONENTS, BankLayout
 from sdxl_server.engine.adapters.adapter_directory import (
     AdapterDirectory,
     adapter_infos,
+    bank_problem,
     check_adapters,
     open_adapter_directory,
 )
+from sdxl_server.engine.adapters.adapter_loads import AdapterLoads
 from sdxl_server.engine.adapters.fusing import fuse_into_model
+from sdxl_server.engine.adapters.request_adapters import RequestAdapters
 from sdxl_server.engine.api import (
     CancelledError,
     DeadlineUnreachableError,
@@ -37,6 +42,7 @@ from sdxl_server.engine.api import (
     EngineStats,
     Failed,
     GenerationRequest,
+    InvalidRequestError,
     Limits,
     Listener,
     NotReadyError,
@@ -46,7 +52,7 @@ from sdxl_server.engine.api import (
     Ticket,
 )
 from sdxl_server.engine.batching.admission_queue import AdmissionQueue
-from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.batching.buckets import bucket_sizes, rows_per_device
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.engine.device import xla_cache as compile_cache
@@ -61,7 +67,7 @@ from sdxl_server.engine.image_workers import ImageWorkers
 from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
 from sdxl_server.engine.models.model_source import resolve_model
 from sdxl_server.engine.sampling.book import TableBook
-from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS
+from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS, sampler_spacing
 from sdxl_server.engine.settings import EngineConfig
 from sdxl_server.engine.stats import LoopStatistics, LoopView, StatsBoard
 from sdxl_server.engine.step_loop import StepLoop
@@ -98,6 +104,9 @@ class JaxEngine:
         self._live_lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._adapters: AdapterDirectory | None = None  # --lora-dir, once the model is loaded
+        # The per-request adapter banks' layouts by component (the UNet's, each text encoder's).
+        self._adapter_layouts: dict[str, BankLayout] = {}
+        self._adapter_loads: AdapterLoads | None = None
         self._programs: ProgramSet | None = None
         self._slots: SlotTable | None = None
         self._device: DeviceClock | None = None
@@ -126,6 +135,13 @@ class JaxEngine:
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
             fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
             self._adapters = open_adapter_directory(cfg.lora_dir, model, cfg.lora_rescan_seconds)
+            if self._adapters is not None:
+                self._adapter_layouts = {
+                    component: BankLayout.of(
+                        self._adapters.names, component, cfg.lora_places, cfg.lora_max_rank
+                    )
+                    for component in ADAPTER_COMPONENTS
+                }
         mesh = make_mesh(cfg.max_devices)
         platform = mesh.devices.flat[0].platform
         saved = ProgramCache(
@@ -148,6 +164,8 @@ class JaxEngine:
                 ks,
                 saved,
                 decode_batch=cfg.max_decode_batch,
+                adapter_layouts=self._adapter_layouts or None,
+                loras_per_request=cfg.max_loras_per_request,
             )
         self.compilation_cache_hits = compile_cache.hits() - hits_before + saved.hits
         self.programs_loaded = saved.hits  # whole executables, no tracing (e.g. from `sdxl-server compile`)
@@ -183,6 +201,13 @@ class JaxEngine:
             clock=self._clock,
             png_compression=cfg.png_compression,
         )
+        if self._adapter_layouts:
+            self._adapter_loads = AdapterLoads(
+                self._adapter_layouts,
+                programs.adapter_banks,
+                cfg.max_loras_per_request,
+                wake=self._queue.wake,
+            )
         self._loop = StepLoop(
             config=cfg,
             programs=programs,
@@ -195,6 +220,7 @@ class JaxEngine:
             stats=self._stats,
             clock=self._clock,
             on_fatal=self._fail,
+            adapters=self._adapter_loads,
         )
         self._thread = threading.Thread(target=self._loop.run, name="sdxl-step-loop", daemon=True)
         self._thread.start()
@@ -246,7 +272,7 @@ class JaxEngine:
                 seconds = second_run(functools.partial(decode, params["vae"], bank.held, np.int32(0)))
                 if bucket == 1:  # one finished image at a time is the common case under staggered load
                     decode_seconds = max(decode_seconds, seconds)
-            per = self.config.slots_per_device
+            per = rows_per_device(self.config.slots_per_device)  # slots per device block
             devices = bank.held.shape[0] // per
             unchanged = np.tile(np.arange(per, dtype=np.int32), devices)
             nothing = np.zeros(per * devices, bool)
@@ -275,6 +301,8 @@ class JaxEngine:
         self._fail_live(NotReadyError("the engine stopped before the request finished"))
         if self._device is not None:
             self._device.stop()
+        if self._adapter_loads is not None:
+            self._adapter_loads.shutdown()
         if self._phase is not _Phase.FAILED:
             self._phase = _Phase.STOPPED
         self._publish(ready=False)
@@ -283,7 +311,7 @@ class JaxEngine:
 
     def info(self) -> EngineInfo:
         cfg = self.config
-        devices = self._slots.total // cfg.slots_per_device if self._slots else len(jax.local_devices())
+        devices = self._slots.devices if self._slots else len(jax.local_devices())
         if cfg.max_devices is not None:
             devices = min(devices, cfg.max_devices)
         platform_name = jax.default_backend()
@@ -298,7 +326,9 @@ class JaxEngine:
             if self._model
             else str(np.dtype(resolve_dtype(cfg.dtype, platform_name))),
             versions=_versions(),
-            adapters=adapter_infos(self._adapters),
+            adapters=adapter_infos(
+                self._adapters, self._adapter_loads.resident_files if self._adapter_loads else frozenset()
+            ),
         )
 
     def limits(self) -> Limits:
@@ -332,8 +362,19 @@ class JaxEngine:
     def submit(self, request: GenerationRequest, listener: Listener) -> Ticket:
         if self._phase is not _Phase.READY or self._model is None:
             raise NotReadyError(self._not_ready_reason())
+        if not request.timestep_spacing and not request.timesteps:  # unset: the sampler's own default
+            spacing = sampler_spacing(request.sampler, "", self.config.default_timestep_spacing)
+            request = dataclasses.replace(request, timestep_spacing=spacing)
         check_request(request, self.limits())
-        check_adapters(self._adapters, request.loras)  # NOT_FOUND for a name the folder does not hold
+        # NOT_FOUND for a name the folder does not hold; an adapter the bank cannot apply names its field.
+        files = check_adapters(self._adapters, request.loras)
+        for index, lora in enumerate(files):
+            problem = bank_problem(self._adapter_layouts, lora)
+            if problem is not None:
+                name = request.loras[index].name
+                raise InvalidRequestError(
+                    f"loras[{index}].name", f"adapter {name!r} cannot be applied: {problem}"
+                )
         now = self._clock()
         if request.deadline is not None:
             if request.deadline <= now:
@@ -365,6 +406,11 @@ class JaxEngine:
             on_terminal=self._forget,
         )
         tracked.budget.tokenize_seconds = tokenize_seconds
+        if files:
+            adapters = RequestAdapters(files, tuple(lora.scale for lora in request.loras))
+            tracked.adapters = adapters
+            # Adapters on the text encoders change the prompt's embeddings: they join the cache's key.
+            tracked.prompt_key = dataclasses.replace(tracked.prompt_key, adapters=adapters.on_text_encoders())
         with self._live_lock:
             self._live.add(tracked)
 

@@ -73,11 +73,16 @@ class EngineConfig:
     resolutions: tuple[Resolution, ...] = dataclasses.field(
         metadata=described("served WIDTHxHEIGHT list, the first is the default")
     )
-    # Batch slots per device; total slots = slots_per_device x local devices. AUTO_SLOTS: the most that
+    # Batch slots per device, in guided images (two UNet rows a step each); total slots = slots_per_device
+    # x local devices. A device's capacity is 2 x this many rows, so it runs up to twice as many
+    # unguided images at once (docs/ARCHITECTURE.md, "Rows are the capacity"). AUTO_SLOTS: the most that
     # fit under memory_fraction, decided at start by the memory plan (which also refuses a number that
     # does not fit, before anything is compiled for real).
     slots_per_device: int = setting(
-        1, "images denoised concurrently per device, or auto: the most that fit", parse=parse_slots
+        1,
+        "guided images denoised concurrently per device (up to twice as many unguided ones), or auto: "
+        "the most that fit",
+        parse=parse_slots,
     )
     # Images one VAE decode call takes per device. At 1024x1024 the decode's full-size activations are
     # its cost: on v5e, 4 images at once hold 12.1 GiB of temporaries (more than the 4 slots' steps and

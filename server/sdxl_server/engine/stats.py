@@ -21,6 +21,17 @@ MIN_RETRY_SECONDS = 0.1
 MAX_RETRY_SECONDS = 60.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraCounts:
+    """The adapter bank's totals (engine/adapters/adapter_loads.py), written by the step loop."""
+
+    loads: int = 0  # adapters written into the bank
+    evictions: int = 0
+    load_seconds: float = 0.0  # first use to place written, summed over the loads
+    resident: int = 0
+    failures: int = 0  # loads that failed (the file changed or vanished after it was checked)
+
+
 @dataclasses.dataclass
 class Counters:
     steps_total: int = 0  # batched step dispatches x steps each, counted per image slot that advanced
@@ -31,6 +42,8 @@ class Counters:
     healthy: bool = True
     prompt_cache_hits: int = 0  # written by the step loop only
     prompt_cache_misses: int = 0
+    lora: LoraCounts = dataclasses.field(default_factory=LoraCounts)  # written by the step loop only
+    lora_requests: int = 0  # requests with adapters that reached a slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +138,12 @@ class StatsBoard:
                 step_seconds_by_resolution=dict(view.step_seconds_by_resolution),
                 prompt_cache_hits=c.prompt_cache_hits,
                 prompt_cache_misses=c.prompt_cache_misses,
+                lora_loads=c.lora.loads,
+                lora_evictions=c.lora.evictions,
+                lora_load_seconds=c.lora.load_seconds,
+                lora_resident=c.lora.resident,
+                lora_load_failures=c.lora.failures,
+                lora_requests=c.lora_requests,
             )
 
 

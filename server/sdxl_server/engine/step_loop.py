@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_server.engine.adapters.adapter_loads import AdapterLoads
 from sdxl_server.engine.api import (
     CancelledError,
     DeadlineUnreachableError,
@@ -94,6 +95,7 @@ class StepLoop:
         stats: StatsBoard,
         clock: Callable[[], float],
         on_fatal: Callable[[BaseException], None],
+        adapters: AdapterLoads | None = None,
     ) -> None:
         self._programs = programs
         self._schedules = schedules
@@ -112,6 +114,13 @@ class StepLoop:
             "text_encoder_2": params["text_encoder_2"],
         }
         self._prompts = PromptCache(config.prompt_cache_entries, config.prompt_cache_mib * 2**20)
+        # Per-request LoRA adapters (--lora-dir): an image waits in the queue, holding no slot, until its
+        # adapters are resident in the bank; the images in slots with adapters, by resolution, decide
+        # which step program runs (the bank's only while one of them is busy).
+        self._adapters = adapters
+        self._with_adapters: dict[int, Resolution] = {}  # id(WorkItem) -> its bank's resolution
+        if adapters is not None:
+            queue.admissible = lambda item: adapters.ready(item.request.adapters)
         # Steps per dispatch compiled (1, 2, 4, ..., K; buckets.py): a dispatch runs the largest that no
         # occupant overshoots.
         self._sizes = ProgramSizes(
@@ -173,6 +182,9 @@ class StepLoop:
         now = self._clock()
         self._tracked_this_boundary = 0
         self._queue.receive()
+        if self._adapters is not None:  # loads read since the last boundary go into the bank first
+            queued = [(item.request.adapters, item.request) for item in self._queue.items()]
+            self._adapters.apply_loads(queued)
         plan = self._planner.plan(now)
         self._retire(plan)
         for compaction in plan.compactions:
@@ -201,6 +213,8 @@ class StepLoop:
     def _retire(self, plan: BoundaryPlan) -> None:
         for retirement in plan.retirements:
             self._note(_retire_kind(retirement.error), retirement.item, retirement.slot)
+            if retirement.slot >= 0:
+                self._release_adapters(retirement.item)
         for request, error in plan.failures():
             request.deliver(Failed(error))
 
@@ -226,8 +240,10 @@ class StepLoop:
     def _admit(self, admission: Admission, now: float) -> None:
         item = admission.item
         request = item.request
+        # First: the places of the slot's adapters, which the text encoders may need too.
+        lora_places, lora_scales = self._acquire_adapters(item, admission.resolution)
         if request.embeddings is None:
-            request.embeddings = self._embeddings(request)
+            request.embeddings = self._embeddings(request, lora_places, lora_scales)
         if request.first_step_at is None:
             request.first_step_at = now
         embeds, pooled = request.embeddings
@@ -246,6 +262,8 @@ class StepLoop:
             coefficients=schedule.coefficients,
             num_steps=np.int32(schedule.num_steps),
             init_noise_sigma=np.float32(schedule.init_noise_sigma),
+            lora_places=lora_places,
+            lora_scales=lora_scales,
         )
         resolution = admission.resolution
         programs = self._programs.by_resolution[resolution]
@@ -256,15 +274,21 @@ class StepLoop:
             request.embeddings = None  # every image has its copy in a slot
         self._note(TraceKind.ADMIT, item, admission.slot, str(resolution))
 
-    def _embeddings(self, request: TrackedRequest) -> Any:
+    def _embeddings(self, request: TrackedRequest, lora_places: np.ndarray, lora_scales: np.ndarray) -> Any:
         """The request's prompt embeddings on the device: the prompt cache's, or the text encoders' (an
-        `encode` dispatch, traced, its device time going to the request's budget)."""
+        `encode` dispatch, traced, its device time going to the request's budget; with the request's
+        adapters when one changes a text encoder, from their places in the text encoders' banks)."""
         cached = self._prompts.get(request.prompt_key)
         counters = self._stats.counters
         counters.prompt_cache_hits, counters.prompt_cache_misses = self._prompts.hits, self._prompts.misses
         if cached is not None:
             return cached
-        embeddings = self._programs.encode(self._text_params, request.token_ids)
+        if self._adapters is not None and request.adapters.text_encoders:
+            banks = {c: self._adapters.banks[c] for c in ("text_encoder", "text_encoder_2")}
+            encode = self._programs.encode_with_adapters
+            embeddings = encode(self._text_params, banks, lora_places, lora_scales, request.token_ids)
+        else:
+            embeddings = self._programs.encode(self._text_params, request.token_ids)
         self._prompts.put(request.prompt_key, embeddings)
         on_measured = functools.partial(request.budget.add, "text_encode_seconds")
         self._device.track(embeddings[1], "encode", on_measured=on_measured)
@@ -302,7 +326,11 @@ class StepLoop:
         for resolution, bucket in dispatch.buckets:
             programs = self._programs.by_resolution[resolution]
             bank = self._banks[resolution]
-            latents, history, step = programs.steps[(k, bucket)](unet, bank.slots)
+            if self._adapters is not None and resolution in self._with_adapters.values():
+                adapter_bank = self._adapters.banks["unet"]
+                latents, history, step = programs.adapter_steps[(k, bucket)](unet, adapter_bank, bank.slots)
+            else:
+                latents, history, step = programs.steps[(k, bucket)](unet, bank.slots)
             slots = bank.slots._replace(latents=latents, history=history, step=step)
             self._banks[resolution] = bank._replace(slots=slots)
             self._device.track(step, "step", k, key=str(resolution))
@@ -320,6 +348,7 @@ class StepLoop:
             self._stats.counters.steps_total += advance.steps
             progressed[id(request)] = request
             if advance.finished:
+                self._release_adapters(occupant.item)
                 # Its latents stay in the slot until the next boundary's rearrange moves them to the
                 # held buffer; the slot is free for admission from then on.
                 self._note(TraceKind.FINISH, occupant.item, occupant.slot)
@@ -337,6 +366,21 @@ class StepLoop:
         return time.perf_counter() - started_waiting
 
     # ---- helpers
+
+    def _acquire_adapters(self, item: WorkItem, resolution: Resolution) -> tuple[np.ndarray, np.ndarray]:
+        """The slot's adapter places and scales (none: place 0 at scale 0, the bank never read)."""
+        width = self._programs.by_resolution[resolution].empty_bank.slots.lora_places.shape[1]
+        adapters = item.request.adapters
+        if self._adapters is None or not adapters:
+            return np.zeros(width, np.int32), np.zeros(width, np.float32)
+        self._with_adapters[id(item)] = resolution
+        if item.request.images_admitted == 0:
+            self._stats.counters.lora_requests += 1
+        return self._adapters.acquire(adapters)
+
+    def _release_adapters(self, item: WorkItem) -> None:
+        if self._adapters is not None and self._with_adapters.pop(id(item), None) is not None:
+            self._adapters.release(item.request.adapters)
 
     def _denoised(self, requests: list[TrackedRequest], _device_seconds: float) -> None:
         """The device clock's thread: the dispatch that ran these requests' last steps so far completed."""
@@ -359,6 +403,8 @@ class StepLoop:
             work_ahead_steps=sum(o.remaining for o in occupants) + sum(i.steps for i in self._queue.items()),
             soonest_free_steps=self._planner.steps_until_a_queued_image_can_enter(),
         )
+        if self._adapters is not None:
+            self._stats.counters.lora = self._adapters.counts()
         self._stats.publish(view, left_queue=self._left_queue)
         self._left_queue = 0
 

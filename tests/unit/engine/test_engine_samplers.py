@@ -175,3 +175,13 @@ def test_samplers_mixed_in_one_batch_give_the_images_they_give_alone(engine, ora
         for i in range(3)
     ]
     assert max(admitted) < min(finished), "the three samplers never shared a step: the test mixed nothing"
+
+
+def test_a_direct_caller_that_names_no_spacing_gets_the_samplers_default(engine):
+    """GenerationRequest's `timestep_spacing` defaults to "" (unset): LCM runs its own schedule instead
+    of being refused a spacing it cannot use, and Euler takes the model's default (leading here)."""
+    few = dict(steps=2, guidance_scale=0.0, seed=71)
+    run(engine, dataclasses.replace(request("lcm-unset", **few), sampler="lcm"))
+    unset = run(engine, request("euler-unset", **few)).images()[0]
+    leading = run(engine, dataclasses.replace(request("euler-leading", **few), timestep_spacing="leading"))
+    assert max_level_difference(unset, leading.images()[0]) == 0

@@ -16,10 +16,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdxl_server.engine.adapters.adapter_bank import BankLayout
 from sdxl_server.engine.adapters.layer_names import LayerNames, layer_names_of
 from sdxl_server.engine.adapters.lora_file import AdapterError, LoraFile, read_lora_file
 from sdxl_server.engine.api import AdapterInfo, AdapterNotFoundError, InvalidRequestError, LoraChoice
@@ -52,6 +53,7 @@ class AdapterDirectory:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
+        self.names = names  # the model's layers, which the bank's layout is built from
         self._names = names
         self._rescan_seconds = rescan_seconds
         self._clock = clock
@@ -130,11 +132,19 @@ def open_adapter_directory(
     return directory
 
 
-def adapter_infos(directory: AdapterDirectory | None) -> tuple[AdapterInfo, ...]:
-    """What GetServerInfo lists: every file of the folder, usable or not."""
+def adapter_infos(
+    directory: AdapterDirectory | None, resident: frozenset[Path] = frozenset()
+) -> tuple[AdapterInfo, ...]:
+    """What GetServerInfo lists: every file of the folder, usable or not, and whether its weights are
+    in the adapter bank now (`resident`: the files there)."""
     if directory is None:
         return ()
-    return tuple(AdapterInfo(e.name, e.usable, e.reason, e.rank, resident=False) for e in directory.entries())
+    return tuple(
+        AdapterInfo(
+            e.name, e.usable, e.reason, e.rank, resident=e.file is not None and e.file.path in resident
+        )
+        for e in directory.entries()
+    )
 
 
 def check_adapters(directory: AdapterDirectory | None, loras: Sequence[LoraChoice]) -> tuple[LoraFile, ...]:
@@ -150,12 +160,19 @@ def check_adapters(directory: AdapterDirectory | None, loras: Sequence[LoraChoic
                 f"loras[{index}].name", f"adapter {lora.name!r} is unusable: {entry.reason}"
             )
         files.append(entry.file)
-    if files:
-        # Listed and validated, but not applied per request yet: that needs a per-row adapter bank in
-        # the step programs (issue 23, item 3), which this build does not have. Merging at start works.
-        raise InvalidRequestError(
-            "loras",
-            "adapters are listed and checked but not yet applied per request by this server; "
-            "merge one into the weights at start with --fuse-lora",
-        )
     return tuple(files)
+
+
+def bank_problem(layouts: Mapping[str, BankLayout], lora: LoraFile) -> str | None:
+    """Why `lora` cannot be applied per request, or None: every layer must fit its component's adapter
+    bank (`layouts`: none without --lora-dir)."""
+    if not layouts:
+        return "this server has no adapter bank (no --lora-dir)"
+    for component in lora.components:
+        layout = layouts.get(component)
+        if layout is None:
+            return f"per-request adapters do not cover {component}; merge it at start with --fuse-lora"
+        problem = layout.problem(lora)
+        if problem is not None:
+            return problem
+    return None

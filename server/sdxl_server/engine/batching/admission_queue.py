@@ -24,6 +24,9 @@ class AdmissionQueue:
         self._arrivals: collections.deque[WorkItem] = collections.deque()  # under `changed`
         self._waiting: collections.deque[WorkItem] = collections.deque()  # the step loop's alone
         self.changed = threading.Condition()
+        # Whether a queued image may take a slot now (the step loop's: its LoRA adapters are resident,
+        # engine/adapters/adapter_loads.py). One that may not keeps its place while later ones pass it.
+        self.admissible: Callable[[WorkItem], bool] | None = None
 
     # ---- any thread
 
@@ -62,8 +65,27 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def take(self, count: int) -> list[WorkItem]:
-        return [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+    def take(self, place: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Offers the queued images that are admissible to `place`, in queue order, and removes and
+        returns those it took (it gives each a slot), up to the first it refuses.
+
+        Head of line waits: an image whose rows do not fit now stops the taking, so that smaller images
+        behind it cannot keep taking the rows it waits for and starve it (it enters as soon as its rows
+        are free, and the ones behind it after). Only an image that is not admissible yet (its adapters
+        are loading) lets later ones pass."""
+        taken: list[WorkItem] = []
+        kept: collections.deque[WorkItem] = collections.deque()
+        blocked = False
+        for item in self._waiting:
+            if blocked or (self.admissible is not None and not self.admissible(item)):
+                kept.append(item)
+            elif place(item):
+                taken.append(item)
+            else:
+                blocked = True
+                kept.append(item)
+        self._waiting = kept
+        return taken
 
     def remove_where(self, doomed: Callable[[WorkItem], bool]) -> list[WorkItem]:
         """Removes and returns the queued items for which `doomed` is true (evaluated once per item)."""
@@ -91,12 +113,10 @@ class AdmissionQueue:
                 self.changed.wait(timeout)
 
 
-def admittable(policy: str, free_slots: int, busy_slots: int) -> int:
-    """How many queued images may enter slots at this step boundary.
+def admits_now(policy: str, images_in_slots: int) -> bool:
+    """Whether queued images may enter slots at this step boundary (as many as their rows fit).
 
-    continuous: any free slot, at every boundary. static: a new batch only once every slot is free
-    (the reference recipe's whole-batch behaviour, kept for comparison).
+    continuous: at every boundary. static: a new batch only once every slot is free (the reference
+    recipe's whole-batch behaviour, kept for comparison).
     """
-    if policy == "static" and busy_slots > 0:
-        return 0
-    return free_slots
+    return policy != "static" or images_in_slots == 0

@@ -8,8 +8,11 @@
 2. compactions, per bank: a decode that makes room when the images finished at the last dispatch would
    overflow their device's held buffer, then one rearrangement that moves those images' latents into the
    held buffer and packs each block's busy slots at its front again;
-3. admissions: which queued images enter which slot (any free slot with the continuous policy, a whole
-   new batch with the static one), each at the end of its bank's least-loaded device block;
+3. admissions: which queued images enter which slot (at every boundary with the continuous policy, a
+   whole new batch with the static one), in queue order while their rows fit: an image enters a device
+   only if the device's rows stay within its capacity (2P) at every future step (slot_table.py), and
+   the first image that does not fit makes the ones behind it wait too (head of line, so that smaller
+   images cannot starve it; admission_queue.py), each at the end of its bank's least-loaded block;
 4. decodes: which banks' held images are decoded now, in which compiled batch, in as many calls of at
    most the largest decode batch as they need (decode_hold.py);
 5. the dispatch: the steps per dispatch k and, per bank in use, the compiled row batch that covers the
@@ -35,7 +38,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from sdxl_server.engine.api import CancelledError, DeadlineUnreachableError, EngineError, Resolution
-from sdxl_server.engine.batching.admission_queue import AdmissionQueue, admittable
+from sdxl_server.engine.batching.admission_queue import AdmissionQueue, admits_now
 from sdxl_server.engine.batching.buckets import covering_bucket, largest_fitting
 from sdxl_server.engine.batching.decode_hold import HeldImage, HeldImages, decode_now
 from sdxl_server.engine.batching.slot_table import Occupant, SlotTable
@@ -192,12 +195,15 @@ class BoundaryPlanner:
         return advances
 
     def steps_until_a_queued_image_can_enter(self) -> int:
+        """Steps until the queue's first image fits (a guided image when none waits), if nothing else
+        entered: rows free when an occupant ends or its guidance interval does."""
         occupants = self._slots.occupants()
         if not occupants:
             return 0
         if self._policy == "static":  # the next batch starts when the whole batch is done
             return max(o.remaining for o in occupants)
-        return 0 if self._slots.free > 0 else min(o.remaining for o in occupants)
+        queued = self._queue.items()
+        return self._slots.steps_until_room(queued[0] if queued else None)
 
     # ---- the five decisions, in the order they are applied
 
@@ -256,11 +262,17 @@ class BoundaryPlanner:
         return tuple(compactions)
 
     def _admit(self) -> tuple[Admission, ...]:
-        count = admittable(self._policy, self._slots.free, self._slots.busy)
+        if not admits_now(self._policy, self._slots.images):
+            return ()
         admissions = []
-        for item in self._queue.take(count):
-            occupant = self._slots.assign(item)
-            admissions.append(Admission(item, occupant.resolution, occupant.device, occupant.slot))
+
+        def place(item: WorkItem) -> bool:
+            occupant = self._slots.place(item)
+            if occupant is not None:
+                admissions.append(Admission(item, occupant.resolution, occupant.device, occupant.slot))
+            return occupant is not None
+
+        self._queue.take(place)
         return tuple(admissions)
 
     def _decodes_due(self) -> tuple[Decode, ...]:
@@ -288,7 +300,7 @@ class BoundaryPlanner:
                 soonest,
                 arriving,
                 held.capacity,
-                backlog_deep=len(self._queue) >= slots.total,
+                backlog_deep=len(self._queue) >= slots.capacity,
             ):
                 decodes.extend(self._take_decodes(resolution))
         return tuple(decodes)
@@ -299,8 +311,7 @@ class BoundaryPlanner:
         k = steps_per_dispatch(
             self._sizes.steps_per_dispatch,
             [o.remaining for o in occupants],
-            waiting=len(self._queue),
-            could_enter=admittable(self._policy, slots.free, slots.busy),
+            room_in=self.steps_until_a_queued_image_can_enter() if len(self._queue) else None,
         )
         buckets = tuple(
             (res, covering_bucket(self._sizes.rows_of(res), max(slots.block_rows(res, k))))
@@ -330,19 +341,14 @@ class BoundaryPlanner:
         return tuple(decodes)
 
 
-def steps_per_dispatch(
-    sizes: tuple[int, ...], steps_left: list[int], *, waiting: int, could_enter: int
-) -> int:
+def steps_per_dispatch(sizes: tuple[int, ...], steps_left: list[int], *, room_in: int | None) -> int:
     """The most compiled steps per dispatch (`sizes`: 1, 2, ..., K) that no occupant overshoots (each has
-    `steps_left`), when no waiting image could have joined before they end; else 1.
+    `steps_left`) and that do not outlast `room_in`, the steps until the queue's first image could enter
+    (None when nothing waits); at least 1.
 
-    Admission was decided just before, so an image still waiting has no slot it may take (every slot is
-    taken, or the static policy waits for the whole batch); while every occupant has k steps left no
-    slot frees (short of a cancellation) and the waiting image loses nothing. Under saturation this is
-    most boundaries, where the per-dispatch cost matters most. (Both policies admit all they may, so
-    after admission `could_enter` is 0 whenever an image waits; the rule keeps a policy that leaves a
-    slot free from making a waiting image sit out k steps.)
+    Admission was decided just before, so an image still waiting has no room it may take now (its rows
+    do not fit, or the static policy waits for the whole batch); until its rows free (an occupant ends,
+    or its guidance interval does) it loses nothing by a longer dispatch. Under saturation this is most
+    boundaries, where the per-dispatch cost matters most.
     """
-    if waiting > 0 and could_enter > 0:
-        return 1
-    return largest_fitting(sizes, min(steps_left))
+    return largest_fitting(sizes, min([*steps_left, room_in if room_in is not None else min(steps_left)]))

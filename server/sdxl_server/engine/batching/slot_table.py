@@ -1,13 +1,20 @@
 """Which image sits in which batch slot: the host's mirror of the device's slot state.
 
+Rows, not slots, are the capacity. A device runs at most `rows_per_device` UNet rows per step (2P, the
+largest compiled row bucket, for P = the operator's `slots_per_device`): two for a guided image's step,
+one for an unguided one's (guidance_rows.py). So a device holds P guided images, or up to 2P unguided
+ones, or any mix whose rows fit. An image is admitted onto a device only if, at every future step of
+every image on it (rows change when a guidance interval ends or begins, and when an image ends), the
+device's rows over all its banks stay within 2P; so no step ever needs more rows than were compiled.
+The stats count capacity in guided images: `capacity` (P per device) and `busy` (the rows taken, halved).
+
 Each served resolution has its own bank of slots on the device (its programs have fixed shapes), split
-into one block of `per_device` slots per device. The slots are one budget: at most `total` images are in
-flight across all banks. Within a block the busy slots are kept packed at the front (a release leaves a
-hole that `repack` closes; the step loop applies the returned order on the device with the `rearrange`
-program), and their UNet rows are packed in slot order at the front of the device's row batch (one row
-for an unguided step, two for a guided one: guidance_rows.py), so that a step runs the smallest compiled
-row count that covers them. An admission goes to the device whose block in that bank has the fewest rows
-at its next step.
+into one block of `per_device` slots per device: 2P, as many as the rows, since every image takes at
+least one row at each of its steps. Within a block the busy slots are kept packed at the front (a
+release leaves a hole that `repack` closes; the step loop applies the returned order on the device with
+the `rearrange` program), and their UNet rows are packed in slot order at the front of the device's row
+batch, so that a step runs the smallest compiled row count that covers them. An admission goes to the
+device, among those it fits, whose block in that bank has the fewest rows at its next step.
 
 Only the step loop's thread uses a SlotTable.
 """
@@ -19,6 +26,8 @@ import dataclasses
 import numpy as np
 
 from sdxl_server.engine.api import Resolution
+from sdxl_server.engine.batching.buckets import rows_per_device
+from sdxl_server.engine.batching.guidance_rows import rows_over
 from sdxl_server.engine.batching.tracked_request import WorkItem
 
 
@@ -27,7 +36,7 @@ class Occupant:
     item: WorkItem
     resolution: Resolution
     device: int
-    slot: int  # global index in the bank: device * per_device + position in the block
+    slot: int  # global index in the bank: device * per_device (2P) + position in the block
     steps_dispatched: int = 0
 
     @property
@@ -48,50 +57,96 @@ class Repack:
 
 
 class SlotTable:
-    def __init__(self, resolutions: tuple[Resolution, ...], devices: int, per_device: int) -> None:
+    def __init__(self, resolutions: tuple[Resolution, ...], devices: int, slots_per_device: int) -> None:
         self.devices = devices
-        self.per_device = per_device
-        self.total = devices * per_device
+        self.rows_per_device = rows_per_device(slots_per_device)  # 2P: the largest row bucket
+        self.per_device = self.rows_per_device  # slots per block in each bank (2P: an image takes >= 1 row)
+        self.total = devices * self.per_device  # slots per bank
+        self.capacity = devices * slots_per_device  # in guided images (P per device): the stats' slots
         # blocks[res][d]: the occupants of device d's block in position order (the first ones packed).
         self._blocks: dict[Resolution, list[list[Occupant]]] = {
             res: [[] for _ in range(devices)] for res in resolutions
         }
         self._holes: set[Resolution] = set()  # banks whose occupants no longer match their positions
-        self._busy = 0
+        self._images = 0
+
+    @property
+    def images(self) -> int:
+        """Images in slots, over every bank."""
+        return self._images
 
     @property
     def busy(self) -> int:
-        return self._busy
+        """The capacity taken, in guided images: the rows admission counts as taken on each device (its
+        most rows at any future step), summed over the devices, halved and rounded up."""
+        rows = sum(int(device_rows.max(initial=0)) for device_rows in self._device_rows())
+        return -(-rows // 2)
 
-    @property
-    def free(self) -> int:
-        return self.total - self._busy
-
-    def assign(self, item: WorkItem) -> Occupant:
-        """Places `item` at the end of the least-loaded block of its resolution's bank (the bank must be
-        packed: call `repack` after releases first)."""
-        if self.free <= 0:
-            raise RuntimeError("no free slot")
+    def place(self, item: WorkItem) -> Occupant | None:
+        """Places `item` at the end of its bank's block on the device it fits best, or returns None when
+        it fits on no device now (the bank must be packed: call `repack` after releases first)."""
         resolution = item.request.request.resolution
         if resolution in self._holes:
-            raise RuntimeError("assign before repack")
+            raise RuntimeError("place before repack")
         blocks = self._blocks[resolution]
-        load_elsewhere = self.device_loads()
+        device_rows = self._device_rows()
+        fitting = [
+            d
+            for d in range(self.devices)
+            if len(blocks[d]) < self.per_device and self._fits(item, device_rows[d], after=0)
+        ]
+        if not fitting:
+            return None
         rows = self.block_rows(resolution, 1)
         device = min(
-            (d for d in range(self.devices) if len(blocks[d]) < self.per_device),
-            key=lambda d: (rows[d], len(blocks[d]), load_elsewhere[d], d),
+            fitting,
+            key=lambda d: (rows[d], len(blocks[d]), int(device_rows[d][:1].sum()), d),
         )
         occupant = Occupant(item, resolution, device, device * self.per_device + len(blocks[device]))
         blocks[device].append(occupant)
-        self._busy += 1
+        self._images += 1
         return occupant
+
+    def steps_until_room(self, item: WorkItem | None) -> int:
+        """The fewest steps after which `item` would fit on some device if nothing else entered (its
+        rows, from its first step, beside what the occupants will still run then). None stands for a
+        guided image as long as the longest occupant's remaining steps."""
+        device_rows = self._device_rows()
+        horizon = max((len(rows) for rows in device_rows), default=0)
+        for after in range(horizon + 1):
+            if any(self._fits(item, rows, after) for rows in device_rows):
+                return after
+        return horizon  # not reached: once every occupant is done, any image fits
+
+    def _fits(self, item: WorkItem | None, device_rows: np.ndarray, after: int) -> bool:
+        """Whether `item`'s rows, starting `after` steps from now, fit beside `device_rows` (a device's
+        rows at each step from now) at every step."""
+        ahead = device_rows[after:]
+        if item is None:
+            wanted = np.full(len(ahead), 2, np.int32)
+        else:
+            wanted = rows_over(item.request.guided, item.steps, 0, len(ahead))
+        return bool(np.all(ahead + wanted <= self.rows_per_device))
+
+    def _device_rows(self) -> list[np.ndarray]:
+        """Per device, its UNet rows over every bank at each step from now until its last image ends."""
+        per_device: list[list[Occupant]] = [[] for _ in range(self.devices)]
+        for occupant in self.occupants():
+            per_device[occupant.device].append(occupant)
+        device_rows = []
+        for occupants in per_device:
+            horizon = max((o.remaining for o in occupants), default=0)
+            rows = np.zeros(horizon, np.int32)
+            for o in occupants:
+                rows += rows_over(o.item.request.guided, o.item.steps, o.steps_dispatched, horizon)
+            device_rows.append(rows)
+        return device_rows
 
     def release(self, occupant: Occupant) -> None:
         block = self._blocks[occupant.resolution][occupant.device]
         if occupant in block:
             block.remove(occupant)
-            self._busy -= 1
+            self._images -= 1
             self._holes.add(occupant.resolution)
 
     def repack(self, resolution: Resolution) -> Repack | None:
@@ -125,10 +180,6 @@ class SlotTable:
             max(sum(o.rows_ahead(offset) for o in block) for offset in range(steps))
             for block in self._blocks[resolution]
         ]
-
-    def device_loads(self) -> list[int]:
-        """Busy slots per device, over every bank."""
-        return [sum(len(blocks[d]) for blocks in self._blocks.values()) for d in range(self.devices)]
 
     def occupants(self) -> list[Occupant]:
         return [o for blocks in self._blocks.values() for block in blocks for o in block]

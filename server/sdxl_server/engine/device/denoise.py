@@ -18,11 +18,13 @@ between devices.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sdxl_server.engine.adapters.row_deltas import row_adapters
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.models.loader import LoadedModel
 from sdxl_server.engine.sampling import update as sampler_update
@@ -43,6 +45,10 @@ class SlotState(NamedTuple):
     seed: Any  # uint32[S]: the slot's own key, for samplers that draw noise at each step
     num_steps: Any  # int32[S]; 0 marks a slot that holds no image
     step: Any  # int32[S]: steps done; the slot is active while step < num_steps
+    # The slot's LoRA adapters (A = most per request; A = 0 without --lora-dir): the adapter bank's
+    # places and the request's scales, a scale of 0 where it has fewer (engine/adapters/row_deltas.py).
+    lora_places: Any  # int32[S, A]
+    lora_scales: Any  # float32[S, A]
 
 
 def onehot_pick(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -91,8 +97,15 @@ def slot_rows(state: SlotState) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def denoise_step(
-    model: LoadedModel, resolution: Resolution, row_count: int, unet_params: Any, state: SlotState
+    model: LoadedModel,
+    resolution: Resolution,
+    row_count: int,
+    unet_params: Any,
+    state: SlotState,
+    adapter_bank: Any = None,
 ) -> SlotState:
+    """One step of every active slot. With `adapter_bank` (the UNet's, device_bank.py), each row adds
+    the low-rank deltas of its slot's adapters; without it the UNet is the base one, unchanged."""
     index = jnp.minimum(state.step, state.timesteps.shape[1] - 1)
     t = onehot_pick(state.timesteps, index)
     coefficients = onehot_pick(state.coefficients, index)
@@ -106,13 +119,14 @@ def denoise_step(
     pooled = state.pooled[source, conditional]
     h, w = resolution.height, resolution.width
     time_ids = jnp.broadcast_to(jnp.array([h, w, 0, 0, h, w], dtype=embeds.dtype), (row_count, 6))
-    prediction = model.pipeline.unet.apply(
-        {"params": unet_params},
-        scaled[source],
-        t[source],
-        encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-    ).sample.astype(jnp.float32)
+    with _row_adapters(adapter_bank, state, source):
+        prediction = model.pipeline.unet.apply(
+            {"params": unet_params},
+            scaled[source],
+            t[source],
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample.astype(jnp.float32)
     cond = prediction[layout.last_row]
     uncond = prediction[layout.first_row]
     guidance = per_slot(state.guidance, latents)
@@ -130,14 +144,27 @@ def denoise_step(
     )
 
 
+def _row_adapters(adapter_bank: Any, state: SlotState, source: jax.Array) -> Any:
+    """Both rows of a guided slot (and its one row otherwise) take the slot's adapters."""
+    if adapter_bank is None:
+        return contextlib.nullcontext()
+    return row_adapters(adapter_bank, state.lora_places[source], state.lora_scales[source])
+
+
 def denoise_steps(
-    model: LoadedModel, resolution: Resolution, k: int, row_count: int, unet_params: Any, state: SlotState
+    model: LoadedModel,
+    resolution: Resolution,
+    k: int,
+    row_count: int,
+    unet_params: Any,
+    state: SlotState,
+    adapter_bank: Any = None,
 ) -> Any:
     """`k` steps in one program, each over `row_count` UNet rows; returns the new (latents, history,
     step)."""
 
     def one(_: Any, current: SlotState) -> SlotState:
-        return denoise_step(model, resolution, row_count, unet_params, current)
+        return denoise_step(model, resolution, row_count, unet_params, current, adapter_bank)
 
     out = one(0, state) if k == 1 else jax.lax.fori_loop(0, k, one, state)
     return out.latents, out.history, out.step

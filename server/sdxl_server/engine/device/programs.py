@@ -7,6 +7,11 @@ so that every per-device program works on a prefix of its own block:
 * `insert`: writes one slot (its initial noise, embeddings, guidance and per-step tables);
 * `steps[(k, r)]`: k denoising steps of every block's busy slots, their UNet rows packed into r rows
   (r a row bucket, buckets.py: one row per unguided image, two per guided one; denoise.py);
+* `adapter_steps[(k, r)]` (with an adapter bank, `--lora-dir`): the same steps, taking the UNet's
+  LoRA adapter bank as an argument, each row adding its slot's adapters' deltas. The step loop runs
+  them only while a busy slot has an adapter, so a batch without one costs what it did before;
+* `encode_with_adapters` (likewise): `encode` with one request's adapters applied to both text
+  encoders, from their own banks (used only for a request whose adapters change a text encoder);
 * `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
   permutes the slots so that the busy ones come first again (a gather with local indices);
 * `decode[b]`: the VAE over b held latents of every block from a given row (the same on every device),
@@ -22,15 +27,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from sdxl_server.engine.adapters.adapter_bank import BankLayout
+from sdxl_server.engine.adapters.device_bank import empty_device_bank
+from sdxl_server.engine.adapters.row_deltas import row_adapters
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes
+from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes, rows_per_device
 from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
 from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
 from sdxl_server.engine.device.program_cache import ProgramCache
@@ -59,6 +67,8 @@ class SlotUpdate(NamedTuple):
     coefficients: Any  # float32[max_steps, len(sampler_update.COEFFICIENTS)]
     num_steps: Any  # int32
     init_noise_sigma: Any  # float32
+    lora_places: Any  # int32[A]: the adapter bank's places of the request's adapters (0 past them)
+    lora_scales: Any  # float32[A]: their scales (0 past them: no change)
 
 
 class Rearrangement(NamedTuple):
@@ -87,6 +97,8 @@ class ResolutionPrograms:
     rearrange: Any  # (Bank, Rearrangement) -> Bank
     decode: dict[int, Any]  # b -> (vae params, held, int32 first row) -> uint8[D*b, h, w, 3]
     empty_bank: Bank
+    # (k, rows) -> (unet params, UNet adapter bank, SlotState) -> as `steps`; empty without a bank.
+    adapter_steps: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -96,6 +108,11 @@ class ProgramSet:
     by_resolution: dict[Resolution, ResolutionPrograms]
     compile_seconds: float
     programs_compiled: int  # programs built at start (compiled, or loaded from the cache directory)
+    # The LoRA adapter banks by component ("unet", "text_encoder", "text_encoder_2"), every place empty,
+    # replicated (device_bank.py); empty without --lora-dir.
+    adapter_banks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # (text encoder params, {encoder: bank}, int32[A] places, float32[A] scales, token ids) -> as `encode`
+    encode_with_adapters: Any = None
 
 
 def _steps_of_block(
@@ -104,6 +121,19 @@ def _steps_of_block(
     """One device's block: k steps of its busy slots over `rows` UNet rows (idle slots stay as they
     were: their rows are zero, and the per-slot arithmetic beside the UNet is negligible)."""
     return denoise_steps(model, resolution, k, rows, unet_params, block)
+
+
+def _adapter_steps_of_block(
+    model: LoadedModel,
+    resolution: Resolution,
+    k: int,
+    rows: int,
+    unet_params: Any,
+    adapter_bank: Any,
+    block: SlotState,
+) -> Any:
+    """`_steps_of_block` with each row's LoRA adapters from the (replicated) bank."""
+    return denoise_steps(model, resolution, k, rows, unet_params, block, adapter_bank)
 
 
 def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
@@ -156,11 +186,39 @@ def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update
         seed=put(state.seed, update.seed),
         num_steps=put(state.num_steps, update.num_steps),
         step=put(state.step, 0),
+        lora_places=put(state.lora_places, update.lora_places),
+        lora_scales=put(state.lora_scales, update.lora_scales),
     )
 
 
 def _encode(model: LoadedModel, text_params: Any, token_ids: jax.Array) -> Any:
     return model.pipeline.get_embeddings(token_ids, text_params)
+
+
+def _encode_with_adapters(
+    model: LoadedModel,
+    text_params: Any,
+    banks: Any,
+    places: jax.Array,
+    scales: jax.Array,
+    token_ids: jax.Array,
+) -> Any:
+    """`get_embeddings` (diffusers' SDXL pipeline), each encoder under its own bank: both CLIP encoders
+    name their layers alike, so one interception over both could not tell their factors apart."""
+    pipeline = model.pipeline
+    rows = token_ids.shape[0]
+    row_places = jnp.broadcast_to(places, (rows, places.shape[0]))
+    row_scales = jnp.broadcast_to(scales, (rows, scales.shape[0]))
+    with row_adapters(banks["text_encoder"], row_places, row_scales):
+        first = pipeline.text_encoder(
+            token_ids[:, 0, :], params=text_params["text_encoder"], output_hidden_states=True
+        )
+    with row_adapters(banks["text_encoder_2"], row_places, row_scales):
+        second = pipeline.text_encoder_2(
+            token_ids[:, 1, :], params=text_params["text_encoder_2"], output_hidden_states=True
+        )
+    embeds = jnp.concatenate([first["hidden_states"][-2], second["hidden_states"][-2]], axis=-1)
+    return embeds, second["text_embeds"]
 
 
 def _per_device(mesh: Mesh, fn: Any, in_specs: Any, out_specs: Any) -> Any:
@@ -179,6 +237,8 @@ def build_programs(
     cache: ProgramCache | None = None,
     on_compiled: Callable[[str, Any, float], None] | None = None,
     decode_batch: int | None = None,
+    adapter_layouts: Mapping[str, BankLayout] | None = None,
+    loras_per_request: int = 0,
 ) -> ProgramSet:
     """Places the parameters and compiles (or loads from `cache`) every program for every resolution.
 
@@ -186,9 +246,12 @@ def build_programs(
     topology that is not attached) nothing is placed or allocated: the same programs are compiled from
     shapes alone, for the mesh's devices, and the returned set's params and empty banks are shapes too.
     `on_compiled(name, program, seconds)` sees each program as it is built. `decode_batch`: the most
-    images one decode call takes per device (default: the slots per device)."""
+    images one decode call takes per device (default: the slots per device). `adapter_layouts`: the
+    LoRA adapter banks of the UNet and both text encoders (with `loras_per_request` adapters per
+    slot), for which `adapter_steps` and `encode_with_adapters` are compiled beside `steps` and
+    `encode`; None: no per-request adapters, and no slot carries any."""
     rep, sharded = replicated(mesh), slot_sharded(mesh)
-    slots = slots_per_device * mesh.size
+    slots = rows_per_device(slots_per_device) * mesh.size  # 2P a device: P guided or 2P unguided images
     buckets = bucket_sizes(min(decode_batch or slots_per_device, slots_per_device))
     row_buckets = row_bucket_sizes(slots_per_device)
     abstract = is_abstract(model.params)
@@ -216,10 +279,33 @@ def build_programs(
     token_spec = jax.ShapeDtypeStruct((ENCODE_ROWS, 2, model.max_tokens), jnp.int32, sharding=rep)
     encode = compile_("encode", functools.partial(_encode, model), (rep, rep), rep, text_params, token_spec)
     embeds_spec, pooled_spec = jax.eval_shape(functools.partial(_encode, model), text_params, token_spec)
+    loras = loras_per_request if adapter_layouts else 0
+    adapter_banks: dict[str, Any] = {}
+    for component, layout in (adapter_layouts or {}).items():
+        dtype = jax.tree_util.tree_leaves(params[component])[0].dtype
+        empty = layout.empty(dtype)
+        adapter_banks[component] = (
+            _abstract_on(empty, rep) if abstract else empty_device_bank(layout, dtype, rep)
+        )
+    adapter_bank = adapter_banks.get("unet")
+    encode_with_adapters = None
+    if adapter_banks:
+        text_banks = {c: adapter_banks[c] for c in ("text_encoder", "text_encoder_2")}
+        encode_with_adapters = compile_(
+            "encode-lora",
+            functools.partial(_encode_with_adapters, model),
+            (rep, rep, rep, rep, rep),
+            rep,
+            text_params,
+            text_banks,
+            jax.ShapeDtypeStruct((loras,), jnp.int32, sharding=rep),
+            jax.ShapeDtypeStruct((loras,), jnp.float32, sharding=rep),
+            token_spec,
+        )
 
     by_resolution = {}
     for resolution in resolutions:
-        bank_shapes = _bank_shapes(model, resolution, slots, max_steps, embeds_spec, pooled_spec)
+        bank_shapes = _bank_shapes(model, resolution, slots, max_steps, embeds_spec, pooled_spec, loras)
         bank = _abstract_on(bank_shapes, sharded) if abstract else _zeros_on(bank_shapes, sharded)
         state = bank.slots
         state_shardings = SlotState(*([sharded] * len(SlotState._fields)))
@@ -240,6 +326,8 @@ def build_programs(
             ),
             num_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             init_noise_sigma=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+            lora_places=jax.ShapeDtypeStruct((loras,), jnp.int32, sharding=rep),
+            lora_scales=jax.ShapeDtypeStruct((loras,), jnp.float32, sharding=rep),
         )
         update_shardings = SlotUpdate(*([rep] * len(SlotUpdate._fields)))
         insert = compile_(
@@ -267,6 +355,26 @@ def build_programs(
             for k in steps_per_dispatch
             for rows in row_buckets
         }
+        adapter_steps = {}
+        if adapter_bank is not None:
+            adapter_steps = {
+                (k, rows): compile_(
+                    f"lorastep{k}x{rows}-{resolution}",
+                    _per_device(
+                        mesh,
+                        functools.partial(_adapter_steps_of_block, model, resolution, k, rows),
+                        (_WHOLE, _WHOLE, block_specs),
+                        (_BLOCK, _BLOCK, _BLOCK),
+                    ),
+                    (rep, rep, state_shardings),
+                    (sharded, sharded, sharded),
+                    params["unet"],
+                    adapter_bank,
+                    state,
+                )
+                for k in steps_per_dispatch
+                for rows in row_buckets
+            }
         plan = Rearrangement(
             order=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),
             live=jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded),
@@ -301,9 +409,11 @@ def build_programs(
             for b in buckets
         }
         by_resolution[resolution] = ResolutionPrograms(
-            resolution, buckets, row_buckets, insert, steps, rearrange, decode, bank
+            resolution, buckets, row_buckets, insert, steps, rearrange, decode, bank, adapter_steps
         )
-    return ProgramSet(params, encode, by_resolution, compile_seconds, compiled_count)
+    return ProgramSet(
+        params, encode, by_resolution, compile_seconds, compiled_count, adapter_banks, encode_with_adapters
+    )
 
 
 def is_abstract(params: Any) -> bool:
@@ -327,6 +437,7 @@ def _bank_shapes(
     max_steps: int,
     embeds_spec: Any,
     pooled_spec: Any,
+    loras: int = 0,
 ) -> Bank:
     """The shapes of one resolution's bank (all zeros when placed: empty slots, nothing held)."""
     h, w = resolution.height // model.vae_scale_factor, resolution.width // model.vae_scale_factor
@@ -345,5 +456,7 @@ def _bank_shapes(
         seed=shape((slots,), jnp.uint32),
         num_steps=shape((slots,), jnp.int32),
         step=shape((slots,), jnp.int32),
+        lora_places=shape((slots, loras), jnp.int32),
+        lora_scales=shape((slots, loras), jnp.float32),
     )
     return Bank(state, shape(latent_shape, jnp.float32))

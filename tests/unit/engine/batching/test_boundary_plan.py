@@ -170,7 +170,7 @@ class Server:
     ) -> None:
         board = StatsBoard(slots_total=devices * per_device)
         self.queue = AdmissionQueue(max_images=1000, board=board)
-        self.slots = SlotTable(resolutions, devices, per_device)
+        self.slots = SlotTable(resolutions, devices, per_device)  # 2 x per_device rows (and slots) a device
         sizes = ProgramSizes(
             buckets={res: bucket_sizes(min(decode_batch or per_device, per_device)) for res in resolutions},
             steps_per_dispatch=bucket_sizes(most_steps_per_dispatch),
@@ -179,7 +179,7 @@ class Server:
         self.planner = BoundaryPlanner(
             policy=policy, decode_hold_steps=hold_steps, sizes=sizes, slots=self.slots, queue=self.queue
         )
-        self.programs = FakePrograms(resolutions, devices, per_device)
+        self.programs = FakePrograms(resolutions, devices, self.slots.per_device)
         self.plans: list[BoundaryPlan] = []
 
     def submit(self, *requests: TrackedRequest) -> None:
@@ -214,7 +214,7 @@ def test_continuous_admission_fills_a_free_slot_at_the_next_boundary():
     assert admitted(server.boundary()) == ["long"]
     server.submit(tracked("late", steps=2))
     assert admitted(server.boundary()) == ["late"]  # while "long" still runs
-    assert server.slots.busy == 2
+    assert server.slots.busy == 2 and server.slots.images == 2  # two guided images: 4 rows of 4
 
 
 def test_static_admission_waits_for_the_whole_batch_to_finish():
@@ -226,7 +226,7 @@ def test_static_admission_waits_for_the_whole_batch_to_finish():
     assert admitted(server.boundary()) == ["late"]  # the slots are all free again
 
 
-def test_a_boundary_admits_no_more_images_than_free_slots_in_queue_order():
+def test_a_boundary_admits_no_more_guided_images_than_their_rows_fit_in_queue_order():
     server = Server(per_device=2)
     server.submit(tracked("a", num_images=2), tracked("b"))
     plan = server.boundary()
@@ -243,8 +243,8 @@ def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
     second = server.boundary()  # "short" finished: its latents go to the held buffer, b and c move up
     (compaction,) = second.compactions
     assert compaction.repacking is not None
-    assert list(compaction.repacking.order) == [1, 2, 0, 3]
-    assert list(compaction.repacking.live) == [True, True, False, False]
+    assert list(compaction.repacking.order) == [1, 2, 0, 3, 4, 5, 6, 7]  # 8 slots: rows' worth
+    assert list(compaction.repacking.live) == [True, True] + [False] * 6
     assert compaction.repacking.held_counts == [1]
     assert [o.slot for o in server.slots.occupants()] == [0, 1]
     assert second.dispatch is not None and second.dispatch.buckets == ((SQUARE, 4),)  # 2 guided
@@ -313,11 +313,12 @@ def test_a_dispatch_runs_the_most_steps_no_slot_overshoots():
     assert [d.steps for d in server.programs.dispatches[3:]] == [2, 1, 2, 1]
 
 
-def test_a_waiting_image_that_could_take_a_slot_keeps_dispatches_to_one_step():
+def test_a_dispatch_does_not_outlast_the_steps_until_a_waiting_image_could_enter():
     sizes = bucket_sizes(4)
-    assert steps_per_dispatch(sizes, [7, 9], waiting=1, could_enter=1) == 1
-    assert steps_per_dispatch(sizes, [7, 9], waiting=1, could_enter=0) == 4  # every slot is taken
-    assert steps_per_dispatch(sizes, [7, 3], waiting=0, could_enter=2) == 2  # nobody waits
+    assert steps_per_dispatch(sizes, [7, 9], room_in=0) == 1  # it could enter now (not admissible yet)
+    assert steps_per_dispatch(sizes, [7, 9], room_in=2) == 2  # its rows free in 2 steps
+    assert steps_per_dispatch(sizes, [7, 9], room_in=7) == 4  # not before an occupant ends
+    assert steps_per_dispatch(sizes, [7, 3], room_in=None) == 2  # nobody waits
 
 
 def test_a_full_server_still_runs_k_steps_while_images_wait():
@@ -390,13 +391,24 @@ def test_every_image_of_a_mixed_workload_is_decoded_exactly_once(policy, decode_
 def test_held_images_beyond_the_decode_batch_are_decoded_in_several_calls_within_the_block():
     """7 slots, decodes of at most 4 images: 7 finished images take a call of 4 from row 0, then one of
     4 that starts at row 3 (kept within the block) and delivers rows 4 to 6 only."""
-    server = Server(per_device=7, decode_batch=4, hold_steps=0)
+    server = Server(per_device=7, decode_batch=4, hold_steps=0)  # 14 rows: 7 guided, or 14 unguided
     server.submit(*(tracked(f"r{i}", steps=1) for i in range(7)))
     server.boundary()  # admits all 7 and runs their one step
-    plan = server.boundary()  # they finished: stashed (the held buffer fits 7), then decoded
+    plan = server.boundary()  # they finished: stashed (the held buffer fits 14), then decoded
     calls = [(d.first, d.bucket, len(d.images())) for d in plan.decodes]
-    assert calls == [(0, 4, 4), (3, 4, 3)]
+    assert calls == [(0, 4, 4), (4, 4, 3)]
     assert sorted(item.request.request_id for item in server.programs.decoded) == [f"r{i}" for i in range(7)]
+
+
+def test_a_last_decode_call_that_would_pass_the_blocks_end_starts_early():
+    """20 unguided images fill a block of 10 slots per device (20 rows), decodes of at most 7 (buckets
+    1, 2, 4, 7): calls of 7 from rows 0 and 7, then the last 6 in a call of 7 that starts at row 13."""
+    server = Server(per_device=10, decode_batch=7, hold_steps=0)
+    server.submit(*(tracked(f"r{i}", steps=1, guidance_scale=0.0) for i in range(20)))
+    server.boundary()
+    plan = server.boundary()
+    assert [(d.first, d.bucket, len(d.images())) for d in plan.decodes] == [(0, 7, 7), (7, 7, 7), (13, 7, 6)]
+    assert len(server.programs.decoded) == 20
 
 
 # ---- rows, not slots
@@ -491,3 +503,110 @@ def test_a_mixed_guidance_workload_fits_its_row_batches_at_every_step(policy):
             server.boundary()
     server.run_until_idle()
     assert len(server.programs.decoded) == images
+
+
+# ---- rows as the capacity: a device holds 2P rows' worth of images (P = slots per device)
+
+
+def ids(plans: list[BoundaryPlan]) -> list[str]:
+    return [request_id for plan in plans for request_id in admitted(plan)]
+
+
+def test_twice_as_many_unguided_images_share_one_step_as_guided_ones():
+    server = Server(per_device=2)  # 4 rows a device: 2 guided images or 4 unguided ones
+    server.submit(*(tracked(f"u{i}", steps=3, guidance_scale=0.0) for i in range(5)))
+    plan = server.boundary()
+    assert admitted(plan) == ["u0", "u1", "u2", "u3"] and len(server.queue) == 1
+    assert plan.dispatch is not None and plan.dispatch.slots_busy == 4
+    assert plan.dispatch.rows_busy == 4 and plan.dispatch.buckets == ((SQUARE, 4),)  # one step of 2P rows
+    assert server.slots.busy == server.slots.capacity == 2  # in guided images: 4 rows taken of 4
+
+
+def test_a_guided_image_waits_while_the_block_is_full_of_rows_and_those_behind_it_wait_too():
+    server = Server(per_device=2)
+    server.submit(*(tracked(f"u{i}", steps=3, guidance_scale=0.0) for i in range(3)))  # 3 rows of 4
+    server.submit(tracked("guided", steps=3), tracked("behind", steps=3, guidance_scale=0.0))
+    assert admitted(server.boundary()) == ["u0", "u1", "u2"]  # "behind" would fit its one row, but waits
+    assert [admitted(server.boundary()) for _ in range(2)] == [[], []]  # the three run steps 2 and 3
+    assert admitted(server.boundary()) == ["guided", "behind"]
+
+
+def test_a_stream_of_unguided_images_behind_a_guided_one_cannot_starve_it():
+    """One row frees at a time (staggered ends) while new unguided images keep arriving behind the
+    guided one: were they let past, each would take the row that just freed and the guided image, which
+    needs two at once, would wait for as long as they keep coming."""
+    server = Server(per_device=2)
+    server.submit(*(tracked(f"u{i}", steps=2 + i, guidance_scale=0.0) for i in range(4)))
+    server.submit(tracked("guided", steps=2))
+    for i in range(6):
+        server.submit(tracked(f"late{i}", steps=6, guidance_scale=0.0))
+        server.boundary()
+    order = ids(server.plans)
+    assert order[:5] == ["u0", "u1", "u2", "u3", "guided"]
+    assert admitted(server.plans[3]) == ["guided"]  # u0 and u1 ended after steps 2 and 3: two rows free
+
+
+def test_a_slot_dropping_to_one_row_frees_room_that_the_next_boundary_uses():
+    server = Server(per_device=2)  # 4 rows
+    server.submit(tracked("interval", steps=10, guidance_interval=(0.0, 0.2)), tracked("guided", steps=10))
+    server.submit(tracked("unguided", steps=4, guidance_scale=0.0))
+    assert admitted(server.boundary()) == ["interval", "guided"]  # 4 rows: full
+    assert admitted(server.boundary()) == []  # "interval" is still guided at its step 1
+    plan = server.boundary()  # from its step 2, "interval" takes one row: 1 + 2 + 1
+    assert admitted(plan) == ["unguided"]
+    assert plan.dispatch is not None and plan.dispatch.rows_busy == 4 and plan.dispatch.slots_busy == 3
+
+
+def test_a_multi_step_dispatch_stops_where_an_interval_end_lets_a_waiting_image_in():
+    server = Server(per_device=2, most_steps_per_dispatch=4)
+    server.submit(tracked("interval", steps=10, guidance_interval=(0.0, 0.2)), tracked("guided", steps=10))
+    server.submit(tracked("unguided", steps=4, guidance_scale=0.0))
+    first = server.boundary()
+    assert first.dispatch is not None and first.dispatch.steps == 2  # not 4: the rows free after 2
+    assert admitted(server.boundary()) == ["unguided"]
+
+
+def test_the_steps_until_a_queued_image_can_enter_count_rows_an_interval_end_frees():
+    server = Server(per_device=1)  # 2 rows
+    server.submit(tracked("interval", steps=10, guidance_interval=(0.0, 0.3)))
+    server.submit(tracked("unguided", steps=2, guidance_scale=0.0))
+    server.boundary()  # "interval" ran its step 0; its steps 1 and 2 are guided too
+    assert server.planner.steps_until_a_queued_image_can_enter() == 2
+    assert len(server.queue) == 1
+
+
+def test_admission_counts_the_rows_an_image_takes_once_its_guidance_begins():
+    server = Server(per_device=1)  # 2 rows
+    server.submit(tracked("late-guidance", steps=4, guidance_interval=(0.5, 1.0)))
+    server.submit(tracked("unguided", steps=4, guidance_scale=0.0))
+    assert admitted(server.boundary()) == ["late-guidance"]  # 1 + 1 rows now, but 2 + 1 from step 2
+    server = Server(per_device=1)
+    server.submit(tracked("late-guidance", steps=4, guidance_interval=(0.5, 1.0)))
+    server.submit(tracked("short", steps=2, guidance_scale=0.0))  # ends before the guidance begins
+    assert admitted(server.boundary()) == ["late-guidance", "short"]
+
+
+def test_rows_of_every_bank_on_a_device_count_against_its_capacity():
+    server = Server(devices=1, per_device=2, resolutions=(SQUARE, WIDE))
+    server.submit(tracked("square", steps=5), tracked("wide", steps=5, resolution=WIDE))
+    server.submit(tracked("third", steps=5, guidance_scale=0.0))
+    plan = server.boundary()
+    assert admitted(plan) == ["square", "wide"] and server.slots.busy == 2
+    assert plan.dispatch is not None and plan.dispatch.buckets == ((SQUARE, 2), (WIDE, 2))
+
+
+def test_an_image_not_admissible_yet_lets_later_ones_pass_and_one_that_does_not_fit_does_not():
+    queue = AdmissionQueue(max_images=10, board=StatsBoard(slots_total=1))
+    for request_id in ("loading", "fits", "too-big", "behind"):
+        queue.put(tracked(request_id), lambda: 1.0, lambda ahead: None)
+    queue.receive()
+    queue.admissible = lambda item: item.request.request_id != "loading"  # its adapters still load
+    offered: list[str] = []
+
+    def place(item: WorkItem) -> bool:
+        offered.append(item.request.request_id)
+        return item.request.request_id != "too-big"
+
+    assert [item.request.request_id for item in queue.take(place)] == ["fits"]
+    assert offered == ["fits", "too-big"]
+    assert [item.request.request_id for item in queue.items()] == ["loading", "too-big", "behind"]

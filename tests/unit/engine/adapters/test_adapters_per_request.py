@@ -1,0 +1,198 @@
+"""Per-request LoRA adapters served by the real engine (tiny model, CPU): an image made with adapter X at
+scale s, in a batch whose other rows use adapter Y or none, equals the Flax pipeline's image with X
+merged into the weights (W + s * alpha/rank * up @ down, by hand: lora_writers) and the same request
+served alone; two adapters stacked equal both merged; a third adapter evicts the least recently used
+idle one; an adapter on the text encoders too equals it merged into all three (applied when the prompt
+is encoded, and the prompt cache keyed on it); an adapter the bank cannot hold is refused naming the
+field.
+
+Tolerance: one level of 255, as for the engine's own oracle and --fuse-lora's (the bank adds the
+low-rank product beside the kernel, x @ W + (x @ down) @ up, where the merged pipeline computes
+x @ (W + down @ up): the same sums in another order, float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from engine_helpers import SQUARE, Recorder, make_config, max_level_difference, request, run
+from sdxl_server.engine import JaxEngine
+from sdxl_server.engine.api import Finished, InvalidRequestError, LoraChoice
+from sdxl_test_support.lora_writers import merged_flax_params, random_layers, write_diffusers, write_kohya
+
+PROMPT, NEGATIVE, STEPS, GUIDANCE = "a red bicycle", "blurry", 4, 7.5
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    x = random_layers(tiny_model_dir, rank=4, alpha=2.0, seed=11, components=("unet",))
+    y = random_layers(tiny_model_dir, rank=2, alpha=1.0, seed=12, components=("unet",), every=2)
+    z = random_layers(tiny_model_dir, rank=3, alpha=3.0, seed=13, components=("unet",), every=3)
+    write_kohya(tiny_model_dir, x, folder / "x.safetensors", original_unet_names=True)  # stored fp16
+    write_diffusers(tiny_model_dir, y, folder / "y.safetensors")  # float32
+    write_diffusers(tiny_model_dir, z, folder / "z.safetensors")
+    te = random_layers(tiny_model_dir, rank=4, alpha=4.0, seed=14)  # the UNet and both text encoders
+    write_kohya(tiny_model_dir, te, folder / "with-te.safetensors")
+    locon = random_layers(tiny_model_dir, rank=2, seed=15, components=("unet",), convolutions=True)
+    write_kohya(tiny_model_dir, locon, folder / "locon.safetensors")
+    written = {"x": (x, np.float16), "y": (y, np.float32), "z": (z, np.float32), "with-te": (te, np.float16)}
+    return folder, written
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_model_dir, compilation_cache_dir, adapters, engine):
+    # After the shared engine: a start with the same programs loads them from the compilation cache.
+    folder, _ = adapters
+    config = make_config(
+        tiny_model_dir,
+        compilation_cache_dir,
+        resolutions=(SQUARE,),
+        lora_dir=str(folder),
+        lora_places=2,
+        lora_max_rank=4,
+        max_loras_per_request=2,
+    )
+    started = JaxEngine(config)
+    started.start()
+    yield started
+    started.stop(drain_seconds=10)
+
+
+def _case(request_id: str, seed: int, *loras: tuple[str, float]):
+    case = request(
+        request_id, prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=STEPS, guidance_scale=GUIDANCE
+    )
+    return dataclasses.replace(case, loras=tuple(LoraChoice(name, scale) for name, scale in loras))
+
+
+def _pipeline_image(tiny_model_dir, adapters, seed: int, *loras: tuple[str, float]) -> np.ndarray:
+    import jax
+    from diffusers import FlaxStableDiffusionXLPipeline
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+
+    silence_library_noise()
+    _, written = adapters
+    pipeline, params = FlaxStableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    for name, scale in loras:
+        layers, dtype = written[name]
+        params = merged_flax_params(params, [(layers, scale)], dtype=dtype)
+    images = pipeline(
+        pipeline.prepare_inputs([PROMPT]),
+        params,
+        jax.random.PRNGKey(seed),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SQUARE.height,
+        width=SQUARE.width,
+        neg_prompt_ids=pipeline.prepare_inputs([NEGATIVE]),
+        jit=False,
+    ).images
+    return np.round(np.asarray(images[0]) * 255).astype(np.uint8)
+
+
+def _served_together(engine, *cases) -> list[np.ndarray]:
+    recorders = [Recorder() for _ in cases]
+    for case, recorder in zip(cases, recorders, strict=True):
+        engine.submit(case, recorder)
+    images = []
+    for case, recorder in zip(cases, recorders, strict=True):
+        end = recorder.wait()
+        assert isinstance(end, Finished), f"{case.request_id} ended with {end}"
+        images.append(recorder.images()[0])
+    return images
+
+
+@pytest.mark.slow
+def test_an_adapter_in_a_mixed_batch_gives_the_pipelines_image_with_it_merged(
+    tiny_model_dir, adapters, lora_engine
+):
+    with_x, with_y, without = _served_together(
+        lora_engine, _case("x", 5, ("x", 0.8)), _case("y", 6, ("y", -1.0)), _case("none", 7)
+    )
+    assert max_level_difference(with_x, _pipeline_image(tiny_model_dir, adapters, 5, ("x", 0.8))) <= 1
+    assert max_level_difference(with_y, _pipeline_image(tiny_model_dir, adapters, 6, ("y", -1.0))) <= 1
+    assert max_level_difference(without, _pipeline_image(tiny_model_dir, adapters, 7)) <= 1
+    # Served alone, the same request gives the same image; and the adapter did change it.
+    alone = run(lora_engine, _case("x-alone", 5, ("x", 0.8))).images()[0]
+    assert max_level_difference(with_x, alone) <= 1
+    assert max_level_difference(with_x, _pipeline_image(tiny_model_dir, adapters, 5)) > 10
+    # The batch did mix them: a step ran with rows of more than one request at once.
+    steps = [e for e in lora_engine.trace() if e.kind.name == "STEP"]
+    assert any("slots=2" in e.detail or "slots=3" in e.detail for e in steps)
+
+
+@pytest.mark.slow
+def test_two_adapters_stacked_equal_both_merged(tiny_model_dir, adapters, lora_engine):
+    served = run(lora_engine, _case("xy", 8, ("x", 0.5), ("y", 1.5))).images()[0]
+    expected = _pipeline_image(tiny_model_dir, adapters, 8, ("x", 0.5), ("y", 1.5))
+    assert max_level_difference(served, expected) <= 1
+
+
+@pytest.mark.slow
+def test_a_third_adapter_evicts_the_least_recently_used_and_metrics_count_it(
+    tiny_model_dir, adapters, lora_engine
+):
+    run(lora_engine, _case("x-again", 9, ("x", 1.0)))  # x used after y: y is the least recently used
+    before = lora_engine.stats()
+    served = run(lora_engine, _case("z", 10, ("z", 1.0))).images()[0]
+    after = lora_engine.stats()
+    assert after.lora_evictions == before.lora_evictions + 1
+    assert after.lora_loads == before.lora_loads + 1
+    assert after.lora_resident == 2 and after.lora_load_seconds > before.lora_load_seconds
+    assert after.lora_requests == before.lora_requests + 1
+    assert max_level_difference(served, _pipeline_image(tiny_model_dir, adapters, 10, ("z", 1.0))) <= 1
+    resident = {a.name for a in lora_engine.info().adapters if a.resident}
+    assert resident == {"x", "z"}  # GetServerInfo's view: y left
+    # x stayed resident: its next request loads nothing.
+    run(lora_engine, _case("x-resident", 11, ("x", 1.0)))
+    assert lora_engine.stats().lora_loads == after.lora_loads
+
+
+@pytest.mark.slow
+def test_an_adapter_on_the_text_encoders_applies_at_encoding_and_keys_the_prompt_cache(
+    tiny_model_dir, adapters, lora_engine
+):
+    plain = run(lora_engine, _case("te-plain", 13)).images()[0]  # caches the prompt's plain embeddings
+    hits = lora_engine.stats().prompt_cache_hits
+    served = run(lora_engine, _case("te", 13, ("with-te", 0.7))).images()[0]
+    assert lora_engine.stats().prompt_cache_hits == hits  # not the plain prompt's cached embeddings
+    expected = _pipeline_image(tiny_model_dir, adapters, 13, ("with-te", 0.7))
+    assert max_level_difference(served, expected) <= 1
+    assert max_level_difference(served, plain) > 10
+    again = run(lora_engine, _case("te-again", 13, ("with-te", 0.7))).images()[0]
+    assert lora_engine.stats().prompt_cache_hits == hits + 1  # same prompt, adapters and scales: a hit
+    assert max_level_difference(again, served) == 0
+
+
+def test_an_adapter_the_bank_cannot_hold_is_refused_naming_the_field(lora_engine):
+    with pytest.raises(InvalidRequestError) as refused:
+        lora_engine.submit(_case("locon", 1, ("x", 1.0), ("locon", 1.0)), Recorder())
+    assert refused.value.field == "loras[1].name"
+    assert "convolution (LoCon)" in str(refused.value) and "--fuse-lora" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_the_lora_metrics_have_no_label_per_adapter(lora_engine):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from sdxl_server.metrics import EngineCollector
+
+    run(lora_engine, _case("metered", 12, ("y", 0.5)))
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lora_engine.stats))
+    samples = {
+        sample.name: sample
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if sample.name.startswith("sdxl_lora_")
+    }
+    stats = lora_engine.stats()
+    assert samples["sdxl_lora_loads_total"].value == stats.lora_loads >= 1
+    assert samples["sdxl_lora_requests_total"].value == stats.lora_requests >= 1
+    assert samples["sdxl_lora_resident"].value == stats.lora_resident >= 1
+    assert samples["sdxl_lora_load_seconds_total"].value > 0
+    assert {"sdxl_lora_evictions_total", "sdxl_lora_load_failures_total"} <= set(samples)
+    assert all(not sample.labels for sample in samples.values())  # never one series per adapter
