@@ -33,7 +33,12 @@ ACCEPTED: dict[str, dict[str, Any]] = {
     },
     # The memory plan's settings: slots decided at start, the share of memory, the attention.
     "memory-plan": {
-        "server": {"slotsPerDevice": "auto", "maxDecodeBatch": "auto", "memoryFraction": 0.5, "attention": "flash"}
+        "server": {
+            "slotsPerDevice": "auto",
+            "maxDecodeBatch": "auto",
+            "memoryFraction": 0.5,
+            "attention": "flash",
+        }
     },
     "decode-batch": {"server": {"slotsPerDevice": 4, "maxDecodeBatch": 1}},
     "smallest": {

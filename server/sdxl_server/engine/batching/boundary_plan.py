@@ -278,7 +278,7 @@ class BoundaryPlanner:
     def _decodes_due(self) -> tuple[Decode, ...]:
         """The banks whose held images should not wait (decode_hold.py)."""
         slots = self._slots
-        decodes = []
+        decodes: list[Decode] = []
         for resolution, held in self._held.items():
             if not held:
                 continue
