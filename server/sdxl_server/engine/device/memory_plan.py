@@ -3,7 +3,9 @@
 What one device holds while serving:
 
 * the parameters (replicated: every device holds all of them);
-* per resolution, the slot state of its block (latents, embeddings, schedules) and the held latents;
+* per resolution, the slot state of its block (latents, embeddings, schedules) and the held latents,
+  for 2P image places (P slots per device: rows are the capacity, so a block holds up to 2P unguided
+  images, each with a held row; buckets.rows_per_device);
 * the temporaries of the program that runs, one at a time: the largest is a step or a decode. A step
   runs every slot's rows at once; a decode takes at most `max_decode_batch` images per call (at 1024x1024
   on v5e the decode of 4 images holds 12.1 GiB of temporaries, so 4 slots fit only with decodes of fewer
@@ -39,10 +41,11 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from sdxl_server.engine.api import Resolution
-from sdxl_server.engine.batching.buckets import bucket_sizes
+from sdxl_server.engine.batching.buckets import bucket_sizes, rows_per_device
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
 from sdxl_server.engine.device.denoise import decode_latents
 from sdxl_server.engine.device.program_cache import ProgramCache
+from sdxl_server.engine.device.programs import _bank_shapes
 from sdxl_server.engine.models.loader import LoadedModel
 from sdxl_server.engine.settings import AUTO, EngineConfig, SettingError
 
@@ -159,7 +162,7 @@ class ResolutionNeeds:
     """Per slot, at one resolution: what stays resident and what one program needs while it runs."""
 
     resolution: Resolution
-    state_bytes: int  # the slot's state and its held-latents row
+    state_bytes: int  # one image place's state and its held-latents row (a block has 2P of them)
     step_temp_bytes: int  # the guided step's temporaries
     decode_temp_bytes: int  # the VAE decode's temporaries
 
@@ -184,13 +187,21 @@ class MemoryPlan:
         needs: Sequence[ResolutionNeeds] | None = None,
         decode_batch: int | None = None,
     ) -> int:
-        """Parameters, every slot's state, and the largest temporaries of one program: the step over
-        every slot, or a decode of `decode_batch` images (default: every slot's)."""
+        """Parameters, the state of every image place (2P a device, `_image_places`), and the largest
+        temporaries of one program: the step over every slot's two rows (2P rows), or a decode of
+        `decode_batch` images (default: the slots per device; never more, held images beyond it are
+        decoded in several calls)."""
         chosen = self.needs if needs is None else needs
         decoded = slots_per_device if decode_batch is None else min(decode_batch, slots_per_device)
-        state = sum(n.state_bytes for n in chosen)
+        state = self.state_bytes(slots_per_device, chosen)
         temps = max(max(n.step_temp_bytes * slots_per_device, n.decode_temp_bytes * decoded) for n in chosen)
-        return self.params_bytes + math.ceil(slots_per_device * state + temps * self.temp_factor)
+        return self.params_bytes + math.ceil(state + temps * self.temp_factor)
+
+    def state_bytes(self, slots_per_device: int, needs: Sequence[ResolutionNeeds] | None = None) -> int:
+        """The banks' resident state on one device: 2P image places per resolution, since rows are the
+        capacity (a block holds up to 2P unguided images, each with its held row)."""
+        chosen = self.needs if needs is None else needs
+        return _image_places(slots_per_device) * sum(n.state_bytes for n in chosen)
 
     def most_slots(self, needs: Sequence[ResolutionNeeds] | None = None) -> int:
         """The most slots per device that fit the budget with decodes of one image (0: not even one)."""
@@ -270,19 +281,25 @@ class MemoryPlan:
             program = f"decode of {decoded}"
         temps = temps_bytes * self.temp_factor
         counted = f", {self.temp_factor:g}x XLA:CPU's analysis" if self.temp_factor != 1 else ""
-        state = slots * sum(n.state_bytes for n in needs)
+        state = self.state_bytes(slots, needs)
         share = f" shared by {self.memory.shared_by} devices" if self.memory.shared_by > 1 else ""
         return (
             f"{_slots(slots)} per device need{'s' if slots == 1 else ''} "
             f"{self.bytes_per_device(slots, needs, decoded) / GIB:.2f} GiB "
             f"(parameters {self.params_bytes / GIB:.2f} GiB, slot state {state / GIB:.2f} GiB, "
             f"the {program}'s temporaries at {largest.resolution} {temps / GIB:.2f} GiB "
-            f"with --attention {self.attention}{counted}) but --memory-fraction {self.memory_fraction:g} "
+            f"with --attention {self.attention}{counted}); --memory-fraction {self.memory_fraction:g} "
             f"of {self.memory.described}{share} is {self.budget_bytes / GIB:.2f} GiB"
         )
 
     def _flash_hint(self) -> str:
         return " or use --attention flash" if self.attention != "flash" else ""
+
+
+def _image_places(slots_per_device: int) -> int:
+    """Images a device's block holds in each bank: 2P, as many as its rows (programs.build_programs
+    sizes the bank so), since 2P unguided images take P guided images' rows."""
+    return rows_per_device(slots_per_device)
 
 
 def _slots(count: int) -> str:
@@ -349,7 +366,7 @@ def plan_memory(
                 lambda args=step_args: jax.jit(functools.partial(_guided_unet, model)).lower(*args).compile(),
             )
             needs = ResolutionNeeds(
-                resolution, _slot_state_bytes(latents, embeds, pooled, max_steps), step_temps, 0
+                resolution, _place_state_bytes(model, resolution, embeds, pooled, max_steps), step_temps, 0
             )
             plan = dataclasses.replace(plan, needs=(*plan.needs, needs))
         if plan.most_slots() < 1:
@@ -375,9 +392,6 @@ def plan_memory(
 
 # A guided step runs the UNet on two rows per slot (unconditional and conditional).
 GUIDED_ROWS = 2
-# Per-step tables a slot keeps (timesteps and the sampler's coefficients), float32 or int32 each: an upper
-# bound on the samplers' needs (the tables are a few KiB; the latents dominate the slot's state).
-_TABLES_PER_STEP = 8
 
 
 def _rows(spec: Any, rows: int, sharding: Any = None) -> jax.ShapeDtypeStruct:
@@ -394,14 +408,14 @@ def _guided_unet(model: LoadedModel, unet_params: Any, sample: Any, embeds: Any,
     return model.pipeline.unet.apply({"params": unet_params}, sample, timesteps, embeds, added).sample
 
 
-def _slot_state_bytes(latents: Any, embeds: Any, pooled: Any, max_steps: int) -> int:
-    """One slot's resident state: latents-sized arrays three times (the slot's latents, the sampler's
-    history, the held row waiting for a decode), two rows of embeddings, and its per-step tables."""
-    return (
-        3 * tree_bytes(latents)
-        + GUIDED_ROWS * (tree_bytes(_rows(embeds, 1)) + tree_bytes(_rows(pooled, 1)))
-        + _TABLES_PER_STEP * 4 * max_steps
-    )
+def _place_state_bytes(
+    model: LoadedModel, resolution: Resolution, embeds: Any, pooled: Any, max_steps: int
+) -> int:
+    """One image place's resident state: a bank of one slot as build_programs lays it out (the slot's
+    latents, the sampler's history, both rows of embeddings, its per-step tables and counters) and its
+    held row waiting for a decode. Taken from the bank's own shapes so that the plan cannot drift from
+    what is allocated."""
+    return tree_bytes(_bank_shapes(model, resolution, 1, max_steps, embeds, pooled))
 
 
 def _probe(records: ProgramCache | None, name: str, signature: Any, compile_probe: Any) -> int:

@@ -16,6 +16,7 @@ from sdxl_server.engine.device.memory_plan import (
     ResolutionNeeds,
     host_available_bytes,
     plan_memory,
+    tree_bytes,
 )
 from sdxl_server.engine.settings import AUTO, AUTO_SLOTS, EngineConfig, SettingError, parse_count_or_auto
 
@@ -39,9 +40,10 @@ def needs(resolution, state_gib, step_gib, decode_gib=0.0):
 
 
 def test_slots_that_fit_are_kept_and_auto_takes_the_most_that_fit():
-    # Per slot: 0.5 GiB of state at both sizes, and the largest program's 1.5 GiB: 2.5 GiB a slot.
-    plan = plan_with(11.0, [needs(SMALL, 0.25, 0.5), needs(LARGE, 0.25, 1.5, decode_gib=1.0)])
-    assert plan.bytes_per_device(4) == int(1.0 * GIB) + 4 * int(2.0 * GIB)
+    # Per slot: two image places of 0.5 GiB of state at both sizes (rows are the capacity: P slots hold
+    # up to 2P unguided images), and the largest program's 1.5 GiB: 2.5 GiB a slot.
+    plan = plan_with(13.5, [needs(SMALL, 0.25, 0.5), needs(LARGE, 0.25, 1.5, decode_gib=1.0)])
+    assert plan.bytes_per_device(4) == int(1.0 * GIB) + 4 * int(2.5 * GIB)
     assert plan.most_slots() == 5
     assert plan.slots_per_device(3) == 3
     assert plan.slots_per_device(AUTO_SLOTS) == 5
@@ -54,7 +56,7 @@ def test_auto_stops_at_its_bound_where_memory_would_allow_more():
 
 
 def test_too_many_slots_are_refused_naming_the_flag_the_figures_and_what_fits():
-    plan = plan_with(11.0, [needs(LARGE, 0.5, 1.5)])
+    plan = plan_with(11.0, [needs(LARGE, 0.25, 1.5)])
     with pytest.raises(MemoryPlanError) as refused:
         plan.slots_per_device(8)
     assert refused.value.field == "slots_per_device"
@@ -68,12 +70,12 @@ def test_too_many_slots_are_refused_naming_the_flag_the_figures_and_what_fits():
 def test_the_decode_batch_is_the_most_that_fits_beside_the_slots():
     """A decode's temporaries grow with its images (at 1024x1024 on v5e: 1.76 GiB for one, 12.1 for 4):
     4 slots fit with decodes of 2, and the slots count decodes of one image when they are sized."""
-    plan = plan_with(7.0, [needs(LARGE, 0.25, 0.5, decode_gib=2.0)])
-    assert plan.bytes_per_device(4, decode_batch=4) == 10 * GIB  # 1 + 4 x 0.25 + 4 x 2.0
+    plan = plan_with(7.0, [needs(LARGE, 0.125, 0.5, decode_gib=2.0)])
+    assert plan.bytes_per_device(4, decode_batch=4) == 10 * GIB  # 1 + 8 places x 0.125 + 4 x 2.0
     assert plan.bytes_per_device(4, decode_batch=2) == 6 * GIB
     assert plan.decode_batch(4, AUTO) == 2
     assert plan.decode_batch(4, 1) == 1 and plan.decode_batch(1, 4) == 1  # never above the slots
-    assert plan.most_slots() == 8  # 1 + 8 x 0.25 + max(8 x 0.5, 2.0) = 7
+    assert plan.most_slots() == 8  # 1 + 16 x 0.125 + max(8 x 0.5, 2.0) = 7
     assert plan.slots_per_device(AUTO_SLOTS) == 8
     with pytest.raises(MemoryPlanError) as refused:
         plan.decode_batch(4, 4)
@@ -97,7 +99,7 @@ def test_a_size_that_does_not_fit_one_slot_is_refused_naming_resolutions():
 
 
 def test_sizes_that_fit_alone_but_not_together_are_refused_naming_resolutions():
-    plan = plan_with(4.0, [needs(SMALL, 1.5, 0.5), needs(LARGE, 1.5, 0.5)], attention="flash")
+    plan = plan_with(4.0, [needs(SMALL, 0.75, 0.5), needs(LARGE, 0.75, 0.5)], attention="flash")
     with pytest.raises(MemoryPlanError, match="2 resolutions together do not fit") as refused:
         plan.slots_per_device(1)
     assert refused.value.field == "resolutions"
@@ -188,3 +190,17 @@ def test_recorded_probe_figures_make_the_next_plan_compile_nothing(demo_model, t
     assert again.needs == first.needs and first.needs[0].step_temp_bytes > 0
     _, records = plan("xla")
     assert (records.records_found, records.records_missed) == (0, 2)
+
+
+def test_the_plan_counts_the_state_of_every_image_place_the_engine_allocates(engine):
+    """Rows are the capacity: a device's block holds 2P images (P guided or 2P unguided), each with its
+    held row, so the plan counts 2P image places a device, not P slots (at P it would count half)."""
+    config, banks = engine.config, engine._programs.by_resolution
+    devices = sorted(banks[config.resolutions[0]].empty_bank.held.sharding.device_set, key=lambda d: d.id)
+    plan = plan_memory(
+        engine._model, devices[:1], config.resolutions, config.max_steps, config.attention, 0.9
+    )
+    for resolution, counted in zip(config.resolutions, plan.needs, strict=True):
+        bank = banks[resolution].empty_bank
+        allocated = tree_bytes(bank) // len(devices)  # every device holds its own block
+        assert plan.state_bytes(config.slots_per_device, [counted]) == allocated
