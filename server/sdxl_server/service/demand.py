@@ -25,6 +25,16 @@ price is its measured throughput instead: wall seconds between two saturated sna
 image-steps completed in between, the seconds one image-step really held a slot (``Throughput``). A pod
 that serves N image-steps a second at capacity then reads exactly arrivals / N.
 
+A pod that is not saturated has no such interval: new pods at 80% of their capacity kept the device's
+price and read about half their demand (the fleet's sum read 2.1-2.26 for 2.4 pods' worth, inside the
+HPA's tolerance, so the spare pod the headroom rule asks for was never added). So the price is also
+learnt at any occupancy, from the requests that finished (``SlotTime``): an image's denoising holds its
+slot from admission to its last step, host work and the CPU it shares included, so the slot-seconds of
+the requests served in the window over their image-steps is what an image-step costs now. The price of a
+resolution is the largest of the three figures: the device's full batch, the saturated throughput, the
+served requests' slot time (a partly busy pod runs smaller programs and shares less CPU, so its slot time
+is a floor of the saturated price, never more).
+
 Only first attempts count (``ATTEMPT_HEADER``, sent by sdxl_client on both doors): a retry was counted
 where its first attempt arrived, refused or not, and counting it again on every pod it reaches made a
 saturated fleet read its retries as demand. A request without the header counts once per request id.
@@ -150,10 +160,60 @@ class Throughput:
         self.factor += _THROUGHPUT_WEIGHT * (measured - self.factor)
 
 
+@dataclasses.dataclass(frozen=True)
+class Served:
+    at: float  # monotonic seconds
+    images: int
+    image_steps: int  # images x steps
+    resolution: str
+    denoise_seconds: float  # Finished.denoise_seconds: the first image entering a slot to the last denoised
+
+
+class SlotTime:
+    """Wall seconds one image-step held a slot, per resolution, from the requests served in the window.
+
+    A request's images hold ``min(images, slots)`` slots for its denoising time (images beyond the slots
+    wait for a second round, which its denoising time then also covers), so its slot-seconds are
+    ``denoise_seconds x min(images, slots)`` for ``images x steps`` image-steps. Measured at any
+    occupancy; the last figure of a resolution stays until requests of it are served again.
+    """
+
+    def __init__(self) -> None:
+        self._served: collections.deque[Served] = collections.deque()
+        self._by_resolution: dict[str, float] = {}
+        self._overall = 0.0
+
+    def add(self, served: Served, window_start: float) -> None:
+        while self._served and self._served[0].at < window_start:
+            self._served.popleft()
+        self._served.append(served)
+
+    def update(self, window_start: float, slots: int) -> None:
+        slot_seconds: dict[str, float] = collections.defaultdict(float)
+        image_steps: dict[str, int] = collections.defaultdict(int)
+        for s in list(self._served):
+            if s.at >= window_start and s.image_steps > 0:
+                slot_seconds[s.resolution] += s.denoise_seconds * min(s.images, max(slots, 1))
+                image_steps[s.resolution] += s.image_steps
+        for resolution, steps in image_steps.items():
+            self._by_resolution[resolution] = slot_seconds[resolution] / steps
+        if image_steps:
+            self._overall = sum(slot_seconds.values()) / sum(image_steps.values())
+
+    @property
+    def by_resolution(self) -> Mapping[str, float]:
+        return self._by_resolution
+
+    @property
+    def overall(self) -> float:
+        return self._overall
+
+
 class DemandMeter:
     """Arrivals are recorded from the event loop's thread (Admission.check); ``value`` is read by the
     metrics collector at scrape time from the metrics server's thread: both take no lock, because
-    ``deque.append``/``popleft`` are atomic and ``value`` reads a copy."""
+    ``deque.append``/``popleft`` are atomic and ``value`` reads a copy. Served requests (``served``) are
+    recorded from the event loop's thread too."""
 
     def __init__(self, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if window_seconds <= 0:
@@ -164,6 +224,7 @@ class DemandMeter:
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # request id -> when
         self._full_batch = FullBatchSteps()
         self._throughput = Throughput()
+        self._slot_time = SlotTime()
 
     def arrived(self, request: GenerationRequest, attempt: int = 1) -> None:
         """One validated request reached the admission checks (whatever they decide); ``attempt``: the
@@ -181,6 +242,13 @@ class DemandMeter:
         steps = request.num_images * request.steps
         self._arrivals.append(Arrival(now, steps, str(request.resolution)))
 
+    def served(self, request: GenerationRequest, denoise_seconds: float) -> None:
+        """``request`` finished; its images were denoised in ``denoise_seconds`` (``Finished``)."""
+        now = self._clock()
+        steps = request.num_images * request.steps
+        served = Served(now, request.num_images, steps, str(request.resolution), denoise_seconds)
+        self._slot_time.add(served, now - self.window_seconds)
+
     def value(self, stats: EngineStats) -> float:
         """``sdxl_demand`` now, with the full-batch step times learnt from ``stats`` (and its slots).
         Called from one thread (the metrics collector's), which alone updates the step times."""
@@ -189,14 +257,19 @@ class DemandMeter:
         self._throughput.update(stats, now, self._full_batch.overall)
         factor = self._throughput.factor
         start = now - self.window_seconds
+        self._slot_time.update(start, stats.slots_total)
+        served = self._slot_time.by_resolution
+        prices = {
+            resolution: seconds * factor for resolution, seconds in self._full_batch.by_resolution.items()
+        }
+        for resolution, seconds in served.items():
+            prices[resolution] = max(prices.get(resolution, 0.0), seconds)
+        # Before the engine measured a step nothing is priced (demand 0), whatever was served.
+        overall = self._full_batch.overall * factor
+        if overall > 0:
+            overall = max(overall, self._slot_time.overall)
         recent = [a for a in list(self._arrivals) if a.at >= start]
-        return demand(
-            recent,
-            self.window_seconds,
-            {resolution: seconds * factor for resolution, seconds in self._full_batch.by_resolution.items()},
-            self._full_batch.overall * factor,
-            stats.slots_total,
-        )
+        return demand(recent, self.window_seconds, prices, overall, stats.slots_total)
 
     def _forget_before(self, start: float) -> None:
         while self._arrivals and self._arrivals[0].at < start:

@@ -190,6 +190,7 @@ class Generations:
                         if budget is not None:
                             outcome.timings = budget.timings()
                         self.metrics.queue_wait.observe(event.queue_seconds)
+                        self._admission.served(request, event.denoise_seconds)
                     yield outcome, event
             finally:
                 call.cancel()  # no-op unless the request ended before the engine finished

@@ -104,6 +104,11 @@ class Admission:
             if self._in_flight == 0:
                 self._idle.set()
 
+    def served(self, request: GenerationRequest, denoise_seconds: float) -> None:
+        """An admitted request finished: its denoising time prices demand's work (service/demand.py)."""
+        if self._demand is not None:
+            self._demand.served(request, denoise_seconds)
+
     def check(self, request: GenerationRequest, time_remaining: float | None, attempt: int = 1) -> None:
         """Raises DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED when the request should not be submitted.
 

@@ -201,3 +201,34 @@ def test_an_idle_interval_measures_no_throughput() -> None:
         meter.value(partly)
     _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="b")
     assert meter.value(partly) == pytest.approx(1.0)
+
+
+def test_a_pod_never_saturated_prices_an_image_step_at_its_served_slot_time() -> None:
+    # The device says 0.1 s a step; the requests served took 2 s to denoise their 8 steps (host work and
+    # the CPU shared with it): an image-step held its slot 0.25 s, whatever the occupancy, so 5 images/s
+    # read 2.5 pods where the device's price read 1.0 (new pods at 80% never saturate to learn it).
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    partly = dataclasses.replace(_stats(step_seconds=0.1), slots_busy=3)
+    assert meter.value(partly) == pytest.approx(1.0)
+    for i in range(5):
+        meter.served(_request(f"a-{i}"), denoise_seconds=8 * 0.25)
+    assert meter.value(partly) == pytest.approx(2.5)
+    clock.now += 20.0  # the served requests leave the window; the price learnt stays
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="b")
+    assert meter.value(partly) == pytest.approx(2.5)
+
+
+def test_slot_time_counts_the_slots_a_request_held_and_never_lowers_the_device_price() -> None:
+    clock = FakeClock()
+    meter = DemandMeter(10.0, clock)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    stats = _stats(step_seconds=0.1, slots=4)
+    # One slot busy runs a smaller program: 0.05 s an image-step is below the full batch's 0.1 s.
+    meter.served(_request("small"), denoise_seconds=8 * 0.05)
+    assert meter.value(stats) == pytest.approx(1.0)
+    # 8 images on 4 slots: two rounds of 8 steps at 0.25 s, 4 s, holding 4 slots: 16 slot-seconds for
+    # 64 image-steps is 0.25 s each (both requests together: (0.4 + 16) / (8 + 64)).
+    meter.served(_request("eight", images=8), denoise_seconds=2 * 8 * 0.25)
+    assert meter.value(stats) == pytest.approx(5.0 * 8 * (16.4 / 72) / 4)

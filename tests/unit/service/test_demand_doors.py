@@ -110,3 +110,27 @@ def test_the_http_door_counts_first_attempts_only() -> None:
     assert [status for status, _ in answers] == [429, 429, 429, 429, 400]
     assert ATTEMPT_HEADER in answers[-1][1]
     assert meter.value(_PRICED) == pytest.approx(2 * _ONE_REQUEST)
+
+
+def test_a_served_request_prices_demand_at_its_slot_time() -> None:
+    # The fake engine denoises a request's 4 steps in 0.5 s: 0.125 s an image-step, more than the device's
+    # 0.1 s, so a pod that was never saturated prices its arrivals at its served requests' slot time.
+    engine = FakeEngine()
+    meter = DemandMeter(10.0, clock=lambda: 100.0)
+    admission = Admission(engine, max_queue=16, demand=meter)
+    admission.mark_serving()
+
+    async def call() -> None:
+        server = grpc.aio.server()
+        service = ImageService(engine, admission, ServiceMetrics(CollectorRegistry()))
+        sdxl_pb2_grpc.add_ImageServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await sdxl_pb2_grpc.ImageServiceStub(channel).Generate(sdxl_pb2.GenerateRequest(prompt="x"))
+        finally:
+            await server.stop(grace=None)
+
+    asyncio.run(call())
+    assert meter.value(_PRICED) == pytest.approx(_ONE_REQUEST * 0.125 / 0.1)
