@@ -73,6 +73,8 @@ def test_server_info_lists_the_folders_adapters(server):
     assert (adapters["detail"].usable, adapters["detail"].rank) == (True, 8)
     assert not adapters["broken"].usable
     assert "not a readable safetensors file" in adapters["broken"].reason
+    assert not adapters["locon"].usable  # fits the model (it could be fused), not the adapter bank
+    assert "convolution (LoCon)" in adapters["locon"].reason and "--fuse-lora" in adapters["locon"].reason
     assert (info.max_loras_per_request, info.min_lora_scale, info.max_lora_scale) == (2, -2.0, 2.0)
     unusable = [e for e in server.log_entries() if "broken" in str(e.get("message", ""))]
     assert len(unusable) == 1 and "unusable" in str(unusable[0]["message"])

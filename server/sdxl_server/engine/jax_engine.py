@@ -22,11 +22,10 @@ from importlib import metadata
 import jax
 import numpy as np
 
-from sdxl_server.engine.adapters.adapter_bank import ADAPTER_COMPONENTS, BankLayout
+from sdxl_server.engine.adapters.adapter_bank import BankLayout
 from sdxl_server.engine.adapters.adapter_directory import (
     AdapterDirectory,
     adapter_infos,
-    bank_problem,
     check_adapters,
     open_adapter_directory,
 )
@@ -42,7 +41,6 @@ from sdxl_server.engine.api import (
     EngineStats,
     Failed,
     GenerationRequest,
-    InvalidRequestError,
     Limits,
     Listener,
     NotReadyError,
@@ -134,14 +132,11 @@ class JaxEngine:
         with _timed(phases, "load"):
             model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
             fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
-            self._adapters = open_adapter_directory(cfg.lora_dir, model, cfg.lora_rescan_seconds)
+            self._adapters = open_adapter_directory(
+                cfg.lora_dir, model, cfg.lora_rescan_seconds, cfg.lora_places, cfg.lora_max_rank
+            )
             if self._adapters is not None:
-                self._adapter_layouts = {
-                    component: BankLayout.of(
-                        self._adapters.names, component, cfg.lora_places, cfg.lora_max_rank
-                    )
-                    for component in ADAPTER_COMPONENTS
-                }
+                self._adapter_layouts = self._adapters.layouts
         mesh = make_mesh(cfg.max_devices)
         platform = mesh.devices.flat[0].platform
         saved = ProgramCache(
@@ -366,15 +361,9 @@ class JaxEngine:
             spacing = sampler_spacing(request.sampler, "", self.config.default_timestep_spacing)
             request = dataclasses.replace(request, timestep_spacing=spacing)
         check_request(request, self.limits())
-        # NOT_FOUND for a name the folder does not hold; an adapter the bank cannot apply names its field.
+        # NOT_FOUND for a name the folder does not hold; an unusable adapter (one the bank cannot apply
+        # included, as GetServerInfo lists it) names its field.
         files = check_adapters(self._adapters, request.loras)
-        for index, lora in enumerate(files):
-            problem = bank_problem(self._adapter_layouts, lora)
-            if problem is not None:
-                name = request.loras[index].name
-                raise InvalidRequestError(
-                    f"loras[{index}].name", f"adapter {name!r} cannot be applied: {problem}"
-                )
         now = self._clock()
         if request.deadline is not None:
             if request.deadline <= now:

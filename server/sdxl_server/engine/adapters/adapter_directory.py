@@ -6,7 +6,10 @@ when a request names an adapter it does not know yet, so that a file just copied
 first request. Only files that are new or changed (size, modification time) are read, and then only
 their header (lora_file.py): a listing costs a directory read. A file that cannot be used is logged in
 one line, once per version of it, and listed as unusable with the reason; a file that disappears is
-forgotten (a request already holding it keeps what it loaded).
+forgotten (a request already holding it keeps what it loaded). "Usable" means usable per request: a file
+that fits the model but not the adapter bank (a LoCon convolution, a rank above --lora-max-rank) is
+listed as unusable with that reason, as a request naming it is refused with it; it can still be merged
+at start with --fuse-lora.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdxl_server.engine.adapters.adapter_bank import BankLayout
+from sdxl_server.engine.adapters.adapter_bank import ADAPTER_COMPONENTS, BankLayout
 from sdxl_server.engine.adapters.layer_names import LayerNames, layer_names_of
 from sdxl_server.engine.adapters.lora_file import AdapterError, LoraFile, read_lora_file
 from sdxl_server.engine.api import AdapterInfo, AdapterNotFoundError, InvalidRequestError, LoraChoice
@@ -48,13 +51,14 @@ class AdapterDirectory:
         self,
         root: Path,
         names: LayerNames,
+        layouts: Mapping[str, BankLayout],
         *,
         rescan_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
-        self.names = names  # the model's layers, which the bank's layout is built from
-        self._names = names
+        self._names = names  # the model's layers, which a file's layers are checked against
+        self.layouts = dict(layouts)  # the adapter banks' layouts by component: what a file must fit
         self._rescan_seconds = rescan_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -106,6 +110,11 @@ class AdapterDirectory:
         except AdapterError as error:
             log.warning("LoRA adapter %s is unusable: %s", name, error)
             return AdapterEntry(name=name, usable=False, reason=str(error))
+        problem = bank_problem(self.layouts, lora)
+        if problem is not None:
+            reason = f"cannot be applied per request: {problem}"
+            log.warning("LoRA adapter %s is unusable: %s", name, reason)
+            return AdapterEntry(name=name, usable=False, reason=reason, rank=lora.rank, file=lora)
         log.info(
             "LoRA adapter %s: rank %d, %d layers of %s",
             name,
@@ -116,15 +125,23 @@ class AdapterDirectory:
         return AdapterEntry(name=name, usable=True, rank=lora.rank, file=lora)
 
 
+def bank_layouts(names: LayerNames, places: int, max_rank: int) -> dict[str, BankLayout]:
+    """The adapter banks' layouts, one per component a per-request adapter may change."""
+    return {component: BankLayout.of(names, component, places, max_rank) for component in ADAPTER_COMPONENTS}
+
+
 def open_adapter_directory(
-    lora_dir: str | None, model: Any, rescan_seconds: float
+    lora_dir: str | None, model: Any, rescan_seconds: float, places: int, max_rank: int
 ) -> AdapterDirectory | None:
-    """The directory of `--lora-dir` for a LoadedModel (None without one), listed once at start."""
+    """The directory of `--lora-dir` for a LoadedModel (None without one), with the adapter banks'
+    layouts (`places`, `max_rank`: --lora-places, --lora-max-rank), listed once at start."""
     if lora_dir is None:
         return None
+    names = layer_names_of(model.params, model.pipeline.unet.config)
     directory = AdapterDirectory(
         Path(lora_dir).expanduser(),
-        layer_names_of(model.params, model.pipeline.unet.config),
+        names,
+        bank_layouts(names, places, max_rank),
         rescan_seconds=rescan_seconds,
     )
     entries = directory.entries()
@@ -149,13 +166,14 @@ def adapter_infos(
 
 def check_adapters(directory: AdapterDirectory | None, loras: Sequence[LoraChoice]) -> tuple[LoraFile, ...]:
     """The files a request's adapters name. Raises AdapterNotFoundError for a name the folder does not
-    hold, InvalidRequestError for an unusable one (with its reason)."""
+    hold, InvalidRequestError for an unusable one (with its reason: unreadable, not this model's, or
+    beyond the adapter bank)."""
     files = []
     for index, lora in enumerate(loras):
         entry = directory.find(lora.name) if directory is not None else None
         if entry is None:
             raise AdapterNotFoundError(f"loras[{index}].name", lora.name)
-        if entry.file is None:
+        if not entry.usable or entry.file is None:
             raise InvalidRequestError(
                 f"loras[{index}].name", f"adapter {lora.name!r} is unusable: {entry.reason}"
             )

@@ -167,11 +167,14 @@ def test_an_adapter_on_the_text_encoders_applies_at_encoding_and_keys_the_prompt
     assert max_level_difference(again, served) == 0
 
 
-def test_an_adapter_the_bank_cannot_hold_is_refused_naming_the_field(lora_engine):
+def test_an_adapter_the_bank_cannot_hold_is_listed_unusable_and_refused_naming_the_field(lora_engine):
     with pytest.raises(InvalidRequestError) as refused:
         lora_engine.submit(_case("locon", 1, ("x", 1.0), ("locon", 1.0)), Recorder())
     assert refused.value.field == "loras[1].name"
     assert "convolution (LoCon)" in str(refused.value) and "--fuse-lora" in str(refused.value)
+    listed = {adapter.name: adapter for adapter in lora_engine.info().adapters}  # GetServerInfo's list
+    assert not listed["locon"].usable and "convolution (LoCon)" in listed["locon"].reason
+    assert listed["x"].usable
 
 
 @pytest.mark.slow
