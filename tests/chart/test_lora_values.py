@@ -1,12 +1,14 @@
 """The chart's `lora` values: the adapter folder mounted read-only (GCS FUSE or a claim) and passed as
-`--lora-dir`, adapters merged at start passed as `--fuse-lora`, each as a server setting the server has;
-a source without its bucket or claim, or a bad value, refused naming it."""
+`--lora-dir`, the adapter bank's size as `--lora-places` / `--lora-max-rank` (defaults the server's own),
+adapters merged at start passed as `--fuse-lora`, each as a server setting the server has; a source
+without its bucket or claim, or a bad value, refused naming it."""
 
 from __future__ import annotations
 
 import pytest
 from sdxl_server.engine.adapters.fuse_spec import FusedLora, parse_fused_loras
-from sdxl_server.server_settings import OPTIONS
+from sdxl_server.engine.settings import EngineConfig
+from sdxl_server.server_settings import OPTIONS, parse_serve_config
 from sdxl_test_support.chart_render import (
     HelmError,
     mounts_by_name,
@@ -24,7 +26,9 @@ def test_by_default_no_adapter_folder_is_mounted_or_named() -> None:
     manifests = render_value_set("defaults")
     assert "lora" not in volumes_by_name(manifests)
     settings = server_settings(manifests)
-    assert not {"SDXL_LORA_DIR", "SDXL_MAX_LORAS_PER_REQUEST", "SDXL_FUSE_LORA"} & set(settings)
+    assert not {"SDXL_LORA_DIR", "SDXL_MAX_LORAS_PER_REQUEST", "SDXL_FUSE_LORA", "SDXL_LORA_PLACES"} & set(
+        settings
+    )
 
 
 def test_a_bucket_of_adapters_is_a_read_only_gcsfuse_mount_named_to_the_server() -> None:
@@ -55,6 +59,24 @@ def test_a_bucket_of_adapters_is_a_read_only_gcsfuse_mount_named_to_the_server()
     assert annotations["gke-gcsfuse/volumes"] == "true"  # the driver's sidecar is injected
 
 
+def test_the_adapter_banks_size_reaches_the_server_with_the_servers_defaults(tmp_path) -> None:
+    claim = {"source": "pvc", "pvc": {"claimName": "loras"}}
+
+    def engine_settings(lora: dict) -> EngineConfig:
+        settings = server_settings(render({"lora": {**claim, **lora}}))
+        settings["SDXL_LORA_DIR"] = str(tmp_path)  # the mount exists in the pod, not here
+        return parse_serve_config([], settings).engine
+
+    sized = engine_settings({"places": 3, "maxRank": 32})
+    assert (sized.lora_places, sized.lora_max_rank) == (3, 32)
+    defaults = engine_settings({})
+    assert (defaults.lora_places, defaults.lora_max_rank) == (
+        EngineConfig.lora_places,
+        EngineConfig.lora_max_rank,
+    )
+    assert {"SDXL_LORA_PLACES", "SDXL_LORA_MAX_RANK"} <= SERVER_VARIABLES
+
+
 def test_a_claim_of_adapters_is_mounted_read_only() -> None:
     manifests = render({"lora": {"source": "pvc", "pvc": {"claimName": "loras", "subPath": "sdxl"}}})
     assert volumes_by_name(manifests)["lora"]["persistentVolumeClaim"] == {
@@ -72,6 +94,8 @@ def test_a_claim_of_adapters_is_mounted_read_only() -> None:
         ({"lora": {"source": "pvc"}}, "lora.pvc.claimName is required"),
         ({"lora": {"source": "s3"}}, "/lora/source"),
         ({"lora": {"maxPerRequest": -1}}, "/lora/maxPerRequest"),
+        ({"lora": {"places": 0}}, "/lora/places"),
+        ({"lora": {"maxRank": 0}}, "/lora/maxRank"),
         ({"lora": {"fuse": ["relative.safetensors"]}}, "/lora/fuse/0"),
     ],
 )
