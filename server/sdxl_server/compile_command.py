@@ -36,6 +36,10 @@ _ATTENTION = ("xla", "flash", "auto")
 _DTYPES = ("auto", "float32", "bfloat16")
 
 
+# The memory plan's probe programs (memory_plan.py names them): all `--fit-check` compiles.
+_MEMORY_PROBES = "^memory-probe-"
+
+
 def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     from sdxl_server.engine.device.ahead_of_time import TOPOLOGIES
 
@@ -91,6 +95,28 @@ def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str
     parser.add_argument(
         "--max-devices", **serve_default("MAX_DEVICES", ""), help="as serve's (the CPU topology)"
     )
+    from sdxl_server.engine.settings import EngineConfig
+
+    # A server with --lora-dir also runs step programs that take the adapter bank: they are compiled
+    # when the bank has places, by default exactly when the servers' ConfigMap names a folder. Only the
+    # bank's size shapes them; no adapter file is read here.
+    with_adapters = bool(env.get("SDXL_LORA_DIR"))
+    parser.add_argument(
+        "--lora-places",
+        default=env.get("SDXL_LORA_PLACES", str(EngineConfig.lora_places)) if with_adapters else "0",
+        help="also compile the per-request LoRA adapter bank's programs for this many places, as serve "
+        "--lora-dir with --lora-places; 0: none [$SDXL_LORA_PLACES when $SDXL_LORA_DIR is set, else 0]",
+    )
+    parser.add_argument(
+        "--lora-max-rank",
+        **serve_default("LORA_MAX_RANK", str(EngineConfig.lora_max_rank)),
+        help=f"as serve's [{EngineConfig.lora_max_rank}]",
+    )
+    parser.add_argument(
+        "--max-loras-per-request",
+        **serve_default("MAX_LORAS_PER_REQUEST", str(EngineConfig.max_loras_per_request)),
+        help=f"as serve's [{EngineConfig.max_loras_per_request}]",
+    )
     parser.add_argument(
         "--seed-steps",
         type=int,
@@ -109,6 +135,14 @@ def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str
         help="compile only the programs whose name matches this regular expression (a partial report, "
         "for measuring; nothing the server could start from)",
     )
+    parser.add_argument(
+        "--fit-check",
+        action="store_true",
+        help="run only the memory plan a pod runs at start, against the chip's memory: exit 0 when the "
+        "settings fit, 1 with the pod's one-line refusal when not (the chart's pre-install hook); with "
+        "--cache-dir the plan's figures are read from and recorded in the cache, so a second check compiles "
+        "nothing",
+    )
     parser.add_argument("--json", default=None, help="write the report here as JSON")
     parser.add_argument("--cache-dir", default=None, help="write the executables into this compilation cache")
 
@@ -125,13 +159,24 @@ def run_compile(args: argparse.Namespace) -> int:
     problem = servable_resolutions_problem(resolutions)  # serve's own rule
     if problem:
         return _refuse(f"--resolutions: {problem}")
-    if args.cache_dir and args.programs:
+    if args.fit_check:
+        if args.programs:
+            return _refuse("--fit-check and --programs: the check compiles only the memory plan's probes")
+        # The probes are the plan's own programs: a pod started from this cache finds their figures there.
+        args.programs, args.seed_steps = _MEMORY_PROBES, 0
+    elif args.cache_dir and args.programs:
         return _refuse(
             "--programs and --cache-dir: a partial cache would leave the server compiling the rest"
         )
     from sdxl_server.engine.settings import parse_count_or_auto
 
     numbers = {}
+    for flag in ("lora_places", "lora_max_rank", "max_loras_per_request"):
+        text = str(getattr(args, flag))
+        least = 1 if flag == "lora_max_rank" else 0
+        if not text.isdigit() or int(text) < least:
+            return _refuse(f"--{flag.replace('_', '-')}: must be a whole number >= {least} (got {text!r})")
+        setattr(args, flag, int(text))
     for flag in ("slots_per_device", "max_decode_batch", "steps_per_dispatch", "max_steps", "max_devices"):
         text = str(getattr(args, flag))
         if flag == "max_devices" and not text:
@@ -195,6 +240,9 @@ def run_compile(args: argparse.Namespace) -> int:
     except MemoryPlanError as error:  # what a pod would refuse at start, in its one line
         sys.stderr.write(f"sdxl-server compile: --{error.field.replace('_', '-')}: {error.message}\n")
         return 1
+    if args.fit_check:
+        print(f"fits: {report.memory_plan}", flush=True)
+        return 0
     print(describe(report), flush=True)
     if args.json:
         path = Path(args.json)
@@ -227,6 +275,9 @@ def _compile(
         seed_images=args.seed_images,
         max_decode_batch=args.max_decode_batch,
         memory_fraction=args.memory_fraction,
+        lora_places=args.lora_places,
+        lora_max_rank=args.lora_max_rank,
+        loras_per_request=args.max_loras_per_request,
     )
 
 

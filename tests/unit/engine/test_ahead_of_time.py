@@ -206,6 +206,7 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
             "--programs and --cache-dir",
         ),
         (["--slots-per-device", "1", "--resolutions", "100x64"], "--resolutions"),
+        (["--slots-per-device", "1", "--fit-check", "--programs", "step"], "--fit-check and --programs"),
     ],
 )
 def test_bad_compile_arguments_are_refused_naming_the_flag(extra, named, capsys):

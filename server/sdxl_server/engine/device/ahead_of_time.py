@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdxl_server.engine.adapters.adapter_directory import bank_layouts
+from sdxl_server.engine.adapters.layer_names import layer_names_of
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes
 from sdxl_server.engine.device.attention import Kernel, attention_flops, attention_kernel, flash_kernel
@@ -316,6 +318,9 @@ def compile_for_topology(
     seed_images: int | None = None,
     max_decode_batch: int = AUTO,
     memory_fraction: float = 0.9,
+    lora_places: int = 0,
+    lora_max_rank: int = EngineConfig.lora_max_rank,
+    loras_per_request: int = EngineConfig.max_loras_per_request,
 ) -> AheadOfTimeReport:
     """Compiles every program of the server's configuration for `topology` (only those whose name
     matches the regular expression `programs`, when given: the report is then partial); with
@@ -325,7 +330,11 @@ def compile_for_topology(
     First the memory plan runs as a pod's start would, against the chip's memory: it resolves `auto`
     slots and decode batch, and with `cache_dir` its probes' figures are recorded where the pod's plan
     looks them up, so that the pod compiles nothing at all. A partial run skips it (unless its pattern
-    selects `memory-probe-` or something is `auto`) and decodes up to every slot."""
+    selects `memory-probe-` or something is `auto`) and decodes up to every slot.
+
+    `lora_places` > 0: a server with `--lora-dir` and that many `--lora-places` (of `lora_max_rank`, with
+    `loras_per_request` adapters a slot): its adapter bank's step and encode programs too, and the banks
+    counted as resident."""
     devices, chip = topology_devices(topology, max_devices)
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
     pattern = re.compile(programs) if programs else None
@@ -336,10 +345,16 @@ def compile_for_topology(
         attention,
         selected=lambda name: pattern is None or pattern.search(name) is not None,
     )
+    adapter_layouts = None
+    if lora_places:
+        adapter_layouts = bank_layouts(
+            layer_names_of(model.params, model.pipeline.unet.config), lora_places, lora_max_rank
+        )
     plan_line = None
     wants_plan = pattern is None or pattern.search("memory-probe-") is not None
     if wants_plan or AUTO in (slots_per_device, max_decode_batch):
-        memory = DeviceMemory(chip.memory_bytes, f"{chip.memory_bytes / GIB:.1f} GiB of {chip.name} HBM")
+        kind = "RAM" if topology == CPU_TOPOLOGY else "HBM"
+        memory = DeviceMemory(chip.memory_bytes, f"{chip.memory_bytes / GIB:.1f} GiB of {chip.name} {kind}")
         config = EngineConfig(
             model=model_name,
             resolutions=resolutions,
@@ -385,9 +400,13 @@ def compile_for_topology(
             cache,
             on_compiled=observe,
             decode_batch=max_decode_batch,
+            adapter_layouts=adapter_layouts,
+            loras_per_request=loras_per_request,
         )
-    resident = _bytes_per_device(built.params, 1) + sum(
-        _bytes_per_device(p.empty_bank, mesh.size) for p in built.by_resolution.values()
+    resident = (
+        _bytes_per_device(built.params, 1)
+        + sum(_bytes_per_device(p.empty_bank, mesh.size) for p in built.by_resolution.values())
+        + _bytes_per_device(built.adapter_banks, 1)  # replicated, as the parameters
     )
     seed: list[ProgramReport] = []
     if seed_steps:
