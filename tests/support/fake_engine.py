@@ -112,7 +112,7 @@ class FakeEngine:
         return self.stats_snapshot
 
     def estimate_seconds(
-        self, num_images: int, steps: int, resolution: api.Resolution | None = None
+        self, num_images: int, steps: int, resolution: api.Resolution | None = None, rows_per_image: int = 2
     ) -> float | None:
         return self.estimate
 

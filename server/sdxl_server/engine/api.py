@@ -240,7 +240,8 @@ class EngineStats:
     ready: bool
     healthy: bool
     decode_seconds_ewma: float = 0.0  # recent device time of one decode
-    work_ahead_steps: int = 0  # steps still to run for the images in slots and queued
+    # UNet row-steps still to run for the images in slots and queued (a guided step is 2, an unguided 1).
+    work_ahead_row_steps: int = 0
     retry_after_seconds: float = 1.0  # when a queue place is expected to open (RetryInfo)
     # Recent device seconds of one step per resolution ("WxH"), where measured.
     step_seconds_by_resolution: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -279,9 +280,10 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def estimate_seconds(
-        self, num_images: int, steps: int, resolution: Resolution | None = None
+        self, num_images: int, steps: int, resolution: Resolution | None = None, rows_per_image: int = 2
     ) -> float | None:
-        """Expected time for a new request to finish given the queue and measured step time;
+        """Expected time for a new request to finish given the queue (in UNet rows) and measured step
+        time; `rows_per_image`: 2 for a guided request, 1 for an unguided one (guidance_rows.peak_rows).
         None if unknown."""
 
     def stop(self, drain_seconds: float = 0.0) -> None:

@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import functools
 import logging
-import math
 import platform
 import threading
 import time
@@ -51,6 +50,7 @@ from sdxl_server.engine.api import (
 )
 from sdxl_server.engine.batching.admission_queue import AdmissionQueue
 from sdxl_server.engine.batching.buckets import bucket_sizes, rows_per_device
+from sdxl_server.engine.batching.guidance_rows import guided_steps, peak_rows
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest
 from sdxl_server.engine.device import xla_cache as compile_cache
@@ -64,6 +64,7 @@ from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
 from sdxl_server.engine.image_workers import ImageWorkers
 from sdxl_server.engine.models.loader import LoadedModel, load_model, resolve_dtype
 from sdxl_server.engine.models.model_source import resolve_model
+from sdxl_server.engine.request_budget import estimate_seconds
 from sdxl_server.engine.sampling.book import TableBook
 from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS, sampler_spacing
 from sdxl_server.engine.settings import EngineConfig
@@ -368,7 +369,8 @@ class JaxEngine:
         if request.deadline is not None:
             if request.deadline <= now:
                 raise DeadlineUnreachableError("the deadline has already passed")
-            needed = self.estimate_seconds(request.num_images, request.steps, request.resolution)
+            rows = peak_rows(guided_steps(request.guidance_scale, request.guidance_interval, request.steps))
+            needed = self.estimate_seconds(request.num_images, request.steps, request.resolution, rows)
             if needed is not None and now + needed > request.deadline:
                 raise DeadlineUnreachableError(
                     f"needs about {needed:.1f}s but the deadline is in {request.deadline - now:.1f}s"
@@ -433,22 +435,11 @@ class JaxEngine:
         return self._stats.snapshot()
 
     def estimate_seconds(
-        self, num_images: int, steps: int, resolution: Resolution | None = None
+        self, num_images: int, steps: int, resolution: Resolution | None = None, rows_per_image: int = 2
     ) -> float | None:
-        """Seconds a request would take from now, from the step loop's last published view: the work
-        ahead of it spread over the slots, then its own steps at the measured step time of its
-        resolution, and a decode. None before the engine has measured anything."""
-        stats = self._stats.snapshot()
-        step = stats.step_seconds_ewma
-        if resolution is not None:
-            step = stats.step_seconds_by_resolution.get(str(resolution), step)
-        if step <= 0 or stats.slots_total == 0:
-            return None
-        # No wait when free slots can take it now.
-        idle_room = stats.queue_depth == 0 and stats.slots_total - stats.slots_busy >= num_images
-        wait = 0.0 if idle_room else step * stats.work_ahead_steps / stats.slots_total
-        rounds = math.ceil(num_images / stats.slots_total)
-        return wait + step * steps * rounds + stats.decode_seconds_ewma
+        """Seconds a request would take from now, from the step loop's last published view, counted in
+        UNet rows (request_budget.estimate_seconds). None before the engine has measured anything."""
+        return estimate_seconds(self._stats.snapshot(), num_images, steps, rows_per_image, resolution)
 
     def trace(self) -> list[TraceEvent]:
         """What the step loop did, in order (admissions, step boundaries, finishes, cancellations)."""

@@ -55,7 +55,7 @@ class LoopView:
     step_seconds_by_resolution: tuple[tuple[str, float], ...] = ()
     decode_seconds: float = 0.0
     busy_ratio: float = 0.0
-    work_ahead_steps: int = 0  # steps still to run for the images in slots and in the queue
+    work_ahead_row_steps: int = 0  # UNet row-steps still to run for the images in slots and in the queue
     soonest_free_steps: int = 0  # steps until the first slot frees (0 when one is free)
 
 
@@ -133,7 +133,7 @@ class StatsBoard:
                 ready=c.ready,
                 healthy=c.healthy,
                 decode_seconds_ewma=view.decode_seconds,
-                work_ahead_steps=view.work_ahead_steps,
+                work_ahead_row_steps=view.work_ahead_row_steps,
                 retry_after_seconds=retry_after(view),
                 step_seconds_by_resolution=dict(view.step_seconds_by_resolution),
                 prompt_cache_hits=c.prompt_cache_hits,

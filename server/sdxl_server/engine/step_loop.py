@@ -400,7 +400,8 @@ class StepLoop:
             step_seconds_by_resolution=tuple(sorted(device.step_seconds_by_key.items())),
             decode_seconds=device.decode_seconds_ewma,
             busy_ratio=device.busy_ratio(),
-            work_ahead_steps=sum(o.remaining for o in occupants) + sum(i.steps for i in self._queue.items()),
+            work_ahead_row_steps=sum(o.item.row_steps(o.steps_dispatched) for o in occupants)
+            + sum(item.row_steps() for item in self._queue.items()),
             soonest_free_steps=self._planner.steps_until_a_queued_image_can_enter(),
         )
         if self._adapters is not None:

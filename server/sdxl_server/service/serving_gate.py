@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import math
 from collections.abc import Iterator
 
 import grpc
 
 from sdxl_server.engine.api import Engine, EngineStats, GenerationRequest
+from sdxl_server.engine.batching.guidance_rows import guided_steps, peak_rows
+from sdxl_server.engine.request_budget import own_seconds
 from sdxl_server.service.demand import DemandMeter
 from sdxl_server.service.status_mapping import ServiceError, retry_info, unavailable
 
@@ -121,19 +122,19 @@ class Admission:
             raise _deadline_error("the deadline had passed on arrival")
         stats = self._engine.stats()  # a lock-free snapshot: overload is answered without touching the engine
         # A deadline too short even for an idle server is final: retrying (the overload answer) cannot help.
-        rounds = math.ceil(request.num_images / max(stats.slots_total, 1))
-        step_seconds = stats.step_seconds_by_resolution.get(str(request.resolution), stats.step_seconds_ewma)
-        own_seconds = step_seconds * request.steps * rounds
-        if time_remaining is not None and own_seconds > time_remaining:
+        # Both counted in UNet rows: an unguided image takes half a guided one's (request_budget.py).
+        rows = peak_rows(guided_steps(request.guidance_scale, request.guidance_interval, request.steps))
+        own = own_seconds(stats, request.num_images, request.steps, rows, request.resolution)
+        if time_remaining is not None and own is not None and own > time_remaining:
             raise _deadline_error(
-                f"{request.num_images} x {request.steps} steps take about {own_seconds:.2f}s even on an "
+                f"{request.num_images} x {request.steps} steps take about {own:.2f}s even on an "
                 f"idle server, but the deadline is in {time_remaining:.2f}s; it was not started"
             )
         if stats.queue_depth + request.num_images > self._max_queue:
             raise self._queue_full(stats)
         if time_remaining is None:
             return
-        estimate = self._engine.estimate_seconds(request.num_images, request.steps, request.resolution)
+        estimate = self._engine.estimate_seconds(request.num_images, request.steps, request.resolution, rows)
         if estimate is not None and estimate > time_remaining:
             raise _deadline_error(
                 f"the request would need about {estimate:.2f}s (queue and {request.num_images} x "

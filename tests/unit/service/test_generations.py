@@ -145,6 +145,23 @@ def test_a_deadline_too_short_for_the_requests_own_steps_is_final_even_with_a_fu
     assert engine.requests == []
 
 
+def test_the_idle_server_check_counts_rows_so_twice_the_slots_of_unguided_images_take_one_round() -> None:
+    """2 slots are 4 UNet rows: 4 unguided images of 4 steps at 1 s take 4 s and fit a 5 s deadline;
+    guided they take two rounds, 8 s, and are refused."""
+    engine = FakeEngine(stats_snapshot=dataclasses.replace(IDLE, slots_total=2, step_seconds_ewma=1.0))
+    guided = _refused(engine, _request(steps=4, num_images=4, guidance_scale=5.0), time_remaining=5.0)
+    assert (
+        guided.code is grpc.StatusCode.DEADLINE_EXCEEDED and "8.00s even on an idle server" in guided.message
+    )
+
+    async def run() -> None:
+        generations, _ = _generations(engine)
+        await _events(generations, _request(steps=4, num_images=4, guidance_scale=0.0), time_remaining=5.0)
+
+    asyncio.run(run())
+    assert [r.guidance_scale for r in engine.requests] == [0.0]
+
+
 def test_a_deadline_already_passed_or_beyond_the_engines_estimate_is_refused_before_submitting() -> None:
     engine = FakeEngine()
     assert _refused(engine, _request(), time_remaining=0.0).code is grpc.StatusCode.DEADLINE_EXCEEDED

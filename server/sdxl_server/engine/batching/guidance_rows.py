@@ -46,7 +46,14 @@ def rows_over(guided: tuple[int, int], steps: int, start: int, count: int) -> np
     return np.where(at < steps, 1 + ((at >= first) & (at < until)), 0).astype(np.int32)
 
 
-def row_steps(guided: tuple[int, int], steps: int) -> int:
-    """UNet rows over the whole image: its cost in units of one row-step."""
+def row_steps(guided: tuple[int, int], steps: int, start: int = 0) -> int:
+    """UNet rows over the image's steps from `start` on (the whole image by default): its cost in units
+    of one row-step."""
     first, until = guided
-    return steps + (until - first)
+    return max(steps - start, 0) + max(until - max(first, start), 0)
+
+
+def peak_rows(guided: tuple[int, int]) -> int:
+    """The most UNet rows the image takes at any one step: 2 if any step is guided, else 1."""
+    first, until = guided
+    return 2 if until > first else 1

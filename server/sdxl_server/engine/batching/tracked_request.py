@@ -12,7 +12,7 @@ import numpy as np
 
 from sdxl_server.engine.adapters.request_adapters import NO_ADAPTERS
 from sdxl_server.engine.api import EngineEvent, Failed, Finished, GenerationRequest, Listener
-from sdxl_server.engine.batching.guidance_rows import guided_steps, rows_at
+from sdxl_server.engine.batching.guidance_rows import guided_steps, row_steps, rows_at
 from sdxl_server.engine.prompt_cache import PromptKey
 from sdxl_server.engine.request_budget import RequestBudget
 
@@ -106,3 +106,7 @@ class WorkItem:
     def rows_at(self, step: int) -> int:
         """UNet rows this image takes at its step `step` (0 past its end)."""
         return rows_at(self.request.guided, self.steps, step)
+
+    def row_steps(self, start: int = 0) -> int:
+        """UNet rows summed over its steps from `start` on: the work it still brings to the rows."""
+        return row_steps(self.request.guided, self.steps, start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sdxl_server.engine.batching.guidance_rows import guided_steps, row_steps, rows_at
+from sdxl_server.engine.batching.guidance_rows import guided_steps, peak_rows, row_steps, rows_at
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
@@ -30,3 +30,11 @@ def test_an_interval_may_start_late_and_an_empty_one_guides_nothing():
     assert guided_steps(5.0, (0.5, 1.0), 4) == (2, 4)
     assert guided_steps(5.0, (0.3, 0.3), 10) == (0, 0)
     assert guided_steps(5.0, (0.0, 0.01), 4) == (0, 1)  # any part of a step's span counts it in
+
+
+@pytest.mark.parametrize("guided", [(0, 0), (0, 8), (2, 4), (0, 20)])
+def test_row_steps_from_any_step_sum_the_rows_still_to_run(guided):
+    """What the deadline estimate counts for an image already part-way through its steps."""
+    for start in (0, 3, 8, 19, 20, 25):
+        assert row_steps(guided, 20, start) == sum(rows_at(guided, 20, i) for i in range(start, 20))
+    assert peak_rows(guided) == max(rows_at(guided, 20, i) for i in range(20))
