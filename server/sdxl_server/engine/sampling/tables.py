@@ -90,7 +90,8 @@ class SamplerTables:
         return self._config.get(name, _DEFAULTS[sampler].get(name))
 
     def build(self, sampler: str, spacing: str, steps: int, timesteps: Sequence[int] = ()) -> StepTable:
-        """The table of a valid choice (choices.choice_problem): `spacing` "" with explicit `timesteps`."""
+        """The table of a valid choice (request_rules.sampling_violations): `spacing` "" with explicit
+        `timesteps`."""
         if sampler == "euler":
             return self._euler(spacing, steps, timesteps)
         if sampler == "ddim":

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 from sdxl_server.engine.api import GenerationRequest, Limits, Resolution
-from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS, choice_problem, sampler_spacing
+from sdxl_server.engine.sampling.choices import SAMPLER_SPACINGS, sampler_spacing
 from sdxl_server.request_rules import request_violations
 
 LIMITS = Limits(
@@ -53,11 +53,6 @@ def fields(**changes) -> list[str]:
 )
 def test_every_served_choice_is_accepted(changes):
     assert fields(**changes) == []
-    request = dataclasses.replace(GOOD, **changes)
-    assert (
-        choice_problem(request.sampler, request.timestep_spacing, request.timesteps, request.steps, 1000)
-        is None
-    )
 
 
 @pytest.mark.parametrize(
@@ -71,11 +66,6 @@ def test_every_served_choice_is_accepted(changes):
 )
 def test_a_choice_the_sampler_cannot_run_names_its_field(changes, field):
     assert fields(**changes) == [field]
-    request = dataclasses.replace(GOOD, **changes)
-    problem = choice_problem(
-        request.sampler, request.timestep_spacing, request.timesteps, request.steps, 1000
-    )
-    assert problem is not None and problem[0] == field
 
 
 def test_an_unset_spacing_is_the_models_when_the_sampler_can_use_it():
