@@ -25,12 +25,14 @@ REPO = HERE.parents[2]
 TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
 # Small and fast: one resolution, few steps (the engine start below uses the same values).
 TINY_ARGS = ["--model", "tiny", "--resolutions", "64x64", "--max-steps", "8", "--seed-steps", "0"]
-# engine_subprocess.config with these overrides is the server the cache is filled for.
+# engine_subprocess.config with these overrides (and the JSON ones of argv[3]) is the server the cache
+# is filled for.
 START_SCRIPT = """
 import json, sys
 from engine_subprocess import config
 from sdxl_server.engine import JaxEngine
-engine = JaxEngine(config(sys.argv[1], sys.argv[2], max_devices=1, slots_per_device=2))
+more = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+engine = JaxEngine(config(sys.argv[1], sys.argv[2], max_devices=1, slots_per_device=2, **more))
 engine.start()
 built = engine.loop_statistics().programs_compiled
 engine.stop()
@@ -53,10 +55,10 @@ def compile_command(python: pathlib.Path | str, tiny_model_dir, *args: str) -> s
     )
 
 
-def start_engine(tiny_model_dir, cache_dir) -> tuple[dict, str]:
+def start_engine(tiny_model_dir, cache_dir, **overrides: object) -> tuple[dict, str]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     completed = subprocess.run(
-        [sys.executable, "-c", START_SCRIPT, str(tiny_model_dir), str(cache_dir)],
+        [sys.executable, "-c", START_SCRIPT, str(tiny_model_dir), str(cache_dir), json.dumps(overrides)],
         env=env,
         cwd=HERE,
         capture_output=True,
@@ -69,7 +71,9 @@ def start_engine(tiny_model_dir, cache_dir) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_model_dir, tmp_path):
+    # A server with per-request LoRA (--lora-dir): its plain programs and its adapter bank's both.
     cache, report_file = tmp_path / "cache", tmp_path / "aot.json"
+    lora = {"lora_places": 2, "lora_max_rank": 4, "max_loras_per_request": 2}
     compiled = compile_command(
         sys.executable,
         tiny_model_dir,
@@ -82,6 +86,7 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
         str(report_file),
         "--cache-dir",
         str(cache),
+        *[f"--{flag.replace('_', '-')}={value}" for flag, value in lora.items()],
     )
     assert compiled.returncode == 0, compiled.stderr[-4000:]
     report = json.loads(report_file.read_text())
@@ -92,6 +97,9 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
     # of 1 and 2 images)
     assert {"encode", "insert-64x64", "rearrange-64x64", "decode1-64x64", "decode2-64x64"} <= set(names)
     assert len([name for name in names if name.startswith("step")]) >= 2, names
+    # The same steps taking the adapter bank, and the encode with a request's text-encoder adapters.
+    lora_steps = [name for name in names if name.startswith("lorastep")]
+    assert "encode-lora" in names and len(lora_steps) == len([n for n in names if n.startswith("step")])
     for program in report["programs"]:
         assert program["hbm_bytes"] >= program["argument_bytes"] > 0, program
         assert program["compile_seconds"] > 0, program
@@ -101,7 +109,9 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
     assert report["slots_per_device"] == 2 and report["max_decode_batch"] == 2
     assert report["memory_plan"].startswith("memory plan: 2 slots per device need")
 
-    started, log = start_engine(tiny_model_dir, cache)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    started, log = start_engine(tiny_model_dir, cache, lora_dir=str(folder), **lora)
     # Every program the server builds came whole from the cache, nothing traced or compiled, and the
     # memory plan read its two probes' figures (step and decode at 64x64) instead of compiling them.
     assert started == {"loaded": len(names), "built": len(names), "probes": 2}, log[-3000:]
@@ -206,6 +216,8 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
             "--programs and --cache-dir",
         ),
         (["--slots-per-device", "1", "--resolutions", "100x64"], "--resolutions"),
+        (["--slots-per-device", "1", "--lora-places", "-1"], "--lora-places"),
+        (["--slots-per-device", "1", "--lora-places", "2", "--lora-max-rank", "0"], "--lora-max-rank"),
         (["--slots-per-device", "1", "--fit-check", "--programs", "step"], "--fit-check and --programs"),
     ],
 )

@@ -71,14 +71,19 @@ class BankLayout:
                 return f"rank {layer.rank} is above the adapter bank's maximum {self.max_rank}"
         return None
 
+    def array_shapes(self) -> dict[ModulePath, tuple[tuple[int, int, int], tuple[int, int, int]]]:
+        """Per covered module, the shapes of its down [places, in, max_rank] and up [places, max_rank,
+        out] arrays (what `sdxl-server compile` compiles from, allocating nothing)."""
+        return {
+            kernel[:-1]: ((self.places, i, self.max_rank), (self.places, self.max_rank, o))
+            for kernel, (i, o) in zip(self.kernels, self.shapes, strict=True)
+        }
+
     def empty(self, dtype: np.dtype | type = np.float32) -> dict[ModulePath, tuple[np.ndarray, np.ndarray]]:
         """Every place zero: a row pointing at it (with any scale) changes nothing."""
         return {
-            kernel[:-1]: (
-                np.zeros((self.places, i, self.max_rank), dtype),
-                np.zeros((self.places, self.max_rank, o), dtype),
-            )
-            for kernel, (i, o) in zip(self.kernels, self.shapes, strict=True)
+            module: (np.zeros(down, dtype), np.zeros(up, dtype))
+            for module, (down, up) in self.array_shapes().items()
         }
 
     def place(

@@ -283,10 +283,13 @@ def build_programs(
     adapter_banks: dict[str, Any] = {}
     for component, layout in (adapter_layouts or {}).items():
         dtype = jax.tree_util.tree_leaves(params[component])[0].dtype
-        empty = layout.empty(dtype)
-        adapter_banks[component] = (
-            _abstract_on(empty, rep) if abstract else empty_device_bank(layout, dtype, rep)
-        )
+        if abstract:  # shapes only: SDXL's banks are gigabytes that a compile for a topology never fills
+            adapter_banks[component] = {
+                module: tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=rep) for shape in pair)
+                for module, pair in layout.array_shapes().items()
+            }
+        else:
+            adapter_banks[component] = empty_device_bank(layout, dtype, rep)
     adapter_bank = adapter_banks.get("unet")
     encode_with_adapters = None
     if adapter_banks:
