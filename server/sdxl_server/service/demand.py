@@ -35,6 +35,15 @@ resolution is the largest of the three figures: the device's full batch, the sat
 served requests' slot time (a partly busy pod runs smaller programs and shares less CPU, so its slot time
 is a floor of the saturated price, never more).
 
+Wall time below saturation still misses what saturates a CPU-limited pod: with free CPU under its quota a
+partly busy pod steps at full speed (the standard run's pods at 60% read 0.25-0.36 pods for 0.6 with the
+slot time alone), and only at saturation does the quota stretch every step. So the pod's CPU is priced as
+a resource of its own (``CpuPrice``): the process's CPU seconds per image-step done, at any occupancy,
+over the CPUs its cgroup allows (service/cpu_limit.py): ``slots x CPU seconds per image-step / CPUs`` is
+what an image-step costs a pod whose CPU is the bottleneck. A pod's capacity is bounded by each of its
+resources, so the price is the larger of the device's and the CPU's: on a TPU host with CPUs to spare
+the device's; on the harness's 0.3-CPU pods the CPU's. Without a quota there is no CPU price.
+
 Only first attempts count (``ATTEMPT_HEADER``, sent by sdxl_client on both doors): a retry was counted
 where its first attempt arrived, refused or not, and counting it again on every pod it reaches made a
 saturated fleet read its retries as demand. A request without the header counts once per request id.
@@ -48,6 +57,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from sdxl_server.engine.api import EngineStats, GenerationRequest
+from sdxl_server.service.cpu_limit import cpu_limit
 
 # Request ids remembered to count a retry once: far more than a window's arrivals at any rate a pod sees.
 _MAX_REMEMBERED_IDS = 100_000
@@ -209,13 +219,51 @@ class SlotTime:
         return self._overall
 
 
+class CpuPrice:
+    """Slot-seconds one image-step costs a pod whose CPU limit is its bottleneck, from the CPU it spent.
+
+    Between two readings with at least a full step's worth of image-steps done, ``slots x CPU seconds
+    used / image-steps done / CPUs allowed``, smoothed like ``Throughput``. CPU the pod spends idle
+    (health checks, scrapes) is charged to the image-steps done with it, so a quiet pod's price reads
+    high, but its demand, arrivals x price, then reads what its CPU is used for, which stays small.
+    0 until measured, and where the process has no CPU limit.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None  # (CPU seconds, steps_total) at the last reading
+        self.seconds = 0.0
+
+    def update(self, cpu_seconds: float, steps_total: int, slots: int, cpus: float | None) -> None:
+        last = self._last
+        if last is not None and steps_total - last[1] < max(slots, 1):
+            return  # too few image-steps to divide by yet: keep accumulating from the same reading
+        self._last = (cpu_seconds, steps_total)
+        if last is None or cpus is None or cpus <= 0 or slots <= 0:
+            return
+        used, done = cpu_seconds - last[0], steps_total - last[1]
+        if used <= 0:
+            return
+        measured = slots * used / done / cpus
+        self.seconds = (
+            measured if self.seconds == 0 else self.seconds + _THROUGHPUT_WEIGHT * (measured - self.seconds)
+        )
+
+
 class DemandMeter:
     """Arrivals are recorded from the event loop's thread (Admission.check); ``value`` is read by the
     metrics collector at scrape time from the metrics server's thread: both take no lock, because
     ``deque.append``/``popleft`` are atomic and ``value`` reads a copy. Served requests (``served``) are
     recorded from the event loop's thread too."""
 
-    def __init__(self, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        window_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
+        cpus: Callable[[], float | None] = cpu_limit,
+    ) -> None:
+        """``cpu_clock``: the process's CPU seconds; ``cpus``: the CPUs it may use (None: no limit), read
+        at every scrape (a pod's process may be moved into its cgroup after it starts)."""
         if window_seconds <= 0:
             raise ValueError(f"demand_window_seconds must be positive, got {window_seconds}")
         self.window_seconds = window_seconds
@@ -225,6 +273,9 @@ class DemandMeter:
         self._full_batch = FullBatchSteps()
         self._throughput = Throughput()
         self._slot_time = SlotTime()
+        self._cpu_clock = cpu_clock
+        self._cpus = cpus
+        self._cpu_price = CpuPrice()
 
     def arrived(self, request: GenerationRequest, attempt: int = 1) -> None:
         """One validated request reached the admission checks (whatever they decide); ``attempt``: the
@@ -255,7 +306,10 @@ class DemandMeter:
         now = self._clock()
         self._full_batch.update(stats)
         self._throughput.update(stats, now, self._full_batch.overall)
+        self._cpu_price.update(self._cpu_clock(), stats.steps_total, stats.slots_total, self._cpus())
         factor = self._throughput.factor
+        if self._full_batch.overall > 0:  # the CPU's price as a factor over the device's, as Throughput's
+            factor = max(factor, self._cpu_price.seconds / self._full_batch.overall)
         start = now - self.window_seconds
         self._slot_time.update(start, stats.slots_total)
         served = self._slot_time.by_resolution

@@ -232,3 +232,39 @@ def test_slot_time_counts_the_slots_a_request_held_and_never_lowers_the_device_p
     # 64 image-steps is 0.25 s each (both requests together: (0.4 + 16) / (8 + 64)).
     meter.served(_request("eight", images=8), denoise_seconds=2 * 8 * 0.25)
     assert meter.value(stats) == pytest.approx(5.0 * 8 * (16.4 / 72) / 4)
+
+
+class FakeCpu:
+    def __init__(self) -> None:
+        self.seconds = 5.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_a_cpu_limited_pod_prices_an_image_step_at_its_cpu_seconds_over_its_cpus() -> None:
+    # 4 slots, the device's full batch 0.02 s a step, 0.3 CPU: each image-step spends 0.006 CPU-seconds
+    # (the step, the host's share, encoding, gRPC), so the pod serves 0.3 / 0.006 = 50 image-steps/s, an
+    # image-step costs 4 / 50 = 0.08 slot-seconds, and 5 images/s of 8 steps (40 image-steps/s) are 0.8
+    # pods, at any occupancy: the device's price read 0.2.
+    clock, cpu = FakeClock(), FakeCpu()
+    meter = DemandMeter(10.0, clock, cpu_clock=cpu, cpus=lambda: 0.3)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    partly = dataclasses.replace(_stats(step_seconds=0.02), slots_busy=2)
+    assert meter.value(partly) == pytest.approx(0.2)  # the first reading: nothing measured yet
+    partly = dataclasses.replace(partly, steps_total=400)  # 10 s of 40 image-steps a second
+    cpu.seconds += 400 * 0.006
+    assert meter.value(partly) == pytest.approx(0.8)
+    # Fewer image-steps than slots since the last reading: nothing to divide by yet, the price stays.
+    cpu.seconds += 1.0
+    assert meter.value(dataclasses.replace(partly, steps_total=402)) == pytest.approx(0.8)
+
+
+def test_without_a_cpu_limit_the_cpu_is_not_priced() -> None:
+    clock, cpu = FakeClock(), FakeCpu()
+    meter = DemandMeter(10.0, clock, cpu_clock=cpu, cpus=lambda: None)
+    _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+    stats = _stats(step_seconds=0.02)
+    meter.value(stats)
+    cpu.seconds += 400 * 0.006
+    assert meter.value(dataclasses.replace(stats, steps_total=400)) == pytest.approx(0.2)
