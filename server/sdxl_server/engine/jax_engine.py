@@ -147,7 +147,9 @@ class JaxEngine:
             attention=resolve_attention(cfg.attention, platform),  # part of the programs' key
         )
         with _timed(phases, "memory_plan"):  # before the real compile: a size that cannot fit stops here
-            cfg = self.config = fit_to_memory(cfg, model, list(mesh.devices.flat), records=saved)
+            cfg = self.config = fit_to_memory(
+                cfg, model, list(mesh.devices.flat), records=saved, adapter_layouts=self._adapter_layouts
+            )
         slots = cfg.slots_per_device * mesh.size
         ks = bucket_sizes(cfg.steps_per_dispatch)  # 1, 2, 4, ..., K: the largest that fits runs
         with _timed(phases, "trace_and_compile"), attention_kernel(cfg.attention, platform):

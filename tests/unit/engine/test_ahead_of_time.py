@@ -227,3 +227,17 @@ def test_bad_compile_arguments_are_refused_naming_the_flag(extra, named, capsys)
     argv = ["compile", "--topology", "cpu", "--model", "tiny", "--resolutions", "64x64", *extra]
     assert main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+def test_the_fit_check_counts_the_adapter_banks_and_refuses_one_that_does_not_fit(
+    tiny_model_dir, monkeypatch, capsys
+):
+    """What a pod with --lora-dir would refuse at start, the chart's pre-install check refuses first."""
+    from sdxl_server.main import main
+
+    monkeypatch.setenv("SDXL_TINY_MODEL_DIR", str(tiny_model_dir))
+    argv = ["compile", "--fit-check", "--topology", "cpu", *TINY_ARGS[:4], "--slots-per-device", "1"]
+    assert main([*argv, "--lora-places", "2"]) == 0
+    assert "adapter banks 0.01 GiB" in capsys.readouterr().out  # 2 places of the tiny model at rank 64
+    assert main([*argv, "--lora-places", "1000000"]) == 1  # far beyond this host's RAM
+    assert "--lora-places: 1000000 LoRA adapter places of" in capsys.readouterr().err

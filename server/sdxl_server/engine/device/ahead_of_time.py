@@ -364,8 +364,12 @@ def compile_for_topology(
             default_steps=max_steps,  # any value within the bounds: the plan does not read it
             attention=attention,
             memory_fraction=memory_fraction,
+            lora_places=max(lora_places, 1),  # the plan counts them only with adapter_layouts
+            lora_max_rank=lora_max_rank,
         )
-        fitted, plan_line = fit_and_describe(config, model, devices, records=cache, memory=memory)
+        fitted, plan_line = fit_and_describe(
+            config, model, devices, records=cache, memory=memory, adapter_layouts=adapter_layouts
+        )
         slots_per_device, max_decode_batch = fitted.slots_per_device, fitted.max_decode_batch
     elif max_decode_batch == AUTO:
         max_decode_batch = slots_per_device

@@ -3,6 +3,9 @@
 What one device holds while serving:
 
 * the parameters (replicated: every device holds all of them);
+* with `--lora-dir`, the LoRA adapter banks (replicated too): `--lora-places` places, each every covered
+  layer's factors at `--lora-max-rank` (SDXL base at rank 64 in bf16: 0.32 GiB a place for the UNet,
+  0.11 GiB for both text encoders); a bank that does not fit is refused naming `--lora-places`;
 * per resolution, the slot state of its block (latents, embeddings, schedules) and the held latents,
   for 2P image places (P slots per device: rows are the capacity, so a block holds up to 2P unguided
   images, each with a held row; buckets.rows_per_device);
@@ -33,13 +36,14 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
+from sdxl_server.engine.adapters.adapter_bank import BankLayout
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes, rows_per_device
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
@@ -59,8 +63,9 @@ GIB = 2**30
 
 
 class MemoryPlanError(SettingError):
-    """The configuration does not fit the device: the field to change (slots_per_device or resolutions)
-    and one line of figures; the server prints it after the field's flag and exits 2."""
+    """The configuration does not fit the device: the field to change (slots_per_device, resolutions,
+    max_decode_batch or lora_places) and one line of figures; the server prints it after the field's
+    flag and exits 2."""
 
 
 def fit_to_memory(
@@ -69,13 +74,14 @@ def fit_to_memory(
     devices: Sequence[Any],
     records: ProgramCache | None = None,
     memory: DeviceMemory | None = None,
+    adapter_layouts: Mapping[str, BankLayout] | None = None,
 ) -> EngineConfig:
     """`config` with its attention resolved for the platform, and its slots per device and decode batch
     checked against the memory plan (`auto`: the most that fit); MemoryPlanError when they do not fit.
     `records`: where the probes' figures are looked up and saved (the program cache, whose attention
     must be the resolved one); `memory`: the device's memory when its devices cannot report it (a
-    described TPU topology)."""
-    fitted, line = fit_and_describe(config, model, devices, records, memory)
+    described TPU topology); `adapter_layouts`: the LoRA adapter banks' (with --lora-dir), resident."""
+    fitted, line = fit_and_describe(config, model, devices, records, memory, adapter_layouts)
     log.info("%s", line)
     return fitted
 
@@ -86,6 +92,7 @@ def fit_and_describe(
     devices: Sequence[Any],
     records: ProgramCache | None = None,
     memory: DeviceMemory | None = None,
+    adapter_layouts: Mapping[str, BankLayout] | None = None,
 ) -> tuple[EngineConfig, str]:
     """`fit_to_memory`'s decision and its one line for the log."""
     attention = resolve_attention(config.attention, devices[0].platform)
@@ -99,6 +106,12 @@ def fit_and_describe(
         memory=memory,
         records=records,
     )
+    if adapter_layouts:
+        plan = dataclasses.replace(
+            plan,
+            adapter_places=config.lora_places,
+            adapter_place_bytes=adapter_place_bytes(model, adapter_layouts),
+        )
     slots = plan.slots_per_device(config.slots_per_device)
     decode_batch = plan.decode_batch(slots, config.max_decode_batch)
     asked = {"slots-per-device": config.slots_per_device, "max-decode-batch": config.max_decode_batch}
@@ -175,11 +188,18 @@ class MemoryPlan:
     memory_fraction: float
     temp_factor: float  # CPU_TEMP_FACTOR on the CPU, 1 on accelerators
     attention: str
+    adapter_places: int = 0  # the LoRA adapter banks' places (--lora-places; 0 without --lora-dir)
+    adapter_place_bytes: int = 0  # one place in every component's bank, on one device
 
     @property
     def budget_bytes(self) -> int:
         """What one device may use: its share of the memory, times the memory fraction."""
         return int(self.memory.bytes * self.memory_fraction / self.memory.shared_by)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """The adapter banks on one device (replicated, as the parameters)."""
+        return self.adapter_places * self.adapter_place_bytes
 
     def bytes_per_device(
         self,
@@ -195,7 +215,7 @@ class MemoryPlan:
         decoded = slots_per_device if decode_batch is None else min(decode_batch, slots_per_device)
         state = self.state_bytes(slots_per_device, chosen)
         temps = max(max(n.step_temp_bytes * slots_per_device, n.decode_temp_bytes * decoded) for n in chosen)
-        return self.params_bytes + math.ceil(state + temps * self.temp_factor)
+        return self.params_bytes + self.adapter_bytes + math.ceil(state + temps * self.temp_factor)
 
     def state_bytes(self, slots_per_device: int, needs: Sequence[ResolutionNeeds] | None = None) -> int:
         """The banks' resident state on one device: 2P image places per resolution, since rows are the
@@ -236,7 +256,11 @@ class MemoryPlan:
         return max(fitting, default=1)  # 1 fits whenever the slots were accepted
 
     def slots_per_device(self, requested: int) -> int:
-        """`requested` if it fits, the most that fit for `auto`; else MemoryPlanError naming the setting."""
+        """`requested` if it fits, the most that fit for `auto`; else MemoryPlanError naming the setting
+        (--lora-places when the slots would fit without the adapter banks)."""
+        without_bank = dataclasses.replace(self, adapter_places=0)
+        if self.adapter_places and self.most_slots() < max(requested, 1) <= without_bank.most_slots():
+            raise self._bank_refusal(max(requested, 1))
         if self.most_slots() < 1:
             alone = [n for n in self.needs if self.most_slots([n]) < 1]
             if alone:
@@ -261,6 +285,19 @@ class MemoryPlan:
             )
         return requested
 
+    def _bank_refusal(self, slots: int) -> MemoryPlanError:
+        room = self.budget_bytes - dataclasses.replace(self, adapter_places=0).bytes_per_device(
+            slots, None, 1
+        )
+        most = max(room, 0) // max(self.adapter_place_bytes, 1)
+        fewer = f"at most {most} fit (--lora-places {most})" if most else "not one place fits"
+        return MemoryPlanError(
+            "lora_places",
+            f"{self.adapter_places} LoRA adapter places of {self.adapter_place_bytes / GIB:.2f} GiB do not "
+            f"fit beside {_slots(slots)}: {self._figures(slots, self.needs, 1)}; {fewer}, or serve fewer "
+            "--slots-per-device or a lower --lora-max-rank",
+        )
+
     def describe(self, slots_per_device: int, decode_batch: int | None = None) -> str:
         """One line for the start-up log."""
         decoded = slots_per_device if decode_batch is None else decode_batch
@@ -283,10 +320,11 @@ class MemoryPlan:
         counted = f", {self.temp_factor:g}x XLA:CPU's analysis" if self.temp_factor != 1 else ""
         state = self.state_bytes(slots, needs)
         share = f" shared by {self.memory.shared_by} devices" if self.memory.shared_by > 1 else ""
+        adapters = f", adapter banks {self.adapter_bytes / GIB:.2f} GiB" if self.adapter_places else ""
         return (
             f"{_slots(slots)} per device need{'s' if slots == 1 else ''} "
             f"{self.bytes_per_device(slots, needs, decoded) / GIB:.2f} GiB "
-            f"(parameters {self.params_bytes / GIB:.2f} GiB, slot state {state / GIB:.2f} GiB, "
+            f"(parameters {self.params_bytes / GIB:.2f} GiB{adapters}, slot state {state / GIB:.2f} GiB, "
             f"the {program}'s temporaries at {largest.resolution} {temps / GIB:.2f} GiB "
             f"with --attention {self.attention}{counted}); --memory-fraction {self.memory_fraction:g} "
             f"of {self.memory.described}{share} is {self.budget_bytes / GIB:.2f} GiB"
@@ -304,6 +342,17 @@ def _image_places(slots_per_device: int) -> int:
 
 def _slots(count: int) -> str:
     return "one slot" if count == 1 else f"{count} slots"
+
+
+def adapter_place_bytes(model: LoadedModel, layouts: Mapping[str, BankLayout]) -> int:
+    """One place in every component's adapter bank, in the dtype of that component's parameters (as
+    programs.build_programs allocates the banks)."""
+    return sum(
+        layout.bytes_per_place(
+            jnp.dtype(jax.tree_util.tree_leaves(model.params[component])[0].dtype).itemsize
+        )
+        for component, layout in layouts.items()
+    )
 
 
 def tree_bytes(tree: Any) -> int:

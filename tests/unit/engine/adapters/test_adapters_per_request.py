@@ -199,3 +199,28 @@ def test_the_lora_metrics_have_no_label_per_adapter(lora_engine):
     assert samples["sdxl_lora_load_seconds_total"].value > 0
     assert {"sdxl_lora_evictions_total", "sdxl_lora_load_failures_total"} <= set(samples)
     assert all(not sample.labels for sample in samples.values())  # never one series per adapter
+
+
+def test_the_memory_plan_counts_the_adapter_banks_the_engine_allocates(lora_engine):
+    from sdxl_server.engine.device.memory_plan import adapter_place_bytes, tree_bytes
+
+    banks = lora_engine._programs.adapter_banks  # replicated: each device holds the whole banks
+    place = adapter_place_bytes(lora_engine._model, lora_engine._adapter_layouts)
+    assert place * lora_engine.config.lora_places == tree_bytes(banks) > 0
+
+
+def test_a_bank_that_does_not_fit_the_device_is_refused_at_start_naming_lora_places(
+    tiny_model_dir, compilation_cache_dir, adapters
+):
+    from sdxl_server.engine.device.memory_plan import MemoryPlanError
+
+    folder, _ = adapters
+    # A million places of the tiny model's layers at rank 64: far beyond this host's RAM.
+    config = make_config(
+        tiny_model_dir, compilation_cache_dir, resolutions=(SQUARE,), lora_dir=str(folder), lora_places=10**6
+    )
+    engine = JaxEngine(config)
+    with pytest.raises(MemoryPlanError) as refused:
+        engine.start()  # before any program is built or any bank allocated
+    assert refused.value.field == "lora_places"
+    assert refused.value.message.startswith("1000000 LoRA adapter places of")

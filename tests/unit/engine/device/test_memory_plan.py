@@ -204,3 +204,31 @@ def test_the_plan_counts_the_state_of_every_image_place_the_engine_allocates(eng
         bank = banks[resolution].empty_bank
         allocated = tree_bytes(bank) // len(devices)  # every device holds its own block
         assert plan.state_bytes(config.slots_per_device, [counted]) == allocated
+
+
+def test_the_adapter_banks_count_against_the_device_and_a_bank_that_does_not_fit_names_lora_places():
+    # 2.5 GiB a slot as above; 8 adapter places of 0.5 GiB (SDXL base at rank 64 in bf16: 0.42 GiB a
+    # place for the UNet and both text encoders) take 4 GiB beside the parameters.
+    base = plan_with(13.5, [needs(SMALL, 0.25, 0.5), needs(LARGE, 0.25, 1.5, decode_gib=1.0)])
+    plan = dataclasses.replace(base, adapter_places=8, adapter_place_bytes=GIB // 2)
+    assert plan.bytes_per_device(3) == base.bytes_per_device(3) + 4 * GIB
+    assert plan.slots_per_device(AUTO_SLOTS) == 3  # 5 without the banks
+    assert "adapter banks 4.00 GiB" in plan.describe(3)
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.slots_per_device(5)  # fits without the banks: the banks are what to change
+    assert refused.value.field == "lora_places"
+    line = refused.value.message
+    assert "\n" not in line and line.startswith("8 LoRA adapter places of 0.50 GiB do not fit beside 5 slots")
+    assert "at most 0 fit" not in line and "not one place fits" in line  # 1 + 5 x 2.5 leaves 0 GiB
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.slots_per_device(4)
+    assert "at most 5 fit (--lora-places 5)" in refused.value.message  # 13.5 - 11 = 2.5 GiB: 5 places
+    crowded = dataclasses.replace(base, adapter_places=64, adapter_place_bytes=GIB // 2)
+    with pytest.raises(MemoryPlanError) as refused:
+        crowded.slots_per_device(AUTO_SLOTS)  # not one slot beside 32 GiB of banks; 13.5 - 3.5 leaves 10
+    assert (
+        refused.value.field == "lora_places" and "at most 20 fit (--lora-places 20)" in refused.value.message
+    )
+    with pytest.raises(MemoryPlanError) as refused:
+        plan.slots_per_device(6)  # does not fit even without the banks: the slots are what to change
+    assert refused.value.field == "slots_per_device"
