@@ -65,24 +65,41 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def take(self, place: Callable[[WorkItem], bool]) -> list[WorkItem]:
+    def take(
+        self,
+        place: Callable[[WorkItem], bool],
+        place_behind: Callable[[WorkItem, WorkItem], bool] | None = None,
+    ) -> list[WorkItem]:
         """Offers the queued images that are admissible to `place`, in queue order, and removes and
-        returns those it took (it gives each a slot), up to the first it refuses.
+        returns those it took (it gives each a slot), up to the first it refuses: the head of the line.
 
-        Head of line waits: an image whose rows do not fit now stops the taking, so that smaller images
-        behind it cannot keep taking the rows it waits for and starve it (it enters as soon as its rows
-        are free, and the ones behind it after). Only an image that is not admissible yet (its adapters
-        are loading) lets later ones pass."""
+        Head of line waits: smaller images behind it must not keep taking the rows it waits for and
+        starve it. They are offered to `place_behind(item, head)` instead (none is taken without it),
+        which takes one only where it cannot delay the head's entry (backfilling: slot_table.place with
+        `behind`), and the head enters as soon as it would have. Images of a shape already refused
+        behind the head are not offered again until something was taken (a long queue of one shape
+        costs one check). An image that is not admissible yet (its adapters are loading) lets later
+        ones pass."""
         taken: list[WorkItem] = []
         kept: collections.deque[WorkItem] = collections.deque()
-        blocked = False
+        head: WorkItem | None = None
+        refused: set[tuple[object, ...]] = set()
         for item in self._waiting:
-            if blocked or (self.admissible is not None and not self.admissible(item)):
+            if self.admissible is not None and not self.admissible(item):
                 kept.append(item)
-            elif place(item):
+            elif head is None:
+                if place(item):
+                    taken.append(item)
+                else:
+                    head = item
+                    kept.append(item)
+            elif place_behind is None or _shape(item) in refused:
+                kept.append(item)
+            elif place_behind(item, head):
                 taken.append(item)
+                refused.clear()
             else:
-                blocked = True
+                refused.add(_shape(item))
                 kept.append(item)
         self._waiting = kept
         return taken
@@ -111,6 +128,12 @@ class AdmissionQueue:
         with self.changed:
             if not self._arrivals:
                 self.changed.wait(timeout)
+
+
+def _shape(item: WorkItem) -> tuple[object, ...]:
+    """What decides where an image fits: its resolution, steps and guided steps."""
+    request = item.request
+    return (request.request.resolution, item.steps, request.guided)
 
 
 def admits_now(policy: str, images_in_slots: int) -> bool:

@@ -11,8 +11,10 @@
 3. admissions: which queued images enter which slot (at every boundary with the continuous policy, a
    whole new batch with the static one), in queue order while their rows fit: an image enters a device
    only if the device's rows stay within its capacity (2P) at every future step (slot_table.py), and
-   the first image that does not fit makes the ones behind it wait too (head of line, so that smaller
-   images cannot starve it; admission_queue.py), each at the end of its bank's least-loaded block;
+   the first image that does not fit (the head of the line) is not passed by one behind it that would
+   delay the step at which it can enter, so that smaller images cannot starve it; one that cannot delay
+   it takes rows that would otherwise run empty (backfilling; admission_queue.py, slot_table.py), each
+   at the end of its bank's block on the device with the least work left;
 4. decodes: which banks' held images are decoded now, in which compiled batch, in as many calls of at
    most the largest decode batch as they need (decode_hold.py);
 5. the dispatch: the steps per dispatch k and, per bank in use, the compiled row batch that covers the
@@ -266,13 +268,13 @@ class BoundaryPlanner:
             return ()
         admissions = []
 
-        def place(item: WorkItem) -> bool:
-            occupant = self._slots.place(item)
+        def place(item: WorkItem, behind: WorkItem | None = None) -> bool:
+            occupant = self._slots.place(item, behind)
             if occupant is not None:
                 admissions.append(Admission(item, occupant.resolution, occupant.device, occupant.slot))
             return occupant is not None
 
-        self._queue.take(place)
+        self._queue.take(place, place)
         return tuple(admissions)
 
     def _decodes_due(self) -> tuple[Decode, ...]:

@@ -14,7 +14,8 @@ least one row at each of its steps. Within a block the busy slots are kept packe
 release leaves a hole that `repack` closes; the step loop applies the returned order on the device with
 the `rearrange` program), and their UNet rows are packed in slot order at the front of the device's row
 batch, so that a step runs the smallest compiled row count that covers them. An admission goes to the
-device, among those it fits, whose block in that bank has the fewest rows at its next step.
+device, among those it fits, with the least work still to run (row-steps over every bank), so that the
+devices, which step together, run out of work together.
 
 Only the step loop's thread uses a SlotTable.
 """
@@ -46,6 +47,14 @@ class Occupant:
     def rows_ahead(self, offset: int) -> int:
         """UNet rows of its step `offset` steps from now (0 past its end)."""
         return self.item.rows_at(self.steps_dispatched + offset)
+
+
+def _with_item(device_rows: list[np.ndarray], device: int, item: WorkItem) -> list[np.ndarray]:
+    """`device_rows` with `item` entering `device` now."""
+    rows = device_rows[device]
+    horizon = max(len(rows), item.steps)
+    added = np.pad(rows, (0, horizon - len(rows))) + rows_over(item.request.guided, item.steps, 0, horizon)
+    return [added if d == device else other for d, other in enumerate(device_rows)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +91,14 @@ class SlotTable:
         rows = sum(int(device_rows.max(initial=0)) for device_rows in self._device_rows())
         return -(-rows // 2)
 
-    def place(self, item: WorkItem) -> Occupant | None:
+    def place(self, item: WorkItem, behind: WorkItem | None = None) -> Occupant | None:
         """Places `item` at the end of its bank's block on the device it fits best, or returns None when
-        it fits on no device now (the bank must be packed: call `repack` after releases first)."""
+        it fits on no device now (the bank must be packed: call `repack` after releases first).
+
+        `behind`: a queued image ahead of `item` that does not fit now (the head of the line). Then
+        `item` may only take a device where it does not delay the step at which `behind` could enter
+        (backfilling: an image that ends, or drops to fewer rows, before `behind` needs its rows uses
+        rows that would otherwise run empty, and `behind` still enters as soon as it would have)."""
         resolution = item.request.request.resolution
         if resolution in self._holes:
             raise RuntimeError("place before repack")
@@ -95,13 +109,18 @@ class SlotTable:
             for d in range(self.devices)
             if len(blocks[d]) < self.per_device and self._fits(item, device_rows[d], after=0)
         ]
+        if fitting and behind is not None:
+            entry = self._earliest_entry(behind, device_rows)
+            fitting = [
+                d for d in fitting if self._earliest_entry(behind, _with_item(device_rows, d, item)) <= entry
+            ]
         if not fitting:
             return None
+        # The device with the least work still to run (its row-steps over every bank): devices step
+        # together, so one that runs out of work before the others idles through their rest, and the
+        # images it finishes alone are decoded beside padding. Ties: the fewest rows at the next step.
         rows = self.block_rows(resolution, 1)
-        device = min(
-            fitting,
-            key=lambda d: (rows[d], len(blocks[d]), int(device_rows[d][:1].sum()), d),
-        )
+        device = min(fitting, key=lambda d: (int(device_rows[d].sum()), rows[d], len(blocks[d]), d))
         occupant = Occupant(item, resolution, device, device * self.per_device + len(blocks[device]))
         blocks[device].append(occupant)
         self._images += 1
@@ -111,7 +130,9 @@ class SlotTable:
         """The fewest steps after which `item` would fit on some device if nothing else entered (its
         rows, from its first step, beside what the occupants will still run then). None stands for a
         guided image as long as the longest occupant's remaining steps."""
-        device_rows = self._device_rows()
+        return self._earliest_entry(item, self._device_rows())
+
+    def _earliest_entry(self, item: WorkItem | None, device_rows: list[np.ndarray]) -> int:
         horizon = max((len(rows) for rows in device_rows), default=0)
         for after in range(horizon + 1):
             if any(self._fits(item, rows, after) for rows in device_rows):

@@ -253,13 +253,15 @@ def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
     assert [a.slot for a in third.admissions] == [2]  # at the end of the packed block
 
 
-def test_an_image_goes_to_the_least_loaded_device():
+def test_an_image_goes_to_the_device_with_the_least_work_left():
+    """Devices step together: the one with less work left would idle through the others' rest, so an
+    image goes where the fewest row-steps remain, not merely the fewest rows now."""
     server = Server(devices=2, per_device=2)
-    server.submit(tracked("a", steps=5), tracked("b", steps=1), tracked("c", steps=5))
-    assert [a.device for a in server.boundary().admissions] == [0, 1, 0]
-    server.boundary()  # "b" finished on device 1
+    server.submit(tracked("a", steps=6), tracked("b", steps=1), tracked("c", steps=2))
+    assert [a.device for a in server.boundary().admissions] == [0, 1, 1]  # "c": 2 row-steps left, not 12
+    server.boundary()  # "b" finished on device 1; each device runs one guided image now
     server.submit(tracked("d", steps=5))
-    assert [a.device for a in server.boundary().admissions] == [1]  # device 0 has a free slot too
+    assert [a.device for a in server.boundary().admissions] == [1]  # 2 row-steps left there, 10 on 0
 
 
 def test_placement_counts_the_load_of_every_bank_on_a_device():
@@ -522,13 +524,18 @@ def test_twice_as_many_unguided_images_share_one_step_as_guided_ones():
     assert server.slots.busy == server.slots.capacity == 2  # in guided images: 4 rows taken of 4
 
 
-def test_a_guided_image_waits_while_the_block_is_full_of_rows_and_those_behind_it_wait_too():
-    server = Server(per_device=2)
-    server.submit(*(tracked(f"u{i}", steps=3, guidance_scale=0.0) for i in range(3)))  # 3 rows of 4
-    server.submit(tracked("guided", steps=3), tracked("behind", steps=3, guidance_scale=0.0))
-    assert admitted(server.boundary()) == ["u0", "u1", "u2"]  # "behind" would fit its one row, but waits
-    assert [admitted(server.boundary()) for _ in range(2)] == [[], []]  # the three run steps 2 and 3
-    assert admitted(server.boundary()) == ["guided", "behind"]
+def test_a_guided_image_waits_for_its_rows_and_one_behind_it_passes_only_if_that_cannot_delay_it():
+    """Backfilling: the guided image's two rows are free after 3 steps (when "u0" ends). "longer" would
+    still hold its row then and push the guided image back a step: it waits. "shorter" ends with "u0":
+    it runs in the row that would otherwise be idle, and the guided image enters as soon as before."""
+    server = Server(per_device=2)  # 4 rows
+    server.submit(tracked("u0", steps=3, guidance_scale=0.0))
+    server.submit(*(tracked(f"u{i}", steps=10, guidance_scale=0.0) for i in (1, 2)))  # 3 rows of 4
+    server.submit(tracked("guided", steps=3), tracked("longer", steps=4, guidance_scale=0.0))
+    server.submit(tracked("shorter", steps=3, guidance_scale=0.0))
+    assert admitted(server.boundary()) == ["u0", "u1", "u2", "shorter"]
+    assert [admitted(server.boundary()) for _ in range(2)] == [[], []]  # steps 2 and 3
+    assert admitted(server.boundary()) == ["guided"]  # then "longer", once a row frees
 
 
 def test_a_stream_of_unguided_images_behind_a_guided_one_cannot_starve_it():
