@@ -538,6 +538,39 @@ def test_a_guided_image_waits_for_its_rows_and_one_behind_it_passes_only_if_that
     assert admitted(server.boundary()) == ["guided"]  # then "longer", once a row frees
 
 
+def test_a_mix_of_few_step_unguided_and_guided_images_fills_the_rows_a_waiting_guided_one_cannot_use():
+    """The rows benchmark's mix (2 devices x 4 rows, K = 4): 4-step unguided images alternating with
+    20-step guided ones. Without backfilling the 4-step images behind a waiting guided one left rows
+    empty (52 steps; the rows' bound is 44: 4 x 40 + 4 x 4 row-steps a device over 4 rows)."""
+    server = Server(devices=2, per_device=2, most_steps_per_dispatch=4, hold_steps=4)
+    for i in range(16):
+        few = i % 2 == 0
+        server.submit(tracked(f"r{i}", steps=4 if few else 20, guidance_scale=0.0 if few else 7.5))
+    server.run_until_idle()
+    assert sum(d.steps for d in server.programs.dispatches) == 48
+    assert len(server.programs.decoded) == 16
+
+
+def test_images_of_a_shape_refused_behind_the_head_are_not_offered_again_until_one_enters():
+    """A long queue of one shape behind a waiting head costs one placement check, not one per image."""
+    board = StatsBoard(slots_total=2)
+    queue = AdmissionQueue(max_images=100, board=board)
+    queue.put(tracked("head", steps=20), lambda: 1.0, lambda ahead: None)
+    queue.put(tracked("same", steps=8, num_images=50, guidance_scale=0.0), lambda: 1.0, lambda ahead: None)
+    queue.put(tracked("other", steps=2, guidance_scale=0.0), lambda: 1.0, lambda ahead: None)
+    queue.receive()
+    offered: list[str] = []
+
+    def place_behind(item: WorkItem, head: WorkItem) -> bool:
+        assert head.request.request_id == "head"
+        offered.append(item.request.request_id)
+        return item.request.request_id == "other"
+
+    taken = queue.take(lambda item: False, place_behind)
+    assert offered == ["same", "other"]
+    assert [item.request.request_id for item in taken] == ["other"] and len(queue) == 51
+
+
 def test_a_stream_of_unguided_images_behind_a_guided_one_cannot_starve_it():
     """One row frees at a time (staggered ends) while new unguided images keep arriving behind the
     guided one: were they let past, each would take the row that just freed and the guided image, which
