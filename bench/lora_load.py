@@ -14,8 +14,8 @@ timed apart, once per bank shape, and is not part of a load):
 
     .venv/bin/python bench/lora_load.py [--sizes-mb 50,400]
 
-Prints a table and writes bench/results/lora_load.json. Not measured here: a load overlapped with serving
-(the engine does not load adapters per request yet; docs/LORA.md).
+Prints a table and writes bench/results/lora_load.json. A load overlapped with serving (the read and
+pack on the loader's thread, the write at a step boundary) is bench/lora_serving.py's latency part.
 """
 
 from __future__ import annotations
