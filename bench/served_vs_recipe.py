@@ -75,6 +75,18 @@ PHASES = (
 )
 
 
+# The served side's process, by target: its CPU time is read from /proc for the CPU per image.
+SERVER_PIDS: dict[str, int] = {}
+
+
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU of a process, all its threads (XLA's pool included); None: this process."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -192,6 +204,7 @@ def server(
     running = RunningServer(args, env=env)
     try:
         running.wait_ready(timeout=1800)
+        SERVER_PIDS[running.target] = running.process.pid
         yield running.target
     finally:
         running.terminate(timeout=120)
@@ -379,11 +392,17 @@ def saturate(
             per_round = []
             for r in range(rounds):
                 theirs = recipe_rate(recipe, batches, steps, size)
+                # CPU per image beside images/s: on a shared machine a process's rate follows the CPU
+                # share the scheduler gives it, while the CPU it spends per image is its own cost.
+                cpu = process_cpu_seconds()
                 ours = in_process.run(images, steps, size, 2 * slots, offset=r * images)
+                ours_cpu = process_cpu_seconds() - cpu
+                cpu = process_cpu_seconds(SERVER_PIDS[target])
                 served = client_run(
                     target, size=size, steps=[steps], count=images, concurrency=2 * slots,
                     offset=r * images,
                 )  # fmt: skip
+                served_cpu = process_cpu_seconds(SERVER_PIDS[target]) - cpu
                 ours_rate = steady_rate([x["finished_at"] for x in ours["results"]], slots)
                 served_rate = steady_rate([x["finished_at"] for x in served["results"]], slots)
                 per_round.append(
@@ -392,17 +411,26 @@ def saturate(
                         "served_budget": mean_phases(served["results"]),
                         "in_process_budget": mean_phases(ours["results"]),
                         "client_cpu_per_call": served["client_cpu_seconds"] / images,
+                        "in_process_cpu_per_image": ours_cpu / images,
+                        "server_cpu_per_image": served_cpu / images,
                     }
                 )  # fmt: skip
                 say(
                     f"{steps} steps round {r}: recipe {theirs:.3f}/s, in-process {ours_rate:.3f}/s, "
-                    f"served {served_rate:.3f}/s"
+                    f"served {served_rate:.3f}/s; CPU s per image in-process {ours_cpu / images:.2f}, "
+                    f"server {served_cpu / images:.2f} + client {served['client_cpu_seconds'] / images:.4f}"
                 )
             saturation[str(steps)] = {
                 "rounds": per_round,
                 "served_over_recipe": statistics.median(x["served"] / x["recipe"] for x in per_round),
                 "in_process_over_recipe": statistics.median(x["in_process"] / x["recipe"] for x in per_round),
                 "served_over_in_process": statistics.median(x["served"] / x["in_process"] for x in per_round),
+                # Served CPU per image (server + client) over in-process: above 1, what the served path
+                # adds in work; the images/s ratio also carries the CPU share each process got.
+                "served_over_in_process_cpu_per_image": statistics.median(
+                    (x["server_cpu_per_image"] + x["client_cpu_per_call"]) / x["in_process_cpu_per_image"]
+                    for x in per_round
+                ),
             }
     engine.stop()
     result["saturation"] = saturation
@@ -568,6 +596,8 @@ def report(result: dict[str, Any]) -> None:
         print(f"{f'saturated served / recipe, {steps} steps':<52}{s['served_over_recipe']:>8.3f}  >= 0.95")
         print(f"{f'saturated in-process / recipe, {steps} steps':<52}{s['in_process_over_recipe']:>8.3f}")
         print(f"{f'saturated served / in-process, {steps} steps':<52}{s['served_over_in_process']:>8.3f}")
+        label = f"CPU per image, served / in-process, {steps} steps"
+        print(f"{label:<52}{s['served_over_in_process_cpu_per_image']:>8.3f}")
     rows = []
     if "lone" in result:
         lone = result["lone"]
