@@ -13,8 +13,8 @@
    only if the device's rows stay within its capacity (2P) at every future step (slot_table.py), and
    the first image that does not fit (the head of the line) is not passed by one behind it that would
    delay the step at which it can enter, so that smaller images cannot starve it; one that cannot delay
-   it takes rows that would otherwise run empty (backfilling; admission_queue.py, slot_table.py), each
-   at the end of its bank's block on the device with the least work left;
+   it takes rows that would otherwise run empty (backfilling, continuous policy only; admission_queue.py,
+   slot_table.py), each at the end of its bank's block on the device with the least work left;
 4. decodes: which banks' held images are decoded now, in which compiled batch, in as many calls of at
    most the largest decode batch as they need (decode_hold.py);
 5. the dispatch: the steps per dispatch k and, per bank in use, the compiled row batch that covers the
@@ -274,7 +274,8 @@ class BoundaryPlanner:
                 admissions.append(Admission(item, occupant.resolution, occupant.device, occupant.slot))
             return occupant is not None
 
-        self._queue.take(place, place)
+        # Backfilling is the continuous policy's; the static one stands for the recipe's FIFO batches.
+        self._queue.take(place, place if self._policy != "static" else None)
         return tuple(admissions)
 
     def _decodes_due(self) -> tuple[Decode, ...]:

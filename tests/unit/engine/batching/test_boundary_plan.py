@@ -226,6 +226,15 @@ def test_static_admission_waits_for_the_whole_batch_to_finish():
     assert admitted(server.boundary()) == ["late"]  # the slots are all free again
 
 
+def test_a_static_batch_is_taken_in_queue_order_without_backfilling():
+    """The static policy stands for the recipe's batches: it takes the queue's head images while their
+    rows fit, and an unguided image behind a guided one that does not fit waits for the next batch."""
+    server = Server(per_device=2, policy="static")  # 4 rows
+    server.submit(tracked("a", steps=3), tracked("u", steps=3, guidance_scale=0.0))
+    server.submit(tracked("b", steps=3), tracked("short", steps=1, guidance_scale=0.0))
+    assert admitted(server.boundary()) == ["a", "u"]  # "b" needs 2 rows of the 1 left; "short" waits
+
+
 def test_a_boundary_admits_no_more_guided_images_than_their_rows_fit_in_queue_order():
     server = Server(per_device=2)
     server.submit(tracked("a", num_images=2), tracked("b"))
