@@ -34,10 +34,8 @@ from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Progress, Resolution  # noqa: E402
 
 from bench.bench_model import ensure_bench_model  # noqa: E402
+from bench.paths import BENCH_MODEL_DIR, CACHE_ROOT, TINY_MODEL_DIR  # noqa: E402
 
-CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
-BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl"
-TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
 SHARED_CACHE_DIR = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
 RESULTS = REPO / "bench" / "results" / "engine.json"
 RESOLUTION = Resolution(128, 128)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
+from bench.paths import CACHE_ROOT  # noqa: E402
+
 MODEL_DIR = CACHE_ROOT / "sdxl-base-random"
 RESULTS = REPO / "bench" / "results" / "real_size.json"
 

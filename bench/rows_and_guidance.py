@@ -57,12 +57,10 @@ from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # n
 from sdxl_server.service.request_conversion import default_spacing  # noqa: E402
 
 from bench.bench_model import ensure_bench_model  # noqa: E402
+from bench.paths import COMPILE_CACHE, TINY_MODEL_DIR  # noqa: E402
+from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E402
 from bench.seed_recipe import SeedRecipe  # noqa: E402
 
-CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
-BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
-TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
-COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
 RESULTS = REPO / "bench" / "results" / "rows_and_guidance.json"
 RESOLUTION = Resolution(128, 128)
 DEVICES = 2

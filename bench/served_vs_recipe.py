@@ -50,10 +50,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
-BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
-TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
-COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
+from bench.paths import COMPILE_CACHE, TINY_MODEL_DIR  # noqa: E402
+from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "served_vs_recipe.json"
 DEVICES = 2
 SLOTS_PER_DEVICE = 2
