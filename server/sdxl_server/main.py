@@ -39,7 +39,7 @@ from sdxl_server.server_settings import (
     flag_name,
 )
 from sdxl_server.service.auth import TokenFile
-from sdxl_server.service.demand import DemandMeter
+from sdxl_server.service.demand import DemandMeter, histogram_count
 from sdxl_server.service.generation import Generations
 from sdxl_server.service.grpc_server import (
     BindError,
@@ -125,7 +125,9 @@ async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None
     engine = JaxEngine(config.engine)
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    demand = DemandMeter(config.demand_window_seconds)
+    demand = DemandMeter(
+        config.demand_window_seconds, batched_steps=lambda: histogram_count(engine.step_histogram())
+    )
     admission = Admission(engine, config.engine.max_queue, demand)
     registry.register(
         EngineCollector(

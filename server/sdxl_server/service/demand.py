@@ -43,6 +43,10 @@ over the CPUs its cgroup allows (service/cpu_limit.py): ``slots x CPU seconds pe
 what an image-step costs a pod whose CPU is the bottleneck. A pod's capacity is bounded by each of its
 resources, so the price is the larger of the device's and the CPU's: on a TPU host with CPUs to spare
 the device's; on the harness's 0.3-CPU pods the CPU's. Without a quota there is no CPU price.
+Measured at the pod's occupancy, that CPU price reads 1.3-1.6x a full pod's below saturation (a batched
+step's fixed CPU shared by fewer image-steps; the standard run's fleet asked for 6 pods for 3), so where
+the engine counts its batched steps, a line fitted over recent scrape intervals (service/cpu_line.py)
+gives a full pod's CPU per batched step, and the per-image-step figure stays the fallback.
 
 Only first attempts count (``ATTEMPT_HEADER``, sent by sdxl_client on both doors): a retry was counted
 where its first attempt arrived, refused or not, and counting it again on every pod it reaches made a
@@ -58,6 +62,7 @@ from collections.abc import Callable, Mapping
 
 from sdxl_server.engine.api import EngineStats, GenerationRequest
 from sdxl_server.service.cpu_limit import cpu_limit
+from sdxl_server.service.cpu_line import CpuInterval, CpuLine
 
 # Request ids remembered to count a retry once: far more than a window's arrivals at any rate a pod sees.
 _MAX_REMEMBERED_IDS = 100_000
@@ -226,27 +231,59 @@ class CpuPrice:
     used / image-steps done / CPUs allowed``, smoothed like ``Throughput``. CPU the pod spends idle
     (health checks, scrapes) is charged to the image-steps done with it, so a quiet pod's price reads
     high, but its demand, arrivals x price, then reads what its CPU is used for, which stays small.
+    That figure is measured at the pod's occupancy, and a batched step's fixed CPU divided among fewer
+    image-steps makes it an upper bound of a full pod's price (1.3-1.6x below saturation). Where the
+    batched steps are counted too, each interval is also a point of ``CpuLine`` (service/cpu_line.py),
+    whose fitted line at full occupancy is the price once it is determined.
     0 until measured, and where the process has no CPU limit.
     """
 
     def __init__(self) -> None:
-        self._last: tuple[float, int] | None = None  # (CPU seconds, steps_total) at the last reading
-        self.seconds = 0.0
+        # (CPU seconds, steps_total, batched steps or None) at the last reading
+        self._last: tuple[float, int, int | None] | None = None
+        self._upper = 0.0  # the per-image-step figure at the pods' occupancy, smoothed
+        self._line = CpuLine()
+        self._fitted: float | None = None
 
-    def update(self, cpu_seconds: float, steps_total: int, slots: int, cpus: float | None) -> None:
+    @property
+    def seconds(self) -> float:
+        return self._upper if self._fitted is None else self._fitted
+
+    def update(
+        self,
+        cpu_seconds: float,
+        steps_total: int,
+        slots: int,
+        cpus: float | None,
+        batched_steps: int | None = None,
+    ) -> None:
+        """``batched_steps``: batched steps run so far (None: not counted, the upper bound alone)."""
         last = self._last
         if last is not None and steps_total - last[1] < max(slots, 1):
             return  # too few image-steps to divide by yet: keep accumulating from the same reading
-        self._last = (cpu_seconds, steps_total)
+        self._last = (cpu_seconds, steps_total, batched_steps)
         if last is None or cpus is None or cpus <= 0 or slots <= 0:
             return
         used, done = cpu_seconds - last[0], steps_total - last[1]
         if used <= 0:
             return
         measured = slots * used / done / cpus
-        self.seconds = (
-            measured if self.seconds == 0 else self.seconds + _THROUGHPUT_WEIGHT * (measured - self.seconds)
+        self._upper = (
+            measured if self._upper == 0 else self._upper + _THROUGHPUT_WEIGHT * (measured - self._upper)
         )
+        if batched_steps is not None and last[2] is not None:
+            self._line.add(CpuInterval(used, done, batched_steps - last[2]))
+        fitted = self._line.price(slots, cpus)
+        # Never above the upper bound: the line and the smoothed figure cover different spans.
+        self._fitted = None if fitted is None else min(fitted, self._upper)
+
+
+def histogram_count(histogram: tuple[list[tuple[float, int]], float] | None) -> int | None:
+    """Observations in a cumulative histogram (``JaxEngine.step_histogram``: buckets ending with +inf,
+    and their sum): the batched steps run. None where there is none."""
+    if histogram is None or not histogram[0]:
+        return None
+    return histogram[0][-1][1]
 
 
 class DemandMeter:
@@ -261,9 +298,11 @@ class DemandMeter:
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.process_time,
         cpus: Callable[[], float | None] = cpu_limit,
+        batched_steps: Callable[[], int | None] = lambda: None,
     ) -> None:
         """``cpu_clock``: the process's CPU seconds; ``cpus``: the CPUs it may use (None: no limit), read
-        at every scrape (a pod's process may be moved into its cgroup after it starts)."""
+        at every scrape (a pod's process may be moved into its cgroup after it starts);
+        ``batched_steps``: batched steps run so far (None: not counted), for the CPU's fitted line."""
         if window_seconds <= 0:
             raise ValueError(f"demand_window_seconds must be positive, got {window_seconds}")
         self.window_seconds = window_seconds
@@ -276,6 +315,7 @@ class DemandMeter:
         self._cpu_clock = cpu_clock
         self._cpus = cpus
         self._cpu_price = CpuPrice()
+        self._batched_steps = batched_steps
 
     def arrived(self, request: GenerationRequest, attempt: int = 1) -> None:
         """One validated request reached the admission checks (whatever they decide); ``attempt``: the
@@ -306,7 +346,9 @@ class DemandMeter:
         now = self._clock()
         self._full_batch.update(stats)
         self._throughput.update(stats, now, self._full_batch.overall)
-        self._cpu_price.update(self._cpu_clock(), stats.steps_total, stats.slots_total, self._cpus())
+        self._cpu_price.update(
+            self._cpu_clock(), stats.steps_total, stats.slots_total, self._cpus(), self._batched_steps()
+        )
         factor = self._throughput.factor
         if self._full_batch.overall > 0:  # the CPU's price as a factor over the device's, as Throughput's
             factor = max(factor, self._cpu_price.seconds / self._full_batch.overall)

@@ -11,7 +11,14 @@ import dataclasses
 import pytest
 from sdxl_server.engine.api import EngineStats, GenerationRequest, Resolution
 from sdxl_server.server_settings import ConfigError, parse_serve_config
-from sdxl_server.service.demand import ATTEMPT_HEADER, Arrival, DemandMeter, demand, parse_attempt
+from sdxl_server.service.demand import (
+    ATTEMPT_HEADER,
+    Arrival,
+    DemandMeter,
+    demand,
+    histogram_count,
+    parse_attempt,
+)
 
 R64 = Resolution(64, 64)
 
@@ -268,3 +275,37 @@ def test_without_a_cpu_limit_the_cpu_is_not_priced() -> None:
     meter.value(stats)
     cpu.seconds += 400 * 0.006
     assert meter.value(dataclasses.replace(stats, steps_total=400)) == pytest.approx(0.2)
+
+
+def test_with_batched_steps_counted_a_partly_busy_pod_prices_its_cpu_at_a_full_batch() -> None:
+    # The same 4-slot, 0.3-CPU pod spending 0.005 CPU seconds a batched step plus 0.005 a busy slot,
+    # scraped at 1 to 3 busy slots: a full pod spends 0.025 a batched step, 0.025 / 0.3 slot-seconds an
+    # image-step, so 40 image-steps/s arriving are 40 x 0.0833 / 4 = 0.833 pods. The per-image-step
+    # figure at these occupancies, all a meter without the batched steps has, reads more.
+    def run(count_batched: bool) -> float:
+        clock, cpu, batched = FakeClock(), FakeCpu(), [0]
+        meter = DemandMeter(
+            10.0,
+            clock,
+            cpu_clock=cpu,
+            cpus=lambda: 0.3,
+            batched_steps=(lambda: batched[0]) if count_batched else (lambda: None),
+        )
+        _arrive(meter, clock, per_second=5.0, seconds=10.0, prefix="a")
+        stats = dataclasses.replace(_stats(step_seconds=0.02), slots_busy=2)
+        meter.value(stats)
+        for busy in (1.0, 2.0, 3.0, 1.5, 2.5):
+            batched[0] += 200
+            cpu.seconds += 200 * (0.005 + 0.005 * busy)
+            stats = dataclasses.replace(stats, steps_total=stats.steps_total + round(200 * busy))
+            value = meter.value(stats)
+        return value
+
+    assert run(count_batched=True) == pytest.approx(40 * 0.025 / 0.3 / 4)
+    assert run(count_batched=False) > 1.15 * 40 * 0.025 / 0.3 / 4
+
+
+def test_the_batched_steps_are_the_step_histograms_count() -> None:
+    # JaxEngine.step_histogram: cumulative (upper bound, count) pairs ending with +inf, and the sum.
+    assert histogram_count(([(0.01, 3), (0.1, 7), (float("inf"), 9)], 0.4)) == 9
+    assert histogram_count(None) is None
