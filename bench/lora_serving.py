@@ -54,19 +54,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sdxl_server.engine import EngineConfig, JaxEngine
+from sdxl_server.engine.api import Failed, Finished, GenerationRequest, LoraChoice, Resolution
+from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
-REPO = Path(__file__).resolve().parents[1]
-from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
-from sdxl_server.engine.api import Failed, Finished, GenerationRequest, LoraChoice, Resolution  # noqa: E402
-from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
+from bench.bench_model import ensure_bench_model
+from bench.paths import COMPILE_CACHE, RESULTS_DIR, TINY_MODEL_DIR
+from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR
 
-from bench.bench_model import ensure_bench_model  # noqa: E402
-
-CACHE_ROOT = Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
-BENCH_MODEL_DIR = CACHE_ROOT / "bench-sdxl-heavy-vae"
-TINY_MODEL_DIR = Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
-COMPILE_CACHE = Path(os.environ.get("SDXL_COMPILATION_CACHE_DIR", CACHE_ROOT / "jax-compilation-cache"))
-RESULTS = REPO / "bench" / "results" / "lora_serving.json"
+RESULTS = RESULTS_DIR / "lora_serving.json"
 RESOLUTION = Resolution(128, 128)
 DEVICES = 2
 SLOTS_PER_DEVICE = 2
