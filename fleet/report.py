@@ -273,6 +273,7 @@ def _step_figures(
             previous = y.desired_replicas
     before_rate = _rate_before(scenario, step) * per_unit
     ready_at = step + ready if ready is not None else step_end
+    filled = step + scenario.demand_window_seconds
     return {
         "step_rate_rps": high_rate,
         "needed_replicas": needed,
@@ -285,8 +286,11 @@ def _step_figures(
             "before_step": _signal_means(
                 [s for s in autoscaler.samples if step - 60.0 <= s.t < step], before_rate / capacity
             ),
+            # From when the pods' demand window has filled with the step's arrivals until the need is
+            # ready, and at least two syncs long: a fast start can ready the need before the window fills.
             "step_until_ready": _signal_means(
-                [s for s in autoscaler.samples if step + 15.0 <= s.t < ready_at], high_rate / capacity
+                [s for s in autoscaler.samples if filled <= s.t < max(ready_at, filled + 2 * sync_period)],
+                high_rate / capacity,
             ),
         },
         "metric_moved_seconds": moved,

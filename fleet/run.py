@@ -42,10 +42,6 @@ DEFAULT_OUT = REPO / "bench" / "results" / "autoscale"
 # The adapter rule in the chart README averages over [1m].
 ADAPTER_WINDOW_SECONDS = 60.0
 READY_TIMEOUT_SECONDS = 600.0
-# The server's --demand-window-seconds default, compressed with the rest; never below a second, where a
-# compressed scenario's few arrivals per window would make the signal mostly noise.
-DEMAND_WINDOW_SECONDS = 10.0
-MIN_DEMAND_WINDOW_SECONDS = 1.0
 
 
 def _tool(variable: str, fallback: str) -> str:
@@ -83,7 +79,7 @@ async def run(scenario: Scenario, out_dir: Path, work_dir: Path) -> dict[str, An
         "--max-queue", str(scenario.max_queue),
         "--drain-seconds", f"{timings.drain_seconds * ts:g}",
         "--max-connection-age-seconds", f"{timings.max_connection_age_seconds * ts:g}",
-        "--demand-window-seconds", f"{max(DEMAND_WINDOW_SECONDS * ts, MIN_DEMAND_WINDOW_SECONDS):g}",
+        "--demand-window-seconds", f"{scenario.demand_window_seconds:g}",
         *scenario.server_args,
     )  # fmt: skip
     (work_dir / "pods").mkdir(parents=True, exist_ok=True)

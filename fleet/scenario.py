@@ -17,6 +17,10 @@ from typing import Any
 import yaml
 from sdxl_client import RetryBudget
 
+# The server's --demand-window-seconds default, and the floor a compressed scenario's window keeps.
+DEMAND_WINDOW_SECONDS = 10.0
+MIN_DEMAND_WINDOW_SECONDS = 1.0
+
 
 class ScenarioError(ValueError):
     pass
@@ -82,6 +86,13 @@ class Scenario:
     @property
     def duration(self) -> float:
         return sum(s.seconds for s in self.profile)
+
+    @property
+    def demand_window_seconds(self) -> float:
+        """The pods' --demand-window-seconds: the server's default (10 s) compressed with the rest, never
+        below a second, where a compressed scenario's few arrivals per window would make the signal
+        mostly noise."""
+        return max(DEMAND_WINDOW_SECONDS * self.time_scale, MIN_DEMAND_WINDOW_SECONDS)
 
     def segment(self, mark: str) -> Segment | None:
         return next((s for s in self.profile if s.mark == mark), None)
