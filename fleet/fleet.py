@@ -20,7 +20,7 @@ from pathlib import Path
 from fleet.chart import HpaSpec, series_name
 from fleet.dns import Dns
 from fleet.horizontal import HorizontalController
-from fleet.pods import GRPC_PORT, Pod, PodEvents, PodSettings
+from fleet.pods import GRPC_PORT, Pod, PodEvents, PodSettings, loopback_block
 from fleet.prometheus import Prometheus, external_metric_query, pods_metric_query, to_milli
 from fleet.replica_calculator import (
     MetricsUnavailable,
@@ -42,10 +42,12 @@ class Fleet(PodEvents):
         clock: Callable[[], float],
         cgroup_parent: Path | None,
         spare_nodes: int = 0,
+        address_block: str | None = None,
     ) -> None:
         """``spare_nodes``: nodes the chart keeps provisioned and empty (its headroom placeholders or
         CapacityBuffer); a new pod that takes one starts at once, and the cluster provisions a replacement
-        (the provisioning delay) for the next."""
+        (the provisioning delay) for the next. ``address_block``: the pods' ``127.a.b`` (pods.loopback_block
+        by default, one per run)."""
         self.settings = settings
         self.spare_nodes = spare_nodes
         self.spares_ready = spare_nodes
@@ -58,7 +60,8 @@ class Fleet(PodEvents):
         self.replicas = 0
         self.pods: list[Pod] = []  # every pod not yet gone, deleting ones included
         self.gone: list[Pod] = []
-        self._next_index = 1  # 127.0.0.2 is the first pod
+        self.address_block = address_block or loopback_block()
+        self._next_index = 1  # the first pod is index 2, at <block>.3
 
     # --- the Deployment -----------------------------------------------------------------------------
 
@@ -69,7 +72,10 @@ class Fleet(PodEvents):
             self._next_index += 1
             if self._next_index > 254:
                 raise RuntimeError("out of loopback addresses for pods")
-            self.pods.append(Pod(self._next_index, self.settings, self.clock, self, self._take_spare()))
+            address = f"{self.address_block}.{self._next_index + 1}"
+            self.pods.append(
+                Pod(self._next_index, address, self.settings, self.clock, self, self._take_spare())
+            )
         for pod in sorted(active, key=_deletion_rank)[: max(0, len(active) - replicas)]:
             pod.delete()
 

@@ -1,4 +1,5 @@
-"""Pods as `sdxl-server serve` processes, each on its own loopback address with the same ports, going
+"""Pods as `sdxl-server serve` processes, each on its own loopback address with the same ports (a /24 of
+127.0.0.0/8 chosen per run, so that two runs on one machine never answer each other's scrapes), going
 through the lifecycle a Deployment's pod goes through, with the chart's timings:
 
 - **Pending** for the provisioning delay (a TPU node to create, the image to pull), then the container
@@ -21,8 +22,10 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -89,13 +92,14 @@ class Pod:
     def __init__(
         self,
         index: int,
+        address: str,
         settings: PodSettings,
         clock: Callable[[], float],
         events: PodEvents,
         on_spare_node: bool = False,
     ) -> None:
         self.name = f"sdxl-serve-{index}"
-        self.address = f"127.0.0.{index + 1}"
+        self.address = address
         self.settings = settings
         self.phase = PodPhase.PENDING
         self.ready = False
@@ -319,6 +323,25 @@ class PodEvents:
     def targets_changed(self) -> None: ...
     def pod_gone(self, pod: Pod) -> None: ...
     def cgroup_failed(self) -> None: ...
+
+
+def loopback_block() -> str:
+    """A /24 of the loopback network for one run's pods (``127.a.b``, a pod of index i at ``.i+1``), chosen at
+    random among 65,024 and checked free: nothing answers on its first pod's ports. Every Linux loopback
+    address in 127.0.0.0/8 reaches this machine with no setup; 127.0.0.x is left to the tools (Prometheus,
+    dnsmasq, the client tests' fixed servers)."""
+    rng = random.SystemRandom()
+    for _ in range(32):
+        block = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}"
+        if not any(_answers(f"{block}.3", port) for port in (GRPC_PORT, METRICS_PORT)):
+            return block
+    raise RuntimeError("no free loopback block for the pods (32 random /24s of 127.0.0.0/8 all answered)")
+
+
+def _answers(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((address, port)) == 0
 
 
 def make_cgroup_parent(run_name: str) -> Path | None:

@@ -1,8 +1,8 @@
 """The fleet harness end to end on its short scenario (fleet/scenarios/ci.yaml), with every real part:
-`sdxl-server serve` pods on 127.0.0.2.., dnsmasq answering the headless name, Prometheus scraping the
-pods through file-based discovery, the ported HPA reading the chart's rendered HorizontalPodAutoscaler,
-and open-loop traffic through the project's client. Chart and controller durations are compressed 33x
-(the scenario says how); about 100 s on 2 cores.
+`sdxl-server serve` pods on a loopback /24 of their own (127.a.b.3..), dnsmasq answering the headless
+name, Prometheus scraping the pods through file-based discovery, the ported HPA reading the chart's
+rendered HorizontalPodAutoscaler, and open-loop traffic through the project's client. Chart and
+controller durations are compressed 33x (the scenario says how); about 100 s on 2 cores.
 
 It asserts what CI can assert on a shared 2-core machine: the fleet scales up under a several-fold
 step, the demand signal sizes it in one decision, no accepted request is lost, and the scale-down removes
