@@ -43,6 +43,15 @@ class LoadedModel:
     def dtype_name(self) -> str:
         return jnp.dtype(self.dtype).name
 
+    def __repr__(self) -> str:
+        # Short on purpose: jax.jit of a shard_map over functools.partial(fn, model, ...) formats the
+        # partial, this model included, for its debug info; the generated repr printed every parameter
+        # array (2-3 CPU seconds of a pod's start with the tiny model, all of it thrown away).
+        return (
+            f"LoadedModel(dtype={self.dtype_name}, max_tokens={self.max_tokens}, "
+            f"vae_scale_factor={self.vae_scale_factor}, latent_channels={self.latent_channels})"
+        )
+
     def tokenize(self, text: str) -> tuple[np.ndarray, bool]:
         """Token ids int32[2, max_tokens] (one row per text encoder) and whether `text` was truncated.
 
