@@ -116,9 +116,11 @@ class StepLoop:
         self._prompts = PromptCache(config.prompt_cache_entries, config.prompt_cache_mib * 2**20)
         # Per-request LoRA adapters (--lora-dir): an image waits in the queue, holding no slot, until its
         # adapters are resident in the bank; the images in slots with adapters, by resolution, decide
-        # which step program runs (the bank's only while one of them is busy).
+        # which step program runs (the bank's only while one of them is busy, and the narrowest that
+        # covers the most adapters one of them stacks).
         self._adapters = adapters
-        self._with_adapters: dict[int, Resolution] = {}  # id(WorkItem) -> its bank's resolution
+        # id(WorkItem) -> its bank's resolution and how many adapters it stacks
+        self._with_adapters: dict[int, tuple[Resolution, int]] = {}
         if adapters is not None:
             queue.admissible = lambda item: adapters.ready(item.request.adapters)
         # Steps per dispatch compiled (1, 2, 4, ..., K; buckets.py): a dispatch runs the largest that no
@@ -323,12 +325,16 @@ class StepLoop:
         waiting for the previous boundary's dispatches."""
         k = dispatch.steps
         unet = self._programs.params["unet"]
+        stacks = []  # the adapter programs' stack widths, for the trace
         for resolution, bucket in dispatch.buckets:
             programs = self._programs.by_resolution[resolution]
             bank = self._banks[resolution]
-            if self._adapters is not None and resolution in self._with_adapters.values():
+            stacked = max((n for res, n in self._with_adapters.values() if res == resolution), default=0)
+            if self._adapters is not None and stacked:
                 adapter_bank = self._adapters.banks["unet"]
-                latents, history, step = programs.adapter_steps[(k, bucket)](unet, adapter_bank, bank.slots)
+                width, program = programs.adapter_step(k, bucket, stacked)
+                stacks.append(f"{resolution}:{width}")
+                latents, history, step = program(unet, adapter_bank, bank.slots)
             else:
                 latents, history, step = programs.steps[(k, bucket)](unet, bank.slots)
             slots = bank.slots._replace(latents=latents, history=history, step=step)
@@ -338,6 +344,8 @@ class StepLoop:
         self.boundary += 1
         batches = ",".join(f"{resolution}:{bucket}" for resolution, bucket in dispatch.buckets)
         detail = f"k={k} slots={dispatch.slots_busy} rows={dispatch.rows_busy} batch={batches}"
+        if stacks:  # the adapter step ran, applying this many adapters a slot
+            detail += f" adapters={','.join(stacks)}"
         self._trace.add(TraceEvent(TraceKind.STEP, self.boundary, detail=detail))
 
         progressed: dict[int, TrackedRequest] = {}
@@ -373,7 +381,7 @@ class StepLoop:
         adapters = item.request.adapters
         if self._adapters is None or not adapters:
             return np.zeros(width, np.int32), np.zeros(width, np.float32)
-        self._with_adapters[id(item)] = resolution
+        self._with_adapters[id(item)] = (resolution, len(adapters.files))
         if item.request.images_admitted == 0:
             self._stats.counters.lora_requests += 1
         return self._adapters.acquire(adapters)

@@ -7,9 +7,11 @@ so that every per-device program works on a prefix of its own block:
 * `insert`: writes one slot (its initial noise, embeddings, guidance and per-step tables);
 * `steps[(k, r)]`: k denoising steps of every block's busy slots, their UNet rows packed into r rows
   (r a row bucket, buckets.py: one row per unguided image, two per guided one; denoise.py);
-* `adapter_steps[(k, r)]` (with an adapter bank, `--lora-dir`): the same steps, taking the UNet's
-  LoRA adapter bank as an argument, each row adding its slot's adapters' deltas. The step loop runs
-  them only while a busy slot has an adapter, so a batch without one costs what it did before;
+* `adapter_steps[(k, r, w)]` (with an adapter bank, `--lora-dir`): the same steps, taking the UNet's
+  LoRA adapter bank as an argument, each row adding the deltas of its slot's first w adapters. The step
+  loop runs them only while a busy slot has an adapter, so a batch without one costs what it did
+  before, and the narrowest w that covers every busy slot's adapters (`adapter_widths`: 1 and
+  `--max-loras-per-request`), so a batch whose requests name one adapter each computes one delta a row;
 * `encode_with_adapters` (likewise): `encode` with one request's adapters applied to both text
   encoders, from their own banks (used only for a request whose adapters change a text encoder);
 * `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
@@ -97,8 +99,20 @@ class ResolutionPrograms:
     rearrange: Any  # (Bank, Rearrangement) -> Bank
     decode: dict[int, Any]  # b -> (vae params, held, int32 first row) -> uint8[D*b, h, w, 3]
     empty_bank: Bank
-    # (k, rows) -> (unet params, UNet adapter bank, SlotState) -> as `steps`; empty without a bank.
-    adapter_steps: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)
+    # (k, rows, width) -> (unet params, UNet adapter bank, SlotState) -> as `steps`, applying each slot's
+    # first `width` adapters (adapter_widths); empty without a bank.
+    adapter_steps: dict[tuple[int, int, int], Any] = dataclasses.field(default_factory=dict)
+
+    def adapter_step(self, k: int, rows: int, stacked: int) -> tuple[int, Any]:
+        """(width, program): the narrowest adapter step program that applies `stacked` adapters a slot."""
+        width = min(w for kk, r, w in self.adapter_steps if kk == k and r == rows and w >= stacked)
+        return width, self.adapter_steps[(k, rows, width)]
+
+
+def adapter_widths(loras_per_request: int) -> tuple[int, ...]:
+    """The stack widths the adapter step is compiled for: one adapter a slot (the common request, at the
+    price of one delta a row) and the most a request may name (every delta a slot carries)."""
+    return tuple(sorted({min(1, loras_per_request), loras_per_request}))
 
 
 @dataclasses.dataclass
@@ -128,12 +142,18 @@ def _adapter_steps_of_block(
     resolution: Resolution,
     k: int,
     rows: int,
+    width: int,
     unet_params: Any,
     adapter_bank: Any,
     block: SlotState,
 ) -> Any:
-    """`_steps_of_block` with each row's LoRA adapters from the (replicated) bank."""
-    return denoise_steps(model, resolution, k, rows, unet_params, block, adapter_bank)
+    """`_steps_of_block` with each row's first `width` LoRA adapters from the (replicated) bank: the
+    slots keep their full stack, and a narrow program reads its first columns (its caller knows that no
+    busy slot has more)."""
+    narrow = block._replace(
+        lora_places=block.lora_places[:, :width], lora_scales=block.lora_scales[:, :width]
+    )
+    return denoise_steps(model, resolution, k, rows, unet_params, narrow, adapter_bank)
 
 
 def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
@@ -361,11 +381,12 @@ def build_programs(
         adapter_steps = {}
         if adapter_bank is not None:
             adapter_steps = {
-                (k, rows): compile_(
-                    f"lorastep{k}x{rows}-{resolution}",
+                (k, rows, width): compile_(
+                    # the widest keeps its earlier name (and program cache entry)
+                    f"lorastep{k}x{rows}{'' if width == loras else f'w{width}'}-{resolution}",
                     _per_device(
                         mesh,
-                        functools.partial(_adapter_steps_of_block, model, resolution, k, rows),
+                        functools.partial(_adapter_steps_of_block, model, resolution, k, rows, width),
                         (_WHOLE, _WHOLE, block_specs),
                         (_BLOCK, _BLOCK, _BLOCK),
                     ),
@@ -377,6 +398,7 @@ def build_programs(
                 )
                 for k in steps_per_dispatch
                 for rows in row_buckets
+                for width in adapter_widths(loras)
             }
         plan = Rearrangement(
             order=jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded),

@@ -17,7 +17,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from engine_helpers import SQUARE, Recorder, make_config, max_level_difference, request, run
+from engine_helpers import (
+    SQUARE,
+    Recorder,
+    make_config,
+    max_level_difference,
+    request,
+    run,
+    trace_between,
+)
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.api import Finished, InvalidRequestError, LoraChoice
 from sdxl_test_support.lora_writers import merged_flax_params, random_layers, write_diffusers, write_kohya
@@ -124,9 +132,46 @@ def test_an_adapter_in_a_mixed_batch_gives_the_pipelines_image_with_it_merged(
     assert any("slots=2" in e.detail or "slots=3" in e.detail for e in steps)
 
 
+def _last_boundary(engine) -> int:
+    return max((e.boundary for e in engine.trace()), default=-1)
+
+
+def _adapter_widths(engine, after_boundary: int) -> set[int]:
+    """The stack widths of the adapter step programs the engine ran after `after_boundary`."""
+    details = [e.detail for e in trace_between(engine, after_boundary, "step")]
+    return {int(f.rpartition(":")[2]) for d in details for f in d.split() if f.startswith("adapters=")}
+
+
+@pytest.mark.slow
+def test_one_adapter_a_request_runs_the_narrow_step_and_gives_the_wide_steps_images(lora_engine):
+    def batch(tag: str) -> tuple[set[int], list[np.ndarray]]:
+        after = _last_boundary(lora_engine)
+        images = _served_together(
+            lora_engine, _case(f"x-{tag}", 5, ("x", 0.8)), _case(f"y-{tag}", 6, ("y", -1.0))
+        )
+        return _adapter_widths(lora_engine, after), images
+
+    narrow_widths, narrow = batch("narrow")
+    assert narrow_widths == {1}  # the engine allows 2 a request; each of these names one
+    # The same batch on the wide programs only (the narrow ones set aside, then put back).
+    steps = lora_engine._programs.by_resolution[SQUARE].adapter_steps
+    set_aside = {key: program for key, program in steps.items() if key[2] == 1}
+    for key in set_aside:
+        del steps[key]
+    try:
+        wide_widths, wide = batch("wide")
+    finally:
+        steps.update(set_aside)
+    assert wide_widths == {2}
+    for narrow_image, wide_image in zip(narrow, wide, strict=True):
+        assert max_level_difference(narrow_image, wide_image) <= 1
+
+
 @pytest.mark.slow
 def test_two_adapters_stacked_equal_both_merged(tiny_model_dir, adapters, lora_engine):
+    after = _last_boundary(lora_engine)
     served = run(lora_engine, _case("xy", 8, ("x", 0.5), ("y", 1.5))).images()[0]
+    assert _adapter_widths(lora_engine, after) == {2}  # the wide program: both applied
     expected = _pipeline_image(tiny_model_dir, adapters, 8, ("x", 0.5), ("y", 1.5))
     assert max_level_difference(served, expected) <= 1
 
