@@ -13,12 +13,13 @@ from sdxl_server.engine.api import Finished, ImageReady
 def test_a_stalled_image_worker_holds_the_step_loop_at_the_bounded_queue(
     tiny_model_dir, compilation_cache_dir
 ):
+    # The static and fatal tests' programs (the queue bounds and workers are not part of them): on a
+    # cold machine one module compiles them and the others load them from the compilation cache.
     engine = JaxEngine(
         make_config(
             tiny_model_dir,
             compilation_cache_dir,
             resolutions=(SQUARE,),
-            slots_per_device=2,
             steps_per_dispatch=1,
             max_pending_decodes=1,
             encode_workers=1,
@@ -35,7 +36,8 @@ def test_a_stalled_image_worker_holds_the_step_loop_at_the_bounded_queue(
             stalled(event)
 
         others = [Recorder(), Recorder()]
-        # "stalled" (2 steps) and "second" (4 steps) share the slots; "third" takes the first free slot.
+        # All three share the 3 slots: "stalled" (2 steps) finishes first, then "second" (4 steps);
+        # "third" (8 steps) keeps the loop stepping after them.
         engine.submit(request("stalled", seed=1, steps=2), stall_on_image)
         engine.submit(request("second", seed=2, steps=4), others[0])
         engine.submit(request("third", seed=3, steps=8), others[1])
