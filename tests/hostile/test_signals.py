@@ -21,13 +21,7 @@ from sdxl_test_support.metrics_page import metric_samples, sample
 
 LONG_STEPS = 5000
 QUEUED = 3
-# One resolution: every request here is 64x64, and a second would double the holder's warm-up compile.
-HOLDER_ARGS = (
-    "--slots-per-device", "1",
-    "--max-queue", "16",
-    "--max-steps", str(LONG_STEPS),
-    "--resolutions", "64x64",
-)  # fmt: skip
+HOLDER_ARGS = ("--slots-per-device", "1", "--max-queue", "16", "--max-steps", str(LONG_STEPS))
 
 
 def _metric(server, name: str) -> float:
