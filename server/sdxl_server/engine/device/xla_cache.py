@@ -2,11 +2,19 @@
 
 JAX's cache settings are process-wide and the cache directory is fixed once the first program compiles
 with it, so every engine in one process shares the first directory set.
+
+`fresh_compiles` makes compiles skip the cache's reads (they still write): the program cache
+(program_cache.py) saves executables whole, and one that XLA:CPU loaded from this cache serializes without
+its kernels (running the reloaded copy fails: "Function ... not found"), so a program to be saved whole
+must come from a real compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
+from typing import Any, cast
 
 import jax
 from jax import monitoring
@@ -39,3 +47,37 @@ def enable(directory: str) -> None:
 def hits() -> int:
     """Programs loaded from the persistent cache so far in this process."""
     return _hits
+
+
+class _WritesOnly:
+    """JAX's persistent cache with every read a miss; writes and the rest go through."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def get(self, key: str) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def fresh_compiles() -> Iterator[bool]:
+    """Compiles inside really compile (the persistent cache is not read, still written); yields whether
+    that holds. JAX has no public switch for it, so this swaps its private cache object and yields False
+    (compiles load as usual) where that object is not there: callers must still check `hits()`. Process-
+    wide while it lasts: a compile on another thread meanwhile compiles too, which costs time only."""
+    from jax._src import compilation_cache as jax_cache
+
+    inner = getattr(jax_cache, "_cache", None)
+    if inner is None or not callable(getattr(inner, "get", None)):
+        yield False
+        return
+    with _lock:
+        jax_cache._cache = cast(Any, _WritesOnly(inner))
+    try:
+        yield True
+    finally:
+        with _lock:
+            jax_cache._cache = inner
