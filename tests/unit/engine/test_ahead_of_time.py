@@ -97,9 +97,16 @@ def test_a_cache_filled_ahead_of_time_is_loaded_at_start_with_no_compile(tiny_mo
     # of 1 and 2 images)
     assert {"encode", "insert-64x64", "rearrange-64x64", "decode1-64x64", "decode2-64x64"} <= set(names)
     assert len([name for name in names if name.startswith("step")]) >= 2, names
-    # The same steps taking the adapter bank, and the encode with a request's text-encoder adapters.
-    lora_steps = [name for name in names if name.startswith("lorastep")]
-    assert "encode-lora" in names and len(lora_steps) == len([n for n in names if n.startswith("step")])
+    # The same steps taking the adapter bank, at a stack of 1 and of 2 (--max-loras-per-request), and the
+    # encode with a request's text-encoder adapters.
+    plain_steps = [name.removeprefix("step") for name in names if name.startswith("step")]
+    lora_steps = [name.removeprefix("lorastep") for name in names if name.startswith("lorastep")]
+    narrow = [name.replace("w1-", "-") for name in lora_steps if "w1-" in name]
+    assert (
+        "encode-lora" in names
+        and sorted(narrow) == sorted(plain_steps)
+        and len(lora_steps) == 2 * len(narrow)
+    )
     for program in report["programs"]:
         assert program["hbm_bytes"] >= program["argument_bytes"] > 0, program
         assert program["compile_seconds"] > 0, program
