@@ -53,13 +53,18 @@ def _unet_inputs(rows: int):
     )
 
 
-def _apply(unet, params, inputs):
-    """One jitted UNet call (traced here, so inside an active row_adapters)."""
+def _jitted(unet):
+    """A fresh jitted UNet call: traced at its first call, so one first called inside an active
+    row_adapters applies the rows' adapters (and one first called outside it never does)."""
 
     def call(params, sample, timesteps, context, added):
         return unet.apply({"params": params}, sample, timesteps, context, added_cond_kwargs=added).sample
 
-    return jax.jit(call)(params, *inputs)
+    return jax.jit(call)
+
+
+def _apply(unet, params, inputs):
+    return _jitted(unet)(params, *inputs)
 
 
 @pytest.mark.slow
@@ -87,13 +92,14 @@ def test_each_row_equals_the_unet_with_its_adapters_merged(model, tiny_model_dir
     # x_layers stored as float16 by the kohya writer; y as float32 by the diffusers writer.
     merges = [[(x_layers, 0.8)], [], [(x_layers, 0.5), (y_layers, -1.0)]]
     base = np.asarray(_apply(unet, params, inputs))
+    one_row_unet = _jitted(unet)  # compiled once for the three rows: their merged weights are arguments
     for row, stacked in enumerate(merges):
         merged = params
         for layers, scale in stacked:
             dtype = np.float16 if layers is x_layers else np.float32
             merged = merged_flax_params({"unet": merged}, [(layers, scale)], dtype=dtype)["unet"]
         one_row = jax.tree_util.tree_map(lambda a, r=row: a[r : r + 1], inputs)
-        expected = np.asarray(_apply(unet, merged, one_row))[0]
+        expected = np.asarray(one_row_unet(merged, *one_row))[0]
         np.testing.assert_allclose(batched[row], expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(batched[1], base[1], atol=1e-6)  # no adapter: the base UNet's row
     assert np.abs(batched[0] - base[0]).max() > 1e-2  # the adapter does change its row
