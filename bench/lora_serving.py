@@ -4,10 +4,11 @@ switching by merging as the peers do, and what a load does to requests whose ada
 One engine with `--lora-dir` (the bench-size SDXL of bench_model.py with its wider VAE, so that decoding
 one image costs about one guided UNet step as real SDXL's does; 2 CPU devices x 2 slots, 128x128, K=4,
 20 guided Euler steps), rank-16 kohya adapters on the UNet's LoRA targets, scale 0.8, a bank of 16
-places, the server's default of 4 adapters per request (the step computes all 4 per row; unused ones at
-scale 0). Every request is submitted at once (saturation), the same prompts and seeds in every
-configuration; each configuration runs once per round, the rounds alternating them so that the shared
-machine's drift hits all alike (ratios are medians of per-round ratios):
+places, the server's default of 4 adapters per request (each request here names one, so the engine runs
+the adapter step compiled for a stack of 1; the table's "widths" column says which it ran). Every
+request is submitted at once (saturation), the same prompts and seeds in every configuration; each
+configuration runs once per round, the rounds alternating them so that the shared machine's drift hits
+all alike (ratios are medians of per-round ratios):
 
 * none: no adapters (the plain step programs: what a server without adapters runs);
 * 1, 4, 16: request i names adapter i mod n (all resident, loaded before the rounds): goal >= 0.9x
@@ -165,6 +166,15 @@ def run_batch(engine: JaxEngine, requests: Sequence[GenerationRequest]) -> dict[
     waiter.wait(len(requests))
     wall = max(waiter.finished.values()) - began
     return {"images": len(requests), "wall_seconds": wall, "images_per_second": len(requests) / wall}
+
+
+def adapter_widths(engine: JaxEngine, after_boundary: int) -> list[int]:
+    """The stack widths of the adapter step programs the engine ran after `after_boundary` (the step
+    trace's `adapters=RES:W`; none: only plain steps)."""
+    details = [e.detail for e in engine.trace() if e.kind == "step" and e.boundary > after_boundary]
+    return sorted(
+        {int(f.rpartition(":")[2]) for d in details for f in d.split() if f.startswith("adapters=")}
+    )
 
 
 class Merger:
@@ -373,7 +383,10 @@ def measure(engine: JaxEngine, args: argparse.Namespace) -> dict:
         names = list(configurations) if r % 2 == 0 else list(reversed(configurations))
         round_ = {}
         for name in names:
+            after = max((e.boundary for e in engine.trace()), default=-1)
             round_[name] = configurations[name]()
+            round_[name]["load_average"] = os.getloadavg()[0]
+            round_[name]["adapter_widths"] = adapter_widths(engine, after)
             say(
                 f"round {r} {name}: {round_[name]['images_per_second']:.3f} images/s "
                 f"(load {os.getloadavg()[0]:.1f})"
@@ -387,6 +400,7 @@ def measure(engine: JaxEngine, args: argparse.Namespace) -> dict:
         name: {
             "images_per_second": statistics.median(x[name]["images_per_second"] for x in rounds),
             "over_none": median_ratio(name),
+            "adapter_widths": sorted({w for x in rounds for w in x[name]["adapter_widths"]}),
         }
         for name in configurations
     }
@@ -428,10 +442,11 @@ def measure(engine: JaxEngine, args: argparse.Namespace) -> dict:
 def write(result: dict, out: Path) -> None:
     table = result["table"]
     print()
-    print(f"{'adapters':<10} {'images/s':>9} {'x none':>7} {'x switching':>12}")
+    print(f"{'adapters':<10} {'images/s':>9} {'x none':>7} {'x switching':>12} {'widths':>7}")
     for name, row in table.items():
         switch = f"{row['over_switching']:12.2f}" if "over_switching" in row else " " * 12
-        print(f"{name:<10} {row['images_per_second']:9.3f} {row['over_none']:7.2f} {switch}")
+        widths = ",".join(map(str, row["adapter_widths"])) or "-"
+        print(f"{name:<10} {row['images_per_second']:9.3f} {row['over_none']:7.2f} {switch} {widths:>7}")
     print()
     for phase, figures in result["latency"].items():
         print(
