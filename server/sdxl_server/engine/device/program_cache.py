@@ -6,8 +6,8 @@ bench model. Here each freshly compiled program is also serialized, under a key 
 on (the program, its argument shapes and shardings, the model's modules and dtype, the devices, library
 versions and the source of the modules that build programs); a later start deserializes it without
 tracing. Only programs that XLA really compiled in this process are saved: re-serializing an executable
-that was itself loaded from XLA's cache loses kernels on the CPU backend, so a program missing here is
-compiled with XLA's cache unread (xla_cache.fresh_compiles), even where XLA's cache holds it (sources
+that was itself loaded from XLA's cache loses kernels on the CPU backend, so there a program missing here
+is compiled with XLA's cache unread (xla_cache.fresh_compiles), even where XLA's cache holds it (sources
 changed, HLO not): the first start under a key pays a compile, every later one skips tracing (with the
 tiny model under a 0.3-CPU quota, ~6 of ~11 CPU s of the engine's start). Any failure to read or write
 falls back to the normal path, so this cache can only save time, never change a result. Like XLA's own
@@ -23,6 +23,7 @@ ahead of time, for a TPU topology from a machine without one (engine/device/ahea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -99,11 +100,13 @@ class ProgramCache:
                 log.warning("could not load the saved program %s (%s); compiling it", path.name, error)
         if path is None:
             return compile_program()
-        # A real compile, even where XLA's cache holds the program (its sources changed, not its HLO): only
-        # such an executable can be saved whole (xla_cache.fresh_compiles). This start pays a compile
-        # instead of XLA's load, once per key; every later start skips tracing.
+        # On the CPU, a real compile even where XLA's cache holds the program (its sources changed, not its
+        # HLO): only such an executable can be saved whole (xla_cache.fresh_compiles). This start pays a
+        # compile instead of XLA's load, once per key; every later start skips tracing. Accelerators keep
+        # XLA's load (a real SDXL compile there takes minutes), and save only what XLA compiled.
         xla_hits_before = compile_cache.hits()
-        with compile_cache.fresh_compiles():
+        fresh = self._devices[0].platform == "cpu"
+        with compile_cache.fresh_compiles() if fresh else contextlib.nullcontext():
             program = compile_program()
         if compile_cache.hits() == xla_hits_before:
             self._save(path, program)
