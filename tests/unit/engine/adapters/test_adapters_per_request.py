@@ -14,6 +14,7 @@ x @ (W + down @ up): the same sums in another order, float32).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -76,14 +77,21 @@ def _case(request_id: str, seed: int, *loras: tuple[str, float]):
     return dataclasses.replace(case, loras=tuple(LoraChoice(name, scale) for name, scale in loras))
 
 
-def _pipeline_image(tiny_model_dir, adapters, seed: int, *loras: tuple[str, float]) -> np.ndarray:
-    import jax
+@functools.cache
+def _pipeline(model_dir: str):
+    """The Flax pipeline and its parameters, loaded once: merging an adapter copies the parameters."""
     from diffusers import FlaxStableDiffusionXLPipeline
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
+    return FlaxStableDiffusionXLPipeline.from_pretrained(model_dir)
+
+
+def _pipeline_image(tiny_model_dir, adapters, seed: int, *loras: tuple[str, float]) -> np.ndarray:
+    import jax
+
     _, written = adapters
-    pipeline, params = FlaxStableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    pipeline, params = _pipeline(str(tiny_model_dir))
     for name, scale in loras:
         layers, dtype = written[name]
         params = merged_flax_params(params, [(layers, scale)], dtype=dtype)
