@@ -60,7 +60,9 @@ SMALL_SIZE = (128, 128)
 LONE_SLOTS = 4
 GUIDANCE = 7.5
 STEP_MIX = (4, 12, 6, 10, 8, 14, 5, 9, 7, 11, 13)
-STEPS_PER_DISPATCH = 4  # as bench/engine_vs_recipe.py: a CPU dispatch's fixed cost is visible at 128x128
+# The saturation and lone parts' --steps-per-dispatch (the Poisson part's is 1), set by the flag of that
+# name: 4 as bench/engine_vs_recipe.py (a CPU dispatch's fixed cost is visible at 128x128).
+STEPS_PER_DISPATCH = 4
 PHASES = (
     "admission",
     "tokenize",
@@ -189,7 +191,7 @@ def server(
     slots_per_device: int,
     size: tuple[int, int],
     policy: str,
-    steps_per_dispatch: int = STEPS_PER_DISPATCH,
+    steps_per_dispatch: int | None = None,
 ) -> Iterator[str]:
     from sdxl_test_support.servers import RunningServer
 
@@ -197,7 +199,8 @@ def server(
         "--model", str(BENCH_MODEL_DIR), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--resolutions", f"{size[0]}x{size[1]}", "--slots-per-device", str(slots_per_device),
         "--max-queue", "1024", "--max-steps", "20", "--default-steps", "8", "--policy", policy,
-        "--steps-per-dispatch", str(steps_per_dispatch), "--compilation-cache-dir", str(COMPILE_CACHE),
+        "--steps-per-dispatch", str(steps_per_dispatch or STEPS_PER_DISPATCH),
+        "--compilation-cache-dir", str(COMPILE_CACHE),
     ]  # fmt: skip
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     running = RunningServer(args, env=env)
@@ -309,6 +312,12 @@ def main() -> None:
         help="which parts to run (saturation, lone, poisson); the JSON is written after each",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument(
+        "--steps-per-dispatch",
+        type=int,
+        default=STEPS_PER_DISPATCH,
+        help=f"the engine's --steps-per-dispatch in the saturation and lone parts ({STEPS_PER_DISPATCH})",
+    )
     parser.add_argument("--saturation-size", default="256x256", help="WxH of the saturation part")
     parser.add_argument("--saturation-steps", default="8,20", help="step counts of the saturation part")
     parser.add_argument(
@@ -340,6 +349,8 @@ def main() -> None:
             f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
         )
     ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    global STEPS_PER_DISPATCH  # read by server() and engine_config() when the parts build them
+    STEPS_PER_DISPATCH = args.steps_per_dispatch
     rounds = args.rounds or (1 if args.quick else 2)
     batches = 3 if args.quick else 5
     load_before = os.getloadavg()
@@ -347,6 +358,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {DEVICES} x {jax.devices()[0].device_kind}",
         "load_average_before": load_before,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "steps_per_dispatch": STEPS_PER_DISPATCH,
     }
 
     parts = set(args.parts.split(","))
