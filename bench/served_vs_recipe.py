@@ -300,6 +300,7 @@ def mean_phases(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main() -> None:
+    global STEPS_PER_DISPATCH  # set from the flag; server() and engine_config() read it when called
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -349,7 +350,6 @@ def main() -> None:
             f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
         )
     ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
-    global STEPS_PER_DISPATCH  # read by server() and engine_config() when the parts build them
     STEPS_PER_DISPATCH = args.steps_per_dispatch
     rounds = args.rounds or (1 if args.quick else 2)
     batches = 3 if args.quick else 5
