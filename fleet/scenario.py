@@ -31,8 +31,9 @@ class Segment:
     """One piece of the traffic profile: a constant rate, or a linear ramp from ``rate`` to ``rate_to``.
 
     With ``until_ready`` the segment lasts at least ``seconds`` and then until that many pods are ready
-    (at most ``max_seconds``): an event, not a time, so that a slow machine lengthens the run instead of
-    failing it.
+    (at most ``max_seconds``); with ``until_ready_at_most``, until no more than that many are (a pod
+    deleted by a scale-down stops counting at once): an event, not a time, so that a slow machine
+    lengthens the run instead of failing it.
     """
 
     seconds: float
@@ -40,7 +41,18 @@ class Segment:
     rate_to: float | None = None
     mark: str | None = None  # names the segment's start for the report: "step", "scale_down"
     until_ready: int | None = None
+    until_ready_at_most: int | None = None
     max_seconds: float | None = None
+
+    @property
+    def waits_for_an_event(self) -> bool:
+        return self.until_ready is not None or self.until_ready_at_most is not None
+
+    def waiting(self, ready: int) -> bool:
+        """Whether the segment's event has yet to happen with ``ready`` pods ready."""
+        if self.until_ready is not None and ready < self.until_ready:
+            return True
+        return self.until_ready_at_most is not None and ready > self.until_ready_at_most
 
     def rate_at(self, t: float) -> float:
         if self.rate_to is None:
@@ -99,7 +111,8 @@ class Scenario:
 
 
 class LiveProfile:
-    """The profile as it unfolds: segments end at their time, or at their event (``until_ready``)."""
+    """The profile as it unfolds: segments end at their time, or at their event (``until_ready``,
+    ``until_ready_at_most``)."""
 
     def __init__(self, segments: tuple[Segment, ...], ready: Callable[[], int]) -> None:
         self._segments = segments
@@ -129,10 +142,10 @@ class LiveProfile:
             elapsed = t - self._start
             if elapsed < segment.seconds:
                 return
-            waiting = segment.until_ready is not None and self._ready() < segment.until_ready
+            waiting = segment.waits_for_an_event and segment.waiting(self._ready())
             if waiting and (segment.max_seconds is None or elapsed < segment.max_seconds):
                 return
-            end = t if segment.until_ready is not None else self._start + segment.seconds
+            end = t if segment.waits_for_an_event else self._start + segment.seconds
             self._index += 1
             self._enter(end)
 
@@ -224,12 +237,14 @@ def _segment(item: Any, where: str) -> Segment:
     if rate is None:
         raise ScenarioError(f"{where}.rate is required")
     until_ready = f.number("until_ready", None, low=1)
+    until_ready_at_most = f.number("until_ready_at_most", None, low=0)
     return Segment(
         seconds,
         rate,
         f.number("rate_to", None, low=0.0),
         f.get("mark"),
         None if until_ready is None else int(until_ready),
+        None if until_ready_at_most is None else int(until_ready_at_most),
         f.number("max_seconds", None, low=seconds),
     )
 

@@ -42,7 +42,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=900,  # the step and the scale-down wait for events, each capped (ci.yaml)
         check=False,
     )
     assert result.returncode == 0, f"fleet run failed:\n{result.stdout}\n{result.stderr[-4000:]}"

@@ -141,6 +141,22 @@ def test_a_segment_held_until_pods_are_ready_ends_at_that_event() -> None:
     assert profile.end == 46
 
 
+def test_a_segment_held_until_a_pod_leaves_ends_when_fewer_are_ready() -> None:
+    s = parse({"traffic": {"profile": [
+        {"seconds": 5, "rate": 2, "mark": "scale_down", "until_ready_at_most": 2, "max_seconds": 50},
+        {"seconds": 5, "rate": 1},
+    ]}})  # fmt: skip
+    ready = [3]
+    profile = LiveProfile(s.profile, ready=lambda: ready[0])
+    assert profile.rate(30) == 2  # past its 5 s, 3 pods still ready
+    ready[0] = 2
+    assert profile.rate(31) == 1 and not profile.ended(35.5)
+    assert profile.ended(36) and profile.end == 36
+    ready[0] = 3
+    capped = LiveProfile(s.profile, ready=lambda: ready[0])
+    assert capped.rate(50) == 1  # no pod left within max_seconds: the segment ends anyway
+
+
 def test_a_spare_node_is_taken_once_and_provisioned_again() -> None:
     from fleet.fleet import Fleet
     from fleet.pods import PodSettings
