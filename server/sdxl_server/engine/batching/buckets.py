@@ -30,9 +30,16 @@ def rows_per_device(slots_per_device: int) -> int:
 
 
 def row_bucket_sizes(slots_per_device: int) -> tuple[int, ...]:
-    """The UNet row counts a step program is compiled for: 1, 2, 4, ... up to the device's row capacity,
-    so that a lone unguided image runs one row."""
-    return bucket_sizes(rows_per_device(slots_per_device))
+    """The UNet row counts a step program is compiled for: 1, 2, 4, ... up to the device's row capacity
+    2P, so that a lone unguided image runs one row, and one row short of it, 2P - 1.
+
+    2P - 1 rows is the commonest partial load once guidance varies: a full device whose guided image has
+    left its guidance interval, or a guided image among unguided ones. Padded to 2P it would pay a row
+    that computes nothing at every such step; where a step costs about its rows (a CPU, or SDXL at 1024x1024
+    on a TPU, where a step's FLOPs grow with its rows) that is 1/(2P) of the step. One more program per
+    steps-per-dispatch size, not a bucket for every row count, keeps the warm-up compile bounded."""
+    capacity = rows_per_device(slots_per_device)
+    return tuple(sorted({*bucket_sizes(capacity), capacity - 1}))
 
 
 def covering_bucket(sizes: tuple[int, ...], needed: int) -> int:

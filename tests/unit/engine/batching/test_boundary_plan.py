@@ -244,11 +244,11 @@ def test_a_boundary_admits_no_more_guided_images_than_their_rows_fit_in_queue_or
 
 
 def test_busy_slots_are_packed_at_the_front_of_the_block_after_one_finishes():
-    server = Server(per_device=4)  # compiled row batches 1, 2, 4, 8
+    server = Server(per_device=4)  # compiled row batches 1, 2, 4, 7, 8
     server.submit(tracked("short", steps=1), tracked("b", steps=5), tracked("c", steps=5))
     first = server.boundary()
     assert [a.slot for a in first.admissions] == [0, 1, 2]
-    assert first.dispatch is not None and first.dispatch.buckets == ((SQUARE, 8),)  # 3 guided: 6 rows
+    assert first.dispatch is not None and first.dispatch.buckets == ((SQUARE, 7),)  # 3 guided: 6 rows
     second = server.boundary()  # "short" finished: its latents go to the held buffer, b and c move up
     (compaction,) = second.compactions
     assert compaction.repacking is not None
@@ -447,7 +447,8 @@ def test_a_slot_drops_to_one_row_when_its_guidance_interval_ends():
     server.run_until_idle()
     rows = [d.rows_busy for d in server.programs.dispatches]
     assert rows == [4] * 4 + [3] * 6  # steps 0..3 guided (0.4 x 10), then one row for "interval"
-    assert [bucket for d in server.programs.dispatches for _, bucket in d.buckets] == [4] * 4 + [4] * 6
+    buckets = [bucket for d in server.programs.dispatches for _, bucket in d.buckets]
+    assert buckets == [4] * 4 + [3] * 6  # 3 rows run the 2P - 1 bucket: no padded row
 
 
 def test_a_slot_whose_guidance_starts_later_grows_to_two_rows():

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sdxl_server.engine.batching.buckets import bucket_sizes, covering_bucket, largest_fitting
+from sdxl_server.engine.batching.buckets import (
+    bucket_sizes,
+    covering_bucket,
+    largest_fitting,
+    row_bucket_sizes,
+)
 from sdxl_server.engine.batching.decode_hold import decode_now
 
 
@@ -13,6 +18,16 @@ from sdxl_server.engine.batching.decode_hold import decode_now
 )
 def test_buckets_are_powers_of_two_then_the_block(per_device, expected):
     assert bucket_sizes(per_device) == expected
+
+
+@pytest.mark.parametrize(
+    ("slots_per_device", "expected"),
+    [(1, (1, 2)), (2, (1, 2, 3, 4)), (3, (1, 2, 4, 5, 6)), (4, (1, 2, 4, 7, 8))],
+)
+def test_row_buckets_are_powers_of_two_then_one_short_of_the_capacity_then_it(slots_per_device, expected):
+    # 2P - 1: a full device with one image at one row (its guidance interval over) pads nothing.
+    assert row_bucket_sizes(slots_per_device) == expected
+    assert covering_bucket(expected, 2 * slots_per_device - 1) == 2 * slots_per_device - 1
 
 
 def test_covering_bucket_rounds_up_and_refuses_more_than_the_block():
