@@ -18,7 +18,7 @@ from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 
 FIELDS = {field.name for field in sdxl_pb2.GenerateRequest.DESCRIPTOR.fields} | {"request"}
 UINT32 = st.integers(0, 2**32 - 1)
-SERVED = {(64, 64), (96, 64)}  # the integration servers' --resolutions
+SERVED = {(64, 64), (128, 64)}  # the integration servers' --resolutions
 FUZZ = settings(
     max_examples=80,
     deadline=None,

@@ -56,7 +56,7 @@ def test_the_openai_client_gets_the_images_grpc_gets_and_both_are_counted(server
     response = client.images.generate(
         prompt="a lighthouse at dusk",
         n=2,
-        size="96x64",
+        size="128x64",
         response_format="b64_json",
         extra_body={"negative_prompt": "fog", "seed": 1234, "steps": 2, "guidance_scale": 6.5},
     )
@@ -65,15 +65,15 @@ def test_the_openai_client_gets_the_images_grpc_gets_and_both_are_counted(server
     over_grpc = sdxl_pb2_grpc.ImageServiceStub(channel).Generate(
         sdxl_pb2.GenerateRequest(
             prompt="a lighthouse at dusk", negative_prompt="fog", seed=1234, num_images=2, steps=2,
-            guidance_scale=6.5, width=96, height=64,
+            guidance_scale=6.5, width=128, height=64,
         ),
         metadata=AUTH,
         timeout=120,
     )  # fmt: skip
     assert over_http == [image.data for image in over_grpc.images]  # one path: the same bytes
-    assert [Image.open(io.BytesIO(data)).size for data in over_http] == [(96, 64), (96, 64)]
+    assert [Image.open(io.BytesIO(data)).size for data in over_http] == [(128, 64), (128, 64)]
     body = response.to_dict()
-    assert (body["size"], body["output_format"], body["model"]) == ("96x64", "png", "tiny")
+    assert (body["size"], body["output_format"], body["model"]) == ("128x64", "png", "tiny")
     assert (body["seed"], body["steps"], body["guidance_scale"]) == (1234, 2, 6.5)
     assert [image["seed"] for image in body["data"]] == [1234, 1235]
     assert _moved(before, after, "sdxl_requests_total", method="CreateImage", code="OK") == 1

@@ -20,7 +20,7 @@ def test_generate_writes_images_and_draws_progress_from_the_stream(shared_server
     done = subprocess.run(
         [
             SDXL, "generate", "a lighthouse", "--target", shared_server.target, "--seed", "21", "-n", "2",
-            "--steps", "3", "--size", "96x64", "--format", "jpeg", "--quality", "80",
+            "--steps", "3", "--size", "128x64", "--format", "jpeg", "--quality", "80",
             "--guidance-scale", "4", "--negative-prompt", "fog", "--request-id", "cli-1",
             "-o", f"{out}/", "--progress",
         ],
@@ -33,7 +33,7 @@ def test_generate_writes_images_and_draws_progress_from_the_stream(shared_server
     assert sorted(p.name for p in paths) == ["cli-1-0.jpg", "cli-1-1.jpg"]
     for path in paths:
         with Image.open(path) as image:
-            assert (image.format, image.size) == ("JPEG", (96, 64))
+            assert (image.format, image.size) == ("JPEG", (128, 64))
     assert "2 images x 3 steps [########################] 6/6" in done.stderr  # the bar reached the end
     assert "elapsed" in done.stderr and "seeds 21..22, 3 steps" in done.stderr
 
@@ -73,7 +73,7 @@ def test_generate_bad_field_is_one_clear_line(shared_server, capsys):
 def test_info_and_health(shared_server, capsys):
     assert main(["info", "--target", shared_server.target, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["model"] == "tiny" and info["resolutions"] == ["64x64", "96x64"]
+    assert info["model"] == "tiny" and info["resolutions"] == ["64x64", "128x64"]
     assert main(["info", "--target", shared_server.target]) == 0
     assert "max_steps" in capsys.readouterr().out
     assert main(["health", "--target", shared_server.target, "--wait", "30"]) == 0
@@ -91,7 +91,7 @@ def test_loadtest_report_agrees_with_its_raw_samples(shared_server, tmp_path, ca
     status = main(
         [
             "loadtest", "--target", shared_server.target, *mode, "--duration", "2",
-            "--mix", "64x64:2:3,96x64:3:1", "--output", str(report_path), "--plot", str(plot_path),
+            "--mix", "64x64:2:3,128x64:3:1", "--output", str(report_path), "--plot", str(plot_path),
             "--max-error-rate", "1",  # this test checks the report's arithmetic, errors or not
         ]
     )  # fmt: skip
@@ -109,7 +109,7 @@ def test_loadtest_report_agrees_with_its_raw_samples(shared_server, tmp_path, ca
     assert summary["throughput_rps"] == pytest.approx(len(ok) / elapsed)
     errors = {code: sum(s["code"] == code for s in samples) for code in {s["code"] for s in samples} - {"OK"}}
     assert summary["errors_by_code"] == errors
-    assert {(s["width"], s["height"], s["steps"]) for s in samples} <= {(64, 64, 2), (96, 64, 3)}
+    assert {(s["width"], s["height"], s["steps"]) for s in samples} <= {(64, 64, 2), (128, 64, 3)}
     assert len({s["request_id"] for s in samples}) == len(samples)
     with Image.open(plot_path) as plot:
         assert plot.format == "PNG" and plot.size[0] > 100

@@ -44,9 +44,9 @@ def _check_result(result: GenerateResult, *, seed: int, count: int, size: tuple[
 
 def test_generate(client):
     result = client.generate(
-        "a red cube", seed=11, num_images=2, steps=2, guidance_scale=3.0, width=96, height=64, format="jpeg"
+        "a red cube", seed=11, num_images=2, steps=2, guidance_scale=3.0, width=128, height=64, format="jpeg"
     )
-    _check_result(result, seed=11, count=2, size=(96, 64), fmt="JPEG")
+    _check_result(result, seed=11, count=2, size=(128, 64), fmt="JPEG")
     assert result.steps == 2 and result.guidance_scale == pytest.approx(3.0)
     assert len(result.request_id) == 32  # the client tags every request
 
@@ -122,7 +122,7 @@ def test_leaving_a_stream_early_cancels_it(client):
 def test_server_info(client, shared_server):
     info = client.server_info()
     assert info.model == "tiny"
-    assert [str(r) for r in info.resolutions] == ["64x64", "96x64"]
+    assert [str(r) for r in info.resolutions] == ["64x64", "128x64"]
     assert (info.max_steps, info.default_steps) == (20, 4)
     assert set(info.formats) == {ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.WEBP}
     assert info.slots >= 1 and info.devices >= 1 and "jax" in info.versions
@@ -148,7 +148,7 @@ def test_health(client, shared_server):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"steps": 21}, "steps"), ({"width": 128, "height": 128}, "width"), ({"num_images": 99}, "num_images")],
+    [({"steps": 21}, "steps"), ({"width": 96, "height": 96}, "width"), ({"num_images": 99}, "num_images")],
 )
 def test_server_side_invalid_request_names_the_field(client, shared_server, kwargs, field):
     with pytest.raises(InvalidRequest) as raised:

@@ -127,10 +127,11 @@ def test_negative_steps_name_the_real_range(shared_server):
 
 
 def test_a_wrong_height_is_reported_once_as_height(shared_server, tmp_path):
-    done = sdxl("generate", "x", "--size", "96x96", "--target", shared_server.target, "-o", f"{tmp_path}/")
+    done = sdxl("generate", "x", "--size", "128x128", "--target", shared_server.target, "-o", f"{tmp_path}/")
     assert done.returncode == 2  # a value the server refuses is a usage error, as one sdxl refuses itself
     assert (
-        done.stderr.strip() == "error: INVALID_ARGUMENT: height: 96x96 is not served; use one of 64x64, 96x64"
+        done.stderr.strip()
+        == "error: INVALID_ARGUMENT: height: 128x128 is not served; use one of 64x64, 128x64"
     )
 
 
@@ -170,7 +171,7 @@ def test_loadtest_refuses_a_mix_the_server_does_not_serve_before_sending(shared_
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == (
         f"sdxl loadtest: error: --mix does not fit the server at {shared_server.target}: "
-        "256x256:4:1: 256x256 is not served (served: 64x64, 96x64)"
+        "256x256:4:1: 256x256 is not served (served: 64x64, 128x64)"
     )
 
 

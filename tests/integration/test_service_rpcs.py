@@ -21,7 +21,7 @@ def stub(shared_server) -> Iterator[sdxl_pb2_grpc.ImageServiceStub]:
 def test_server_info_describes_the_model_and_limits(stub) -> None:
     info = stub.GetServerInfo(sdxl_pb2.GetServerInfoRequest(), timeout=30)
     assert info.model == "tiny"
-    assert [(r.width, r.height) for r in info.resolutions] == [(64, 64), (96, 64)]
+    assert [(r.width, r.height) for r in info.resolutions] == [(64, 64), (128, 64)]
     assert (info.max_steps, info.default_steps) == (20, 4)
     assert info.max_prompt_tokens == 77
     assert info.slots >= 1 and info.devices >= 1
@@ -34,7 +34,7 @@ def test_generate_returns_decodable_images_of_the_requested_size_and_format(stub
         prompt="a red cube",
         num_images=2,
         steps=2,
-        width=96,
+        width=128,
         height=64,
         format=sdxl_pb2.JPEG,
         seed=7,
@@ -46,8 +46,8 @@ def test_generate_returns_decodable_images_of_the_requested_size_and_format(stub
     assert [(image.index, image.seed) for image in response.images] == [(0, 7), (1, 8)]
     for image in response.images:
         decoded = decode(image)
-        assert decoded.format == "JPEG" and decoded.size == (96, 64)
-        assert (image.width, image.height, image.format) == (96, 64, sdxl_pb2.JPEG)
+        assert decoded.format == "JPEG" and decoded.size == (128, 64)
+        assert (image.width, image.height, image.format) == (128, 64, sdxl_pb2.JPEG)
     assert response.timings.total_seconds > 0
     assert not response.prompt_truncated
 
@@ -98,7 +98,7 @@ def test_a_prompt_longer_than_77_tokens_is_truncated_and_reported(stub) -> None:
     ("fields", "bad_field"),
     [
         ({"prompt": ""}, "prompt"),
-        ({"width": 128, "height": 128}, "width"),
+        ({"width": 96, "height": 96}, "width"),
         ({"width": 64}, "height"),
         ({"steps": 21}, "steps"),
         ({"guidance_scale": 1000.0}, "guidance_scale"),

@@ -25,7 +25,7 @@ import threading
 from sdxl_server.engine import api
 
 LIMITS = api.Limits(
-    resolutions=(api.Resolution(64, 64), api.Resolution(96, 64)),
+    resolutions=(api.Resolution(64, 64), api.Resolution(128, 64)),
     min_steps=1,
     max_steps=20,
     default_steps=4,

@@ -29,7 +29,7 @@ DEFAULT_ARGS = (
     "--host", "127.0.0.1",
     "--port", "0",
     "--metrics-port", "0",
-    "--resolutions", "64x64,96x64",
+    "--resolutions", "64x64,128x64",
     "--max-steps", "20",
     "--default-steps", "4",
 )  # fmt: skip

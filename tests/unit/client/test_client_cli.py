@@ -18,12 +18,12 @@ def test_every_request_field_has_an_option():
     args = build_parser().parse_args(
         [
             "generate", "a cat", "--negative-prompt", "dog", "--seed", "3", "-n", "2", "--steps", "5",
-            "--guidance-scale", "6.5", "--size", "96x64", "--format", "webp", "--quality", "70",
+            "--guidance-scale", "6.5", "--size", "128x64", "--format", "webp", "--quality", "70",
             "--request-id", "r1", "-o", "out/",
         ]
     )  # fmt: skip
     assert (args.prompt, args.negative_prompt, args.seed, args.num_images) == ("a cat", "dog", 3, 2)
-    assert (args.steps, args.guidance_scale, args.size, args.format) == (5, 6.5, (96, 64), "webp")
+    assert (args.steps, args.guidance_scale, args.size, args.format) == (5, 6.5, (128, 64), "webp")
     assert (args.quality, args.request_id, args.output) == (70, "r1", "out/")
 
 
@@ -66,9 +66,9 @@ def test_output_paths(tmp_path):
 
 
 def test_mix_parsing():
-    assert parse_mix("64x64:4, 96x64:8:3, default") == [
+    assert parse_mix("64x64:4, 128x64:8:3, default") == [
         MixEntry(64, 64, 4, 1.0),
-        MixEntry(96, 64, 8, 3.0),
+        MixEntry(128, 64, 8, 3.0),
         MixEntry(0, 0, 0, 1.0),
     ]
     for bad in ("64:4", "64x64:four", "64x64:4:0", "64x64:1:1:1", ""):

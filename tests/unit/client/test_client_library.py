@@ -31,13 +31,13 @@ def test_request_carries_every_field_and_a_request_id():
         num_images=3,
         steps=7,
         guidance_scale=4.5,
-        width=96,
+        width=128,
         height=64,
         format="jpg",
         quality=80,
     )
     assert (request.prompt, request.negative_prompt, request.seed) == ("a cat", "blurry", 2**40)
-    assert (request.num_images, request.steps, request.width, request.height) == (3, 7, 96, 64)
+    assert (request.num_images, request.steps, request.width, request.height) == (3, 7, 128, 64)
     assert request.guidance_scale == pytest.approx(4.5)
     assert request.format == sdxl_pb2.JPEG and request.quality == 80
     assert len(request.request_id) == 32
@@ -312,7 +312,7 @@ def _png(width, height):
 def test_generate_response_becomes_typed_result():
     response = sdxl_pb2.GenerateResponse(
         images=[
-            sdxl_pb2.Image(data=_png(96, 64), format=sdxl_pb2.PNG, width=96, height=64, seed=5 + i, index=i)
+            sdxl_pb2.Image(data=_png(128, 64), format=sdxl_pb2.PNG, width=128, height=64, seed=5 + i, index=i)
             for i in range(2)
         ],
         request_id="r1",
@@ -326,7 +326,7 @@ def test_generate_response_becomes_typed_result():
     assert [(i.seed, i.index) for i in result.images] == [(5, 0), (6, 1)]
     assert result.request_id == "r1" and result.prompt_truncated and result.steps == 4
     assert result.timings.total_seconds == 2.0
-    assert result.images[0].to_pil().size == (96, 64)
+    assert result.images[0].to_pil().size == (128, 64)
     assert result.images[0].format is sdxl_client.ImageFormat.PNG
 
 

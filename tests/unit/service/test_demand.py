@@ -95,10 +95,10 @@ def test_a_step_to_2_4_times_capacity_reads_2_4_pods_within_one_window() -> None
 def test_cost_is_images_times_steps_at_the_resolutions_step_time() -> None:
     arrivals = [
         Arrival(0.0, image_steps=4 * 8, resolution="64x64"),  # 32 image-steps x 0.1 s = 3.2 slot-seconds
-        Arrival(0.0, image_steps=1 * 20, resolution="96x64"),  # 20 x 0.3 s = 6 slot-seconds
+        Arrival(0.0, image_steps=1 * 20, resolution="128x64"),  # 20 x 0.3 s = 6 slot-seconds
         Arrival(0.0, image_steps=10, resolution="128x128"),  # not measured yet: the overall 0.2 s, 2
     ]
-    by_resolution = {"64x64": 0.1, "96x64": 0.3}
+    by_resolution = {"64x64": 0.1, "128x64": 0.3}
     # (3.2 + 6 + 2) slot-seconds over a 2 s window and 4 slots.
     assert demand(arrivals, 2.0, by_resolution, 0.2, 4) == pytest.approx(11.2 / 2.0 / 4)
     assert demand(arrivals, 2.0, by_resolution, 0.2, 0) == 0.0

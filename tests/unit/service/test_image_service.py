@@ -185,7 +185,7 @@ def test_server_info_carries_the_engines_limits() -> None:
 
     info: sdxl_pb2.ServerInfo = _served(engine, body)  # type: ignore[assignment]
     assert info.model == "fake-sdxl"
-    assert [(r.width, r.height) for r in info.resolutions] == [(64, 64), (96, 64)]
+    assert [(r.width, r.height) for r in info.resolutions] == [(64, 64), (128, 64)]
     assert (info.max_steps, info.default_steps, info.max_queue) == (20, 4, 16)
 
 

@@ -10,7 +10,7 @@ from sdxl_server.engine.api import ImageFormat, Limits, Resolution
 from sdxl_server.service.request_conversion import ValidationError, to_generation_request
 
 LIMITS = Limits(
-    resolutions=(Resolution(64, 64), Resolution(96, 64)),
+    resolutions=(Resolution(64, 64), Resolution(128, 64)),
     min_steps=1,
     max_steps=20,
     default_steps=4,
@@ -41,12 +41,12 @@ def test_zero_fields_take_the_servers_defaults() -> None:
 def test_given_fields_are_kept() -> None:
     message = sdxl_pb2.GenerateRequest(
         prompt="a cat", negative_prompt="dogs", seed=0, num_images=3, steps=20, guidance_scale=7.5,
-        width=96, height=64, format=sdxl_pb2.WEBP, quality=50, request_id="r1",
+        width=128, height=64, format=sdxl_pb2.WEBP, quality=50, request_id="r1",
     )  # fmt: skip
     request = to_generation_request(message, LIMITS, time_remaining=10.0)
     assert (request.seed, request.num_images, request.steps, request.guidance_scale) == (0, 3, 20, 7.5)
     assert (request.resolution, request.image_format, request.quality) == (
-        Resolution(96, 64),
+        Resolution(128, 64),
         ImageFormat.WEBP,
         50,
     )
@@ -63,7 +63,7 @@ def test_given_fields_are_kept() -> None:
         ({"steps": 21}, "steps", "1..20"),
         ({"guidance_scale": 31.0}, "guidance_scale", "0.0..30.0"),
         ({"guidance_scale": float("nan")}, "guidance_scale", "nan"),
-        ({"width": 128, "height": 128}, "width", "64x64, 96x64"),
+        ({"width": 96, "height": 96}, "width", "64x64, 128x64"),
         ({"height": 64}, "width", "together"),
         ({"format": 9}, "format", "PNG, JPEG, WEBP"),
         ({"quality": 101}, "quality", "1..100"),
