@@ -35,7 +35,7 @@ from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 from sdxl_server.engine.stats import StatsBoard
 
 SQUARE = Resolution(64, 64)
-WIDE = Resolution(96, 64)
+WIDE = Resolution(128, 64)
 
 
 def test_neither_the_planning_module_nor_these_tests_import_jax():
