@@ -111,7 +111,7 @@ def test_submit_rejects_at_once(engine, engine_clock):
         "steps": dict(steps=0),
         "num_images": dict(num_images=5),
         "guidance_scale": dict(guidance_scale=float("nan")),
-        "width": dict(resolution=Resolution(128, 128)),
+        "width": dict(resolution=Resolution(96, 96)),  # 96 is no served width (64x64 and 128x64 are)
         "height": dict(resolution=Resolution(64, 128)),
         "seed": dict(seed=-1),
     }
