@@ -29,7 +29,7 @@ not compared against the goals.
 
 Prints a table, writes bench/results/rows_and_guidance.json and .png.
 
-    .venv/bin/python bench/rows_and_guidance.py [--images 24] [--rounds 2]
+    .venv/bin/python bench/rows_and_guidance.py [--images 24] [--rounds 2] [--size 128x128]
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E4
 from bench.seed_recipe import SeedRecipe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "rows_and_guidance.json"
-RESOLUTION = Resolution(128, 128)
+DEFAULT_RESOLUTION = Resolution(128, 128)
+RESOLUTION = DEFAULT_RESOLUTION  # --size sets it once, at the start of main
 DEVICES = 2
 SLOTS_PER_DEVICE = 2
 STEPS = 20
@@ -267,7 +268,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24, help="requests per configuration and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (ratios are medians over them)")
     parser.add_argument("--oracle-sample", type=int, default=2, help="mix images per kind checked")
+    parser.add_argument(
+        "--size",
+        default=str(DEFAULT_RESOLUTION),
+        help="WIDTHxHEIGHT (default %(default)s); at a larger size a step costs nearer its rows' share",
+    )
     args = parser.parse_args()
+    global RESOLUTION, RESULTS  # set once, here, before anything reads them
+    RESOLUTION = Resolution.parse(args.size)
+    if RESOLUTION != DEFAULT_RESOLUTION:  # keep the default size's results beside another size's
+        RESULTS = RESULTS.with_name(f"rows_and_guidance-{RESOLUTION}.json")
 
     import jax
 
