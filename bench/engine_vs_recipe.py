@@ -300,7 +300,8 @@ def cost_ratio(engine: JaxEngine) -> dict:
         for b in programs.row_buckets
     }
     step = by_bucket[2]  # one guided image
-    decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held, np.int32(0)))
+    every_device = np.ones(len(bank.held.sharding.device_set), np.int32)  # one image decoded on each
+    decode = best_seconds(lambda: programs.decode[1](params["vae"], bank.held, np.int32(0), every_device))
     largest = max(by_bucket)
     return {
         "guided_step_seconds": step,

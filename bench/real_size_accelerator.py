@@ -131,7 +131,8 @@ def measure_engine(
     step = programs.steps[max(key for key in programs.steps if key[0] == 1)]
     decode = programs.decode[decode_images]
     step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))
-    decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held, np.int32(0)))
+    counts = np.full(len(bank.held.sharding.device_set), decode_images, np.int32)  # every device's rows
+    decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held, np.int32(0), counts))
     decode_seconds *= busy / decode_images
     step_flops, decode_flops = flops_of(step), flops_of(decode) * busy / decode_images
     rates = [

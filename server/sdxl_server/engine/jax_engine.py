@@ -266,12 +266,15 @@ class JaxEngine:
                 seconds = second_run(functools.partial(step, params["unet"], bank.slots)) / k
                 if bucket == largest:
                     by_resolution[str(resolution)] = max(by_resolution.get(str(resolution), 0.0), seconds)
-            for bucket, decode in sorted(res_programs.decode.items()):
-                seconds = second_run(functools.partial(decode, params["vae"], bank.held, np.int32(0)))
-                if bucket == 1:  # one finished image at a time is the common case under staggered load
-                    decode_seconds = max(decode_seconds, seconds)
             per = rows_per_device(self.config.slots_per_device)  # slots per device block
             devices = bank.held.shape[0] // per
+            for bucket, decode in sorted(res_programs.decode.items()):
+                every_row = np.full(devices, bucket, np.int32)  # each device decodes the whole batch
+                seconds = second_run(
+                    functools.partial(decode, params["vae"], bank.held, np.int32(0), every_row)
+                )
+                if bucket == 1:  # one finished image at a time is the common case under staggered load
+                    decode_seconds = max(decode_seconds, seconds)
             unchanged = np.tile(np.arange(per, dtype=np.int32), devices)
             nothing = np.zeros(per * devices, bool)
             plan = Rearrangement(unchanged, nothing, np.zeros_like(unchanged), nothing)

@@ -303,8 +303,9 @@ class StepLoop:
         bounded queue counts as backpressure)."""
         resolution, bucket = decode.resolution, decode.bucket
         programs = self._programs.by_resolution[resolution]
+        held = self._banks[resolution].held
         pixels = programs.decode[bucket](
-            self._programs.params["vae"], self._banks[resolution].held, np.int32(decode.first)
+            self._programs.params["vae"], held, np.int32(decode.first), decode.counts()
         )
         device_seconds: Future[float] = Future()  # for the time budgets of the requests it holds
         self._device.track(pixels, "decode", on_measured=device_seconds.set_result)

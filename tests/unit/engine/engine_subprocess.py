@@ -16,11 +16,13 @@ import sys
 import threading
 
 import jax
+import numpy as np
 from engine_helpers import WAIT_SECONDS, Recorder, request
 from sdxl_server.engine import EngineConfig, JaxEngine
 from sdxl_server.engine.api import Finished, Resolution
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+COUNTS = (2, 1, 0, 2)  # rows each of 4 devices decodes in `decode_counts`
 PROBES = [dict(prompt=f"probe {i}", seed=100 + i, steps=3 + i) for i in range(4)]
 
 
@@ -64,8 +66,31 @@ def devices(model_dir: str, cache_dir: str) -> dict:
             "images": images_from(engine),
             "collectives": [c for c in COLLECTIVES if c in step_hlo],
         }
+        if name == "all":
+            result[name]["decode_counts"] = decode_counts(engine)
         engine.stop()
     return result
+
+
+def decode_counts(engine: JaxEngine) -> dict:
+    """decode[2] over a held buffer of distinct latents, every device decoding 2 rows, then device d
+    decoding COUNTS[d]: the rows it decodes must equal the full decode's, the rest must be zeros."""
+    programs = engine.compiled_programs()
+    held = programs.by_resolution[Resolution(64, 64)].empty_bank.held
+    latents = np.random.default_rng(0).standard_normal(held.shape).astype(np.float32)
+    latents = jax.device_put(latents, held.sharding)
+    decode, vae = programs.by_resolution[Resolution(64, 64)].decode[2], programs.params["vae"]
+    devices, batch = jax.local_device_count(), 2  # output rows per device
+    full = np.asarray(decode(vae, latents, np.int32(0), np.full(devices, 2, np.int32)))
+    counted = np.asarray(decode(vae, latents, np.int32(0), np.array(COUNTS, np.int32)))
+    rows = [(d, r) for d in range(devices) for r in range(batch)]
+    return {
+        "decoded_rows_equal": all(
+            np.array_equal(counted[d * batch + r], full[d * batch + r]) for d, r in rows if r < COUNTS[d]
+        ),
+        "skipped_rows_zero": all(not counted[d * batch + r].any() for d, r in rows if r >= COUNTS[d]),
+        "full_rows_nonzero": all(full[d * batch + r].any() for d, r in rows),
+    }
 
 
 def start(model_dir: str, cache_dir: str) -> dict:

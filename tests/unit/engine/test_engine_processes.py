@@ -44,6 +44,13 @@ def test_one_device_and_four_devices_give_the_same_images(tiny_model_dir, compil
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
     # Each device works on its own slots: no compiled step or decode (any bucket) moves data between devices.
     assert four["collectives"] == []
+    # Each device decodes only its own count of held rows: those equal the full decode's, the others
+    # (device 2 decodes none) come back as zeros, where a full decode gives pixels.
+    assert four["decode_counts"] == {
+        "decoded_rows_equal": True,
+        "skipped_rows_zero": True,
+        "full_rows_nonzero": True,
+    }
 
 
 @pytest.mark.slow

@@ -78,6 +78,13 @@ class Decode:
     held: list[list[HeldImage]]  # per device, the images this call delivers (row i of device d's block)
     first: int = 0  # the first held row it decodes, on every device
 
+    def counts(self) -> np.ndarray:
+        """int32[devices]: the rows each device decodes, from `first` through its last delivered image (0
+        where it delivers none: that device skips the VAE; programs.py's `decode`)."""
+        return np.array(
+            [max((image.row - self.first + 1 for image in rows), default=0) for rows in self.held], np.int32
+        )
+
     def images(self) -> list[tuple[int, int, WorkItem]]:
         """(device, row in the call's output block, image) for every decoded image, device by device."""
         return [

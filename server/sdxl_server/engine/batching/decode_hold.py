@@ -1,8 +1,10 @@
 """Finished latents waiting for a decode, and when to decode them.
 
-A decode is one SPMD program over every device: if only one device has a finished image, the others
-decode padding and sit idle for the length of a VAE pass (on real SDXL at 1024x1024, about one guided
-step). The seed's recipe decodes a whole batch on every device at once. So a finished image's latents are
+A decode is one SPMD program over every device; each device runs the VAE on its own held images only
+(none: it skips the pass), so an uneven decode no longer costs the others padding, but each call still
+costs a dispatch and a VAE pass on its devices, and a pass over fewer images is less efficient per image
+(on real SDXL at 1024x1024 a pass of one image costs about one guided step). The seed's recipe decodes
+a whole batch on every device at once. So a finished image's latents are
 moved out of its slot into its device's held buffer (the slot is free for the next image at once), and
 the decode may wait, within a budget of `hold_steps` denoising steps, for as long as a device that holds
 nothing has an image that will finish in time. It never waits when waiting cannot help: one device, no

@@ -16,9 +16,11 @@ so that every per-device program works on a prefix of its own block:
   encoders, from their own banks (used only for a request whose adapters change a text encoder);
 * `rearrange`: within each block, copies finished latents into the block's held-latents buffer and
   permutes the slots so that the busy ones come first again (a gather with local indices);
-* `decode[b]`: the VAE over b held latents of every block from a given row (the same on every device),
-  uint8 pixels out. b is at most the decode batch (`max_decode_batch`): more held images are decoded in
-  several calls, since the decode's activations, not the step's, are what fills a TPU at 1024x1024.
+* `decode[b]`: the VAE over up to b held latents of every block from a given row (the same on every
+  device), uint8 pixels out; each device decodes only its own count of rows (an int32 per device), in
+  the smallest decode batch that holds them, and none when it has none. b is at most the decode batch
+  (`max_decode_batch`): more held images are decoded in several calls, since the decode's activations,
+  not the step's, are what fills a TPU at 1024x1024.
 
 The per-device programs are `shard_map`s: each device computes on its own block and nothing in them moves
 data between devices (tests check the compiled step and decode for collectives).
@@ -167,10 +169,46 @@ def _rearrange(bank: Bank, plan: Rearrangement) -> Bank:
     return Bank(moved, held)
 
 
-def _decode_rows(model: LoadedModel, b: int, vae_params: Any, held: jax.Array, first: jax.Array) -> jax.Array:
-    """Rows first .. first+b-1 of one device's held latents (the host keeps first + b within the block:
-    a dynamic slice would otherwise clamp `first` and decode other rows)."""
-    return decode_latents(model, vae_params, jax.lax.dynamic_slice_in_dim(held, first, b, axis=0))
+def _decode_rows(
+    model: LoadedModel,
+    sizes: tuple[int, ...],
+    vae_params: Any,
+    held: jax.Array,
+    first: jax.Array,
+    count: jax.Array,
+) -> jax.Array:
+    """Rows first .. first+count-1 of one device's held latents, where `count` (int32[1]) is this
+    device's own: the VAE runs on the smallest of `sizes` (the decode batches up to this program's,
+    sizes[-1]) that holds them, or not at all for 0, and the rows past them come back as zeros.
+
+    Why per device: the devices' held counts differ whenever their images finish at different steps
+    (staggered entries: under saturation one device finishes two images at a boundary, another one, and
+    the next boundary the other way round). Decoding the busiest device's count everywhere made the
+    others run the VAE on padding: with 2 slots a device, six decoded rows for every four images. Each
+    device's branch is its own (a `switch` inside the `shard_map`, no collective), so a device with
+    less to decode is free for its next step sooner. The host keeps first + sizes[-1] within the block:
+    a dynamic slice would otherwise clamp `first` and decode other rows."""
+    batch = sizes[-1]
+    out_shape = jax.eval_shape(
+        functools.partial(decode_latents, model),
+        vae_params,
+        jax.ShapeDtypeStruct((batch, *held.shape[1:]), held.dtype),
+    )
+
+    def nothing(_: Any, __: Any) -> jax.Array:
+        return jnp.zeros(out_shape.shape, out_shape.dtype)
+
+    def rows(size: int) -> Callable[[Any, Any], jax.Array]:
+        def decode(params: Any, start: Any) -> jax.Array:
+            pixels = decode_latents(model, params, jax.lax.dynamic_slice_in_dim(held, start, size, axis=0))
+            return jnp.pad(pixels, ((0, batch - size), (0, 0), (0, 0), (0, 0)))
+
+        return decode
+
+    needed = count[0]
+    # 0 for nothing, else 1 + the index of the smallest size that holds `needed`
+    branch = jnp.where(needed > 0, 1 + jnp.sum(jnp.asarray(sizes) < needed), 0)
+    return jax.lax.switch(branch, [nothing, *(rows(size) for size in sizes)], vae_params, first)
 
 
 def _insert(model: LoadedModel, resolution: Resolution, state: SlotState, update: SlotUpdate) -> SlotState:
@@ -423,13 +461,17 @@ def build_programs(
             b: compile_(
                 f"decode{b}-{resolution}",
                 _per_device(
-                    mesh, functools.partial(_decode_rows, model, b), (_WHOLE, _BLOCK, _WHOLE), _BLOCK
+                    mesh,
+                    functools.partial(_decode_rows, model, tuple(s for s in buckets if s <= b)),
+                    (_WHOLE, _BLOCK, _WHOLE, _BLOCK),
+                    _BLOCK,
                 ),
-                (rep, sharded, rep),
+                (rep, sharded, rep, sharded),
                 sharded,
                 params["vae"],
                 bank.held,
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+                jax.ShapeDtypeStruct((mesh.size,), jnp.int32, sharding=sharded),
             )
             for b in buckets
         }

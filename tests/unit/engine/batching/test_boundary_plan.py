@@ -128,8 +128,11 @@ class FakePrograms:
     def decode(self, decode: Decode) -> None:
         bank = self.banks[decode.resolution]
         assert decode.first >= 0 and decode.first + decode.bucket <= self.per, "a decode outside the block"
+        counts = decode.counts()  # the rows each device's VAE decodes (0: it skips the pass)
+        assert counts.shape == (len(self.banks[decode.resolution].slots) // self.per,)
+        assert all(0 <= count <= decode.bucket for count in counts), counts
         for device, row, item in decode.images():
-            assert 0 <= row < decode.bucket, "a decoded image outside the compiled batch"
+            assert 0 <= row < counts[device], "a delivered image its device does not decode"
             assert bank.held[device * self.per + decode.first + row] is item
             bank.held[device * self.per + decode.first + row] = None
             self.decoded.append(item)
@@ -303,6 +306,7 @@ def test_with_a_deep_backlog_a_lone_finished_image_waits_to_be_decoded_with_anot
     assert plans[2].decodes == ()  # "second" (on the other device) finishes within the budget
     (decode,) = plans[3].decodes
     assert decode.bucket == 1 and len(decode.images()) == 2  # one image on each device, one program
+    assert list(decode.counts()) == [1, 1]
     assert decoded_counts(plans) == [2]
 
 
@@ -310,6 +314,7 @@ def test_with_a_shallow_backlog_a_finished_image_is_decoded_at_once():
     plans = hold_scenario(queued_behind=1)  # nothing waits after boundary 3: the hold would be latency
     (decode,) = plans[2].decodes
     assert [item.request.request_id for _, _, item in decode.images()] == ["first"]
+    assert list(decode.counts()) == [1, 0]  # the other device, holding nothing, skips the VAE
     assert decoded_counts(plans) == [1, 1]
 
 
@@ -419,6 +424,7 @@ def test_a_last_decode_call_that_would_pass_the_blocks_end_starts_early():
     server.boundary()
     plan = server.boundary()
     assert [(d.first, d.bucket, len(d.images())) for d in plan.decodes] == [(0, 7, 7), (7, 7, 7), (13, 7, 6)]
+    assert [list(d.counts()) for d in plan.decodes] == [[7], [7], [7]]  # row 13 again, then 14-19
     assert len(server.programs.decoded) == 20
 
 
