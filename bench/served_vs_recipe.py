@@ -319,6 +319,13 @@ def main() -> None:
         default=STEPS_PER_DISPATCH,
         help=f"the engine's --steps-per-dispatch in the saturation and lone parts ({STEPS_PER_DISPATCH})",
     )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="saturation images a side a round, in the recipe's calls of 4 images (2 devices x 2; default 5, "
+        "3 quick): the rates count all but the first and the last 4 images, 12 of 20 at 5",
+    )
     parser.add_argument("--saturation-size", default="256x256", help="WxH of the saturation part")
     parser.add_argument("--saturation-steps", default="8,20", help="step counts of the saturation part")
     parser.add_argument(
@@ -352,7 +359,7 @@ def main() -> None:
     ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
     STEPS_PER_DISPATCH = args.steps_per_dispatch
     rounds = args.rounds or (1 if args.quick else 2)
-    batches = 3 if args.quick else 5
+    batches = args.batches or (3 if args.quick else 5)
     load_before = os.getloadavg()
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {DEVICES} x {jax.devices()[0].device_kind}",
