@@ -36,8 +36,11 @@ $(INSTALLED): pyproject.toml client/pyproject.toml server/pyproject.toml require
 proto: install
 	$(PY) tools/gen_proto.py $(PROTO_OUT)
 
+# Two workers (the CI machine has 2 cores); tests/conftest.py groups the tests that share an engine or a
+# server into one worker each (--dist loadgroup). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install $(TEST_PREREQS)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(PY) -m ruff check client server tests bench tools fleet
