@@ -13,7 +13,8 @@ separate process (this file with --client), so that the client's CPU is not the 
   1 device: median latencies, client-observed, alternating blocks;
 * Poisson arrivals at 70% of the served capacity (128x128, steps 4..14): p50/p99 of a continuous and a
   static server, both at one step per dispatch as the in-process Poisson runs (bench/engine_vs_recipe.py)
-  and the server's default; the capacity is the median of three saturated rounds of that server;
+  and the server's default, and of a continuous and a static engine in-process on the same arrivals,
+  taking turns in rounds; the capacity is the median of three saturated rounds of that server;
 * the prompt-embedding cache: a repeated prompt's Timings show no text encoding and its image is the
   same bytes; in-process, the trace shows no encode;
 * the time budget (mean seconds per phase) of a lone and of a saturated request, served and in-process,
@@ -212,7 +213,13 @@ def server(
         running.terminate(timeout=120)
 
 
-def engine_config(devices: int, slots_per_device: int, size: tuple[int, int], policy: str = "continuous"):
+def engine_config(
+    devices: int,
+    slots_per_device: int,
+    size: tuple[int, int],
+    policy: str = "continuous",
+    steps_per_dispatch: int | None = None,
+):
     from sdxl_server.engine import EngineConfig
     from sdxl_server.engine.api import Resolution
 
@@ -220,7 +227,7 @@ def engine_config(devices: int, slots_per_device: int, size: tuple[int, int], po
         model=str(BENCH_MODEL_DIR), resolutions=(Resolution(*size),), slots_per_device=slots_per_device,
         max_devices=devices, policy=policy, max_queue=1024, max_steps=20, default_steps=8,
         compilation_cache_dir=str(COMPILE_CACHE), busy_window_seconds=600.0,
-        steps_per_dispatch=STEPS_PER_DISPATCH,
+        steps_per_dispatch=steps_per_dispatch or STEPS_PER_DISPATCH,
     )  # fmt: skip
 
 
@@ -234,46 +241,66 @@ class InProcess:
         self.engine = engine
 
     def run(self, count: int, steps: int, size: tuple[int, int], concurrency: int, offset: int = 0):
-        from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution
-
+        """A closed loop: `concurrency` requests in flight until `count` have finished."""
         lock = threading.Condition()
         results: list[dict[str, Any]] = []
         failures: list[Any] = []
-
-        def submit(i: int) -> None:
-            sent = time.perf_counter()
-
-            def listener(event: object) -> None:
-                if isinstance(event, Finished | Failed):
-                    with lock:
-                        now = time.perf_counter()
-                        if isinstance(event, Failed):
-                            failures.append(event)
-                        else:
-                            phases = {p: getattr(event, f"{p}_seconds") for p in PHASES if p != "admission"}
-                            results.append(
-                                {"i": i, "latency": now - sent, "finished_at": now, "phases": phases}
-                            )
-                        lock.notify_all()
-
-            request = GenerationRequest(
-                request_id=f"in-process-{offset + i}", prompt=prompt(offset + i), negative_prompt="",
-                seed=offset + i, num_images=1, steps=steps, guidance_scale=GUIDANCE,
-                resolution=Resolution(*size),
-            )  # fmt: skip
-            self.engine.submit(request, listener)
-
         submitted = 0
         with lock:
             while len(results) + len(failures) < count:
                 while submitted < count and submitted - len(results) - len(failures) < concurrency:
                     lock.release()
                     try:
-                        submit(submitted)
+                        self._submit(offset + submitted, steps, size, lock, results, failures, submitted)
                     finally:
                         lock.acquire()
                     submitted += 1
                 lock.wait()
+        return self._outcome(results, failures)
+
+    def open_loop(self, count: int, steps_of: list[int], size: tuple[int, int], rate: float, seed: int,
+                  offset: int = 0) -> dict[str, Any]:  # fmt: skip
+        """Poisson arrivals at `rate`, the client's (`_client`, mode "open"): the same seed gives the
+        same gaps, and request i asks for steps_of[i % len(steps_of)] steps."""
+        lock = threading.Condition()
+        results: list[dict[str, Any]] = []
+        failures: list[Any] = []
+        began = at = time.perf_counter()
+        for i, gap in enumerate(np.random.default_rng(seed).exponential(1 / rate, count)):
+            at += gap
+            if (delay := at - time.perf_counter()) > 0:
+                time.sleep(delay)
+            self._submit(offset + i, steps_of[i % len(steps_of)], size, lock, results, failures, i)
+        with lock:
+            while len(results) + len(failures) < count:
+                lock.wait()
+        return {"began": began, **self._outcome(results, failures)}
+
+    def _submit(self, number: int, steps: int, size: tuple[int, int], lock: threading.Condition,
+                results: list[dict[str, Any]], failures: list[Any], i: int) -> None:  # fmt: skip
+        from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution
+
+        sent = time.perf_counter()
+
+        def listener(event: object) -> None:
+            if isinstance(event, Finished | Failed):
+                with lock:
+                    now = time.perf_counter()
+                    if isinstance(event, Failed):
+                        failures.append(event)
+                    else:
+                        phases = {p: getattr(event, f"{p}_seconds") for p in PHASES if p != "admission"}
+                        results.append({"i": i, "latency": now - sent, "finished_at": now, "phases": phases})
+                    lock.notify_all()
+
+        request = GenerationRequest(
+            request_id=f"in-process-{number}", prompt=prompt(number), negative_prompt="", seed=number,
+            num_images=1, steps=steps, guidance_scale=GUIDANCE, resolution=Resolution(*size),
+        )  # fmt: skip
+        self.engine.submit(request, listener)
+
+    @staticmethod
+    def _outcome(results: list[dict[str, Any]], failures: list[Any]) -> dict[str, Any]:
         if failures:
             raise RuntimeError(f"in-process requests failed: {failures[:3]}")
         return {"results": sorted(results, key=lambda r: r["i"])}
@@ -339,7 +366,12 @@ def main() -> None:
         "--poisson-rounds",
         type=int,
         default=2,
-        help="rounds the Poisson part's requests are split into, the policies alternating (load drift)",
+        help="rounds the Poisson part's requests are split into, the sides taking turns (load drift)",
+    )
+    parser.add_argument(
+        "--poisson-served-only",
+        action="store_true",
+        help="the Poisson part without its in-process engines beside the servers (half the time)",
     )
     args = parser.parse_args()
     if args.client:
@@ -383,7 +415,8 @@ def main() -> None:
         lone(result, args.quick)
         save()
     if "poisson" in parts:
-        poisson_70(result, args.poisson_requests or (30 if args.quick else 120), args.poisson_rounds)
+        requests = args.poisson_requests or (30 if args.quick else 120)
+        poisson_70(result, requests, args.poisson_rounds, in_process=not args.poisson_served_only)
         save()
     report(result)
     print(f"wrote {args.out}")
@@ -519,40 +552,59 @@ def lone(result: dict[str, Any], quick: bool) -> None:
     }  # fmt: skip
 
 
-def poisson_70(result: dict[str, Any], requests: int, rounds: int) -> None:
-    """Poisson arrivals at 70% of the served capacity, continuous against static, served.
+def poisson_70(result: dict[str, Any], requests: int, rounds: int, in_process: bool = True) -> None:
+    """Poisson arrivals at 70% of the served capacity, continuous against static, served, and the same
+    arrivals in-process beside them (unless `in_process` is False): what the served path adds.
 
-    Both servers run one step per dispatch, as the in-process Poisson runs do and as the server ships:
-    at K steps per dispatch an arrival waits for the running call's K steps before it can join, which
-    costs continuous batching its point (the first served figure, 0.75, ran at K=4). The capacity is that
-    of the continuous server with the same step mix, the median of three saturated rounds (one round of
-    24 requests once read 30% low, which puts "70%" near half the real capacity).
+    Every side runs one step per dispatch, as the server ships: at K steps per dispatch an arrival waits
+    for the running call's K steps before it can join, which costs continuous batching its point (the
+    first served figure, 0.75, ran at K=4). The capacity is that of the continuous server with the same
+    step mix, the median of three saturated rounds (one round of 24 requests once read 30% low, which
+    puts "70%" near half the real capacity).
 
-    Both servers stay up (an idle server's step loop sleeps on its queue) and the policies alternate in
-    rounds, each round on its own arrivals, which both policies get, the first policy swapped every
-    round: on a shared machine the load drifts within minutes, and one policy run after the other would
-    read the drift as the policy's. Each policy's p50/p99 pool every round's requests.
+    Both servers and both in-process engines stay up (an idle engine's step loop sleeps on its queue) and
+    the sides take turns in rounds, each round on its own arrivals, which every side gets, the first side
+    rotating every round: on a shared machine the load drifts within minutes, and one side run after the
+    other would read the drift as the side's. Each side's p50/p99 pool every round's requests.
     """
+    from sdxl_server.engine import JaxEngine
+
     slots = DEVICES * SLOTS_PER_DEVICE
     per_round = max(1, requests // rounds)
     poisson: dict[str, Any] = {
         "requests_per_policy": per_round * rounds, "rounds": rounds, "steps_per_dispatch": 1,
     }  # fmt: skip
-    latencies: dict[str, list[float]] = {"continuous": [], "static": []}
-    runs: dict[str, list[dict[str, Any]]] = {"continuous": [], "static": []}
+    policies = ("continuous", "static")
+    sides = [f"served {p}" for p in policies] + ([f"in-process {p}" for p in policies] if in_process else [])
+    latencies: dict[str, list[float]] = {side: [] for side in sides}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     with contextlib.ExitStack() as stack:
         targets = {
             policy: stack.enter_context(
                 server(DEVICES, SLOTS_PER_DEVICE, SMALL_SIZE, policy, steps_per_dispatch=1)
             )
-            for policy in ("continuous", "static")
+            for policy in policies
         }
-        for target in targets.values():
+        engines: dict[str, InProcess] = {}
+        if in_process:
+            for policy in policies:
+                engine = JaxEngine(engine_config(DEVICES, SLOTS_PER_DEVICE, SMALL_SIZE, policy, 1))
+                engine.start()
+                stack.callback(engine.stop)
+                engines[policy] = InProcess(engine)
+
+        def open_loop(side: str, count: int, rate: float, seed: int, offset: int) -> dict[str, Any]:
+            where, policy = side.split(" ")
+            if where == "served":
+                return client_run(
+                    targets[policy], size=SMALL_SIZE, steps=list(STEP_MIX), count=count, mode="open",
+                    rate=rate, seed=seed, offset=offset,
+                )  # fmt: skip
+            return engines[policy].open_loop(count, list(STEP_MIX), SMALL_SIZE, rate, seed, offset)
+
+        for side in sides:
             # Warm every step count of the mix: a step count's first request may build its schedule.
-            client_run(
-                target, size=SMALL_SIZE, steps=list(STEP_MIX), count=len(STEP_MIX), concurrency=slots,
-                offset=70_000,
-            )  # fmt: skip
+            open_loop(side, len(STEP_MIX), 100.0, 0, 70_000)
         capacities = []
         for r in range(3):
             capacity_run = client_run(
@@ -567,18 +619,14 @@ def poisson_70(result: dict[str, Any], requests: int, rounds: int) -> None:
         say(f"capacity with mixed steps: {capacity:.3f}/s (rounds {shown})")
         rate = 0.7 * capacity
         for r in range(rounds):
-            order = ("continuous", "static") if r % 2 == 0 else ("static", "continuous")
-            for policy in order:
+            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
                 load_before = os.getloadavg()
-                run = client_run(
-                    targets[policy], size=SMALL_SIZE, steps=list(STEP_MIX), count=per_round, mode="open",
-                    rate=rate, seed=3 + r, offset=1000 * r,
-                )  # fmt: skip
+                run = open_loop(side, per_round, rate, 3 + r, 1000 * r)
                 results = run["results"]
                 got = np.array([x["latency"] for x in results])
                 quarter = max(1, per_round // 4)
                 wall = max(x["finished_at"] for x in results) - run["began"]
-                runs[policy].append(
+                runs[side].append(
                     {
                         "round": r, "offered_per_second": rate, "served_per_second": per_round / wall,
                         "p50": float(np.percentile(got, 50)), "p99": float(np.percentile(got, 99)),
@@ -587,30 +635,44 @@ def poisson_70(result: dict[str, Any], requests: int, rounds: int) -> None:
                         "load_average_after": os.getloadavg(),
                     }
                 )  # fmt: skip
-                latencies[policy] += [float(x) for x in got]
+                latencies[side] += [float(x) for x in got]
                 say(
-                    f"Poisson 70% round {r + 1} {policy}: p50 {runs[policy][-1]['p50']:.2f}s "
-                    f"p99 {runs[policy][-1]['p99']:.2f}s (load {load_before[0]:.1f})"
+                    f"Poisson 70% round {r + 1} {side}: p50 {runs[side][-1]['p50']:.2f}s "
+                    f"p99 {runs[side][-1]['p99']:.2f}s (load {load_before[0]:.1f})"
                 )
-    for policy in ("continuous", "static"):
-        pooled = np.array(latencies[policy])
-        poisson[policy] = {
+    for side in sides:
+        pooled = np.array(latencies[side])
+        # "continuous"/"static" are the served sides (the goal's); "in-process continuous" etc. beside
+        key = side.removeprefix("served ")
+        poisson[key] = {
             "offered_per_second": rate,
             "p50": float(np.percentile(pooled, 50)),
             "p99": float(np.percentile(pooled, 99)),
             "max": float(pooled.max()),
-            "p99_by_round": [x["p99"] for x in runs[policy]],
-            "runs": runs[policy],
-            "latencies": latencies[policy],
+            "p99_by_round": [x["p99"] for x in runs[side]],
+            "runs": runs[side],
+            "latencies": latencies[side],
         }
-        got = poisson[policy]
-        say(
-            f"Poisson 70% {policy}, pooled: p50 {got['p50']:.2f}s p99 {got['p99']:.2f}s max {got['max']:.2f}s"
-        )
-    poisson["continuous_p99_over_static"] = poisson["continuous"]["p99"] / poisson["static"]["p99"]
-    poisson["continuous_p99_over_static_by_round"] = [
-        c["p99"] / s["p99"] for c, s in zip(runs["continuous"], runs["static"], strict=True)
-    ]
+        got = poisson[key]
+        say(f"Poisson 70% {side}, pooled: p50 {got['p50']:.2f}s p99 {got['p99']:.2f}s max {got['max']:.2f}s")
+    for prefix, name in (
+        ("", "continuous_p99_over_static"),
+        ("in-process ", "in_process_continuous_p99_over_static"),
+    ):
+        if prefix + "static" not in poisson:
+            continue
+        poisson[name] = poisson[prefix + "continuous"]["p99"] / poisson[prefix + "static"]["p99"]
+        poisson[name + "_by_round"] = [
+            c["p99"] / s["p99"]
+            for c, s in zip(
+                poisson[prefix + "continuous"]["runs"], poisson[prefix + "static"]["runs"], strict=True
+            )
+        ]
+    if in_process:
+        for policy in policies:
+            poisson[f"{policy}_p99_served_over_in_process"] = (
+                poisson[policy]["p99"] / poisson[f"in-process {policy}"]["p99"]
+            )
     result["poisson_70"] = poisson
 
 
@@ -633,8 +695,15 @@ def report(result: dict[str, Any]) -> None:
         print(f"{'lone in-process / recipe batch 1':<52}{lone['in_process_over_recipe']:>8.3f}")
         rows = [("lone served", lone["served_budget"]), ("lone in-process", lone["in_process_budget"])]
     if "poisson_70" in result:
-        ratio = result["poisson_70"]["continuous_p99_over_static"]
+        poisson = result["poisson_70"]
+        ratio = poisson["continuous_p99_over_static"]
         print(f"{'Poisson 70%: continuous p99 / static p99, served':<52}{ratio:>8.3f}  <= 0.6")
+        if "in_process_continuous_p99_over_static" in poisson:
+            ratio = poisson["in_process_continuous_p99_over_static"]
+            print(f"{'Poisson 70%: continuous p99 / static p99, in-process':<52}{ratio:>8.3f}")
+            for policy in ("continuous", "static"):
+                ratio = poisson[f"{policy}_p99_served_over_in_process"]
+                print(f"{f'Poisson 70%: {policy} p99, served / in-process':<52}{ratio:>8.3f}")
     if "prompt_cache" in result:
         cache = result["prompt_cache"]
         print(
