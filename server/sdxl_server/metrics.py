@@ -136,6 +136,27 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "sdxl_steps_total", "Denoising steps run, per image.", value=float(s.steps_total)
         )
+        # How full the batches ran: padding is the gap between what ran and what busy slots needed.
+        yield CounterMetricFamily(
+            "sdxl_unet_row_steps_total",
+            "UNet row-steps the step programs ran, padding included (rows per device x devices x steps).",
+            value=float(s.unet_row_steps_run),
+        )
+        yield CounterMetricFamily(
+            "sdxl_unet_busy_row_steps_total",
+            "UNet row-steps of busy slots (2 a guided image-step, 1 an unguided one); over "
+            "sdxl_unet_row_steps_total, how full the step batches ran.",
+            value=float(s.unet_row_steps_busy),
+        )
+        yield CounterMetricFamily(
+            "sdxl_decodes_total", "Decode calls (VAE programs run).", value=float(s.decodes_total)
+        )
+        yield CounterMetricFamily(
+            "sdxl_decode_rows_total",
+            "VAE rows the decodes ran, padding included (each device's decode batch); over "
+            "sdxl_images_total, the decode's rows an image.",
+            value=float(s.decode_rows_run),
+        )
         yield CounterMetricFamily(
             "sdxl_prompt_cache_hits_total",
             "Admissions whose prompt embeddings the prompt-embedding cache held (no text encoding).",

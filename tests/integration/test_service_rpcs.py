@@ -150,6 +150,9 @@ def test_metrics_count_requests_and_work(shared_server, stub) -> None:
     assert moved("sdxl_request_duration_seconds_count", method="Generate") == 2
     assert moved("sdxl_images_total") == 2
     assert moved("sdxl_steps_total") >= 6
+    # How full the batches ran: busy slots' UNet row-steps within those the programs ran; the decodes.
+    assert 6 <= moved("sdxl_unet_busy_row_steps_total") <= moved("sdxl_unet_row_steps_total")
+    assert 1 <= moved("sdxl_decodes_total") <= 2 <= moved("sdxl_decode_rows_total")
     assert moved("sdxl_queue_wait_seconds_count") == 1
     assert moved("sdxl_step_duration_seconds_count") >= 3  # batched steps (2 images may share a step)
     assert sample(after, "sdxl_step_duration_seconds_bucket", le="+Inf") == sample(

@@ -44,6 +44,13 @@ class Counters:
     prompt_cache_misses: int = 0
     lora: LoraCounts = dataclasses.field(default_factory=LoraCounts)  # written by the step loop only
     lora_requests: int = 0  # requests with adapters that reached a slot
+    # How full the batches ran (the step loop only): the UNet row-steps the step programs ran, padding
+    # included (rows per device x devices x steps), and those of busy slots; the decode calls and the VAE
+    # rows they ran (each device's decode batch, padding included).
+    unet_row_steps_run: int = 0
+    unet_row_steps_busy: int = 0
+    decodes: int = 0
+    decode_rows_run: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +151,10 @@ class StatsBoard:
                 lora_resident=c.lora.resident,
                 lora_load_failures=c.lora.failures,
                 lora_requests=c.lora_requests,
+                unet_row_steps_run=c.unet_row_steps_run,
+                unet_row_steps_busy=c.unet_row_steps_busy,
+                decodes_total=c.decodes,
+                decode_rows_run=c.decode_rows_run,
             )
 
 

@@ -310,6 +310,9 @@ class StepLoop:
         device_seconds: Future[float] = Future()  # for the time budgets of the requests it holds
         self._device.track(pixels, "decode", on_measured=device_seconds.set_result)
         self._tracked_this_boundary += 1
+        self._stats.counters.decodes += 1
+        sizes = tuple(size for size in self._sizes.buckets[resolution] if size <= bucket)
+        self._stats.counters.decode_rows_run += decode.rows_run(sizes)
         images = decode.images()
         self._trace.add(
             TraceEvent(
@@ -342,6 +345,7 @@ class StepLoop:
             self._banks[resolution] = bank._replace(slots=slots)
             self._device.track(step, "step", k, key=str(resolution))
             self._tracked_this_boundary += 1
+            self._stats.counters.unet_row_steps_run += bucket * self._slots.devices * k
         self.boundary += 1
         batches = ",".join(f"{resolution}:{bucket}" for resolution, bucket in dispatch.buckets)
         detail = f"k={k} slots={dispatch.slots_busy} rows={dispatch.rows_busy} batch={batches}"
@@ -355,6 +359,11 @@ class StepLoop:
             occupant = advance.occupant
             request = occupant.item.request
             self._stats.counters.steps_total += advance.steps
+            done = occupant.steps_dispatched  # after this dispatch
+            item = occupant.item
+            self._stats.counters.unet_row_steps_busy += item.row_steps(done - advance.steps) - item.row_steps(
+                done
+            )
             progressed[id(request)] = request
             if advance.finished:
                 self._release_adapters(occupant.item)

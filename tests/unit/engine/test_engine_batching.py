@@ -113,6 +113,25 @@ def test_stats_count_the_work(engine):
     assert np.isclose(after.load, (after.queue_depth + after.slots_busy) / after.slots_total)
 
 
+def test_stats_count_the_rows_the_batches_ran_padding_included(engine):
+    """The shared engine: 1 device, 3 slots, steps per dispatch 1 and 2, row buckets 1, 2, 4, 6."""
+    before = engine.stats()
+    # Two guided images (4 rows, bucket 4: full), 3 steps: a dispatch of 2 steps, then one of 1.
+    run(engine, request("rows-guided", num_images=2, steps=3))
+    middle = engine.stats()
+    assert middle.unet_row_steps_busy - before.unet_row_steps_busy == 2 * 2 * 3
+    assert middle.unet_row_steps_run - before.unet_row_steps_run == 4 * 2 + 4 * 1
+    assert middle.decodes_total - before.decodes_total == 1  # both finished at one boundary
+    assert middle.decode_rows_run - before.decode_rows_run == 2
+    # Three unguided images (1 row each: 3 rows in bucket 4, one padded), 2 steps in one dispatch.
+    run(engine, request("rows-unguided", num_images=3, steps=2, guidance_scale=1.0))
+    after = engine.stats()
+    assert after.unet_row_steps_busy - middle.unet_row_steps_busy == 3 * 1 * 2
+    assert after.unet_row_steps_run - middle.unet_row_steps_run == 4 * 2
+    assert after.decodes_total - middle.decodes_total == 1
+    assert after.decode_rows_run - middle.decode_rows_run >= 3
+
+
 def test_a_request_alone_runs_several_steps_per_dispatch(engine):
     """Nobody waits to join, so the engine runs K=2 steps per dispatch (same images: see the oracle)."""
     run(engine, request("alone-k", seed=21, steps=6))

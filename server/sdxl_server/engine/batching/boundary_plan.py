@@ -85,6 +85,11 @@ class Decode:
             [max((image.row - self.first + 1 for image in rows), default=0) for rows in self.held], np.int32
         )
 
+    def rows_run(self, sizes: tuple[int, ...]) -> int:
+        """VAE rows this call runs on all devices: on each, the smallest of `sizes` (the decode batches
+        up to `bucket`, ascending) that holds its count, none for 0, as programs.py's `decode` picks."""
+        return sum(next(size for size in sizes if size >= count) for count in self.counts() if count > 0)
+
     def images(self) -> list[tuple[int, int, WorkItem]]:
         """(device, row in the call's output block, image) for every decoded image, device by device."""
         return [

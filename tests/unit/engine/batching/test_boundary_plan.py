@@ -30,6 +30,7 @@ from sdxl_server.engine.batching.boundary_plan import (
     steps_per_dispatch,
 )
 from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes
+from sdxl_server.engine.batching.decode_hold import HeldImage
 from sdxl_server.engine.batching.slot_table import SlotTable
 from sdxl_server.engine.batching.tracked_request import TrackedRequest, WorkItem
 from sdxl_server.engine.stats import StatsBoard
@@ -316,6 +317,18 @@ def test_with_a_shallow_backlog_a_finished_image_is_decoded_at_once():
     assert [item.request.request_id for _, _, item in decode.images()] == ["first"]
     assert list(decode.counts()) == [1, 0]  # the other device, holding nothing, skips the VAE
     assert decoded_counts(plans) == [1, 1]
+
+
+def test_a_decode_counts_the_vae_rows_each_device_runs():
+    """What the engine's sdxl_decode_rows_total adds: each device's smallest decode batch that holds its
+    rows (as programs.py's `decode` picks), none for a device that holds nothing."""
+
+    def held(*rows: int) -> list[HeldImage]:
+        return [HeldImage(item=WorkItem(tracked(f"row-{r}"), 0), row=r, since_step=0) for r in rows]
+
+    decode = Decode(SQUARE, bucket=4, held=[held(0, 1, 2), held(), held(1), held(0)], first=0)
+    assert list(decode.counts()) == [3, 0, 2, 1]
+    assert decode.rows_run((1, 2, 4)) == 4 + 0 + 2 + 1  # 3 rows run in a batch of 4
 
 
 def test_a_dispatch_runs_the_most_steps_no_slot_overshoots():
