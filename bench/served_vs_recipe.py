@@ -8,7 +8,8 @@ separate process (this file with --client), so that the client's CPU is not the 
   recipe's images/s over whole batches, the in-process engine's and the served images/s with 2 x slots
   requests kept in flight, between the slots-th and the last-slots-th finished image (the ramp-up and the
   drain leave slots idle on any server); recipe, in-process and served alternate in rounds, and each ratio
-  is the median of the rounds' ratios (the machine is shared and its load drifts);
+  is the median of the rounds' ratios (the machine is shared and its load drifts); per round, how full
+  the batches ran on each side (busy / run UNet row-steps, VAE rows per image: the engine's counters);
 * a lone request (128x128, 8 steps, a server with 4 slots on 1 device) against the recipe at batch 1 on
   1 device: median latencies, client-observed, alternating blocks;
 * Poisson arrivals at 70% of the served capacity (128x128, steps 4..14): p50/p99 of a continuous and a
@@ -79,6 +80,15 @@ PHASES = (
 
 # The served side's process, by target: its CPU time is read from /proc for the CPU per image.
 SERVER_PIDS: dict[str, int] = {}
+# The served side's /metrics page, by target: how full its batches ran (batch_counts).
+SERVER_METRICS: dict[str, Any] = {}
+BATCH_COUNTERS = {  # EngineStats field: its /metrics counter
+    "unet_row_steps_run": "sdxl_unet_row_steps_total",
+    "unet_row_steps_busy": "sdxl_unet_busy_row_steps_total",
+    "decodes_total": "sdxl_decodes_total",
+    "decode_rows_run": "sdxl_decode_rows_total",
+    "images_total": "sdxl_images_total",
+}
 
 
 def process_cpu_seconds(pid: int | None = None) -> float:
@@ -87,6 +97,27 @@ def process_cpu_seconds(pid: int | None = None) -> float:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def batch_counts(side: Any) -> dict[str, float]:
+    """How full the batches have run so far: a served target's /metrics, or an in-process engine's stats."""
+    if isinstance(side, str):
+        from sdxl_test_support.metrics_page import metric_samples, sample
+
+        samples = metric_samples(SERVER_METRICS[side]())
+        return {field: sample(samples, name) for field, name in BATCH_COUNTERS.items()}
+    stats = side.stats()
+    return {field: float(getattr(stats, field)) for field in BATCH_COUNTERS}
+
+
+def batch_fullness(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Between two batch_counts: busy rows' share of the UNet row-steps run, VAE rows run per image."""
+    moved = {field: after[field] - before[field] for field in BATCH_COUNTERS}
+    return {
+        "busy_over_run_row_steps": moved["unet_row_steps_busy"] / max(moved["unet_row_steps_run"], 1),
+        "decode_rows_per_image": moved["decode_rows_run"] / max(moved["images_total"], 1),
+        "decodes_per_image": moved["decodes_total"] / max(moved["images_total"], 1),
+    }
 
 
 def say(message: str) -> None:
@@ -208,6 +239,7 @@ def server(
     try:
         running.wait_ready(timeout=1800)
         SERVER_PIDS[running.target] = running.process.pid
+        SERVER_METRICS[running.target] = running.scrape_metrics
         yield running.target
     finally:
         running.terminate(timeout=120)
@@ -447,15 +479,17 @@ def saturate(
                 # CPU per image beside images/s: on a shared machine a process's rate follows the CPU
                 # share the scheduler gives it, while the CPU it spends per image is its own cost.
                 theirs, recipe_cpu_per_image = recipe_rate(recipe, batches, steps, size)
-                cpu = process_cpu_seconds()
+                cpu, counts = process_cpu_seconds(), batch_counts(engine)
                 ours = in_process.run(images, steps, size, 2 * slots, offset=r * images)
                 ours_cpu = process_cpu_seconds() - cpu
-                cpu = process_cpu_seconds(SERVER_PIDS[target])
+                ours_fullness = batch_fullness(counts, batch_counts(engine))
+                cpu, counts = process_cpu_seconds(SERVER_PIDS[target]), batch_counts(target)
                 served = client_run(
                     target, size=size, steps=[steps], count=images, concurrency=2 * slots,
                     offset=r * images,
                 )  # fmt: skip
                 served_cpu = process_cpu_seconds(SERVER_PIDS[target]) - cpu
+                served_fullness = batch_fullness(counts, batch_counts(target))
                 ours_rate = steady_rate([x["finished_at"] for x in ours["results"]], slots)
                 served_rate = steady_rate([x["finished_at"] for x in served["results"]], slots)
                 per_round.append(
@@ -467,13 +501,18 @@ def saturate(
                         "recipe_cpu_per_image": recipe_cpu_per_image,
                         "in_process_cpu_per_image": ours_cpu / images,
                         "server_cpu_per_image": served_cpu / images,
+                        "in_process_batches": ours_fullness, "served_batches": served_fullness,
                     }
                 )  # fmt: skip
                 say(
                     f"{steps} steps round {r}: recipe {theirs:.3f}/s, in-process {ours_rate:.3f}/s, "
                     f"served {served_rate:.3f}/s; CPU s per image recipe "
                     f"{recipe_cpu_per_image:.2f}, in-process {ours_cpu / images:.2f}, "
-                    f"server {served_cpu / images:.2f} + client {served['client_cpu_seconds'] / images:.4f}"
+                    f"server {served_cpu / images:.2f} + client {served['client_cpu_seconds'] / images:.4f}; "
+                    f"busy / run UNet rows in-process {ours_fullness['busy_over_run_row_steps']:.3f}, "
+                    f"served {served_fullness['busy_over_run_row_steps']:.3f}; VAE rows per image "
+                    f"in-process {ours_fullness['decode_rows_per_image']:.2f}, "
+                    f"served {served_fullness['decode_rows_per_image']:.2f}"
                 )
             saturation[str(steps)] = {
                 "rounds": per_round,
