@@ -49,7 +49,7 @@ class Counters:
     # rows they ran (each device's decode batch, padding included).
     unet_row_steps_run: int = 0
     unet_row_steps_busy: int = 0
-    decodes: int = 0
+    decodes_total: int = 0
     decode_rows_run: int = 0
 
 
@@ -153,7 +153,7 @@ class StatsBoard:
                 lora_requests=c.lora_requests,
                 unet_row_steps_run=c.unet_row_steps_run,
                 unet_row_steps_busy=c.unet_row_steps_busy,
-                decodes_total=c.decodes,
+                decodes_total=c.decodes_total,
                 decode_rows_run=c.decode_rows_run,
             )
 

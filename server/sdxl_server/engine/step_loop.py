@@ -310,7 +310,7 @@ class StepLoop:
         device_seconds: Future[float] = Future()  # for the time budgets of the requests it holds
         self._device.track(pixels, "decode", on_measured=device_seconds.set_result)
         self._tracked_this_boundary += 1
-        self._stats.counters.decodes += 1
+        self._stats.counters.decodes_total += 1
         sizes = tuple(size for size in self._sizes.buckets[resolution] if size <= bucket)
         self._stats.counters.decode_rows_run += decode.rows_run(sizes)
         images = decode.images()
@@ -360,10 +360,8 @@ class StepLoop:
             request = occupant.item.request
             self._stats.counters.steps_total += advance.steps
             done = occupant.steps_dispatched  # after this dispatch
-            item = occupant.item
-            self._stats.counters.unet_row_steps_busy += item.row_steps(done - advance.steps) - item.row_steps(
-                done
-            )
+            busy_rows = occupant.item.row_steps(done - advance.steps) - occupant.item.row_steps(done)
+            self._stats.counters.unet_row_steps_busy += busy_rows
             progressed[id(request)] = request
             if advance.finished:
                 self._release_adapters(occupant.item)
