@@ -272,8 +272,12 @@ class InProcess:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def run(self, count: int, steps: int, size: tuple[int, int], concurrency: int, offset: int = 0):
-        """A closed loop: `concurrency` requests in flight until `count` have finished."""
+    def run(
+        self, count: int, steps: int | list[int], size: tuple[int, int], concurrency: int, offset: int = 0
+    ):
+        """A closed loop: `concurrency` requests in flight until `count` have finished; request i asks for
+        `steps`, or steps[i % len(steps)] of a list."""
+        steps_of = steps if isinstance(steps, list) else [steps]
         lock = threading.Condition()
         results: list[dict[str, Any]] = []
         failures: list[Any] = []
@@ -283,7 +287,8 @@ class InProcess:
                 while submitted < count and submitted - len(results) - len(failures) < concurrency:
                     lock.release()
                     try:
-                        self._submit(offset + submitted, steps, size, lock, results, failures, submitted)
+                        steps_now = steps_of[submitted % len(steps_of)]
+                        self._submit(offset + submitted, steps_now, size, lock, results, failures, submitted)
                     finally:
                         lock.acquire()
                     submitted += 1

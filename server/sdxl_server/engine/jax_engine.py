@@ -138,7 +138,7 @@ class JaxEngine:
             )
             if self._adapters is not None:
                 self._adapter_layouts = self._adapters.layouts
-        mesh = make_mesh(cfg.max_devices)
+        mesh = make_mesh(cfg.max_devices, cfg.first_device)
         platform = mesh.devices.flat[0].platform
         saved = ProgramCache(
             cfg.compilation_cache_dir,

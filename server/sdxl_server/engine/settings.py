@@ -185,8 +185,10 @@ class EngineConfig:
     # prompts' token ids, least recently used out first; 0 entries turns it off.
     prompt_cache_entries: int = setting(256, "prompt embeddings kept on the device (0: no cache)")
     prompt_cache_mib: int = setting(256, "device memory the prompt-embedding cache may fill, MiB")
-    # Use only the first N local devices (None: all). Lets one process compare 1 and N devices.
+    # Use only N local devices (None: all), from the local device `first_device` on. Lets one process
+    # compare 1 and N devices, or run an engine per device (bench/served_vs_recipe.py's "apart" sides).
     max_devices: int | None = None
+    first_device: int = 0
     # Wall-time window over which the device busy ratio is measured.
     busy_window_seconds: float = 10.0
     # Capacity of the in-memory event trace (admissions, step boundaries, finishes) tests assert on.
@@ -268,6 +270,7 @@ class EngineConfig:
         require(self.prompt_cache_entries >= 0, "prompt_cache_entries", "must not be negative")
         require(self.prompt_cache_mib >= 0, "prompt_cache_mib", "must not be negative")
         require(self.max_devices is None or self.max_devices >= 1, "max_devices", "must be at least 1")
+        require(self.first_device >= 0, "first_device", "must be at least 0")
         require(self.busy_window_seconds > 0, "busy_window_seconds", "must be positive")
         require(self.trace_capacity >= 0, "trace_capacity", "must not be negative")
 

@@ -54,10 +54,13 @@ def devices(model_dir: str, cache_dir: str) -> dict:
     for name, overrides in (
         ("one", dict(max_devices=1, slots_per_device=4)),
         ("all", dict(slots_per_device=2)),  # 2 per device: packing and held decodes across devices
+        # An engine of its own on the last device (an engine per device): its programs run there.
+        ("last", dict(max_devices=1, slots_per_device=4, first_device=jax.local_device_count() - 1)),
     ):
         engine = JaxEngine(config(model_dir, cache_dir, **overrides))
         engine.start()
-        programs = engine.compiled_programs().by_resolution[Resolution(64, 64)]
+        compiled = engine.compiled_programs()
+        programs = compiled.by_resolution[Resolution(64, 64)]
         # Every compiled size of the step and of the decode: none may move data between devices.
         step_hlo = "".join(p.as_text() for p in [*programs.steps.values(), *programs.decode.values()])
         result[name] = {
@@ -65,6 +68,14 @@ def devices(model_dir: str, cache_dir: str) -> dict:
             "slots": engine.info().slots,
             "images": images_from(engine),
             "collectives": [c for c in COLLECTIVES if c in step_hlo],
+            "device_ids": sorted({d.id for d in programs.empty_bank.held.sharding.device_set}),
+            "weights_device_ids": sorted(
+                {
+                    d.id
+                    for leaf in jax.tree_util.tree_leaves(compiled.params)
+                    for d in leaf.sharding.device_set
+                }
+            ),
         }
         if name == "all":
             result[name]["decode_counts"] = decode_counts(engine)

@@ -42,6 +42,12 @@ def test_one_device_and_four_devices_give_the_same_images(tiny_model_dir, compil
     assert (four["devices"], four["slots"]) == (4, 8)
     for a, b in zip(one["images"], four["images"], strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # first_device: an engine of one device on the last one holds its weights and slots there only, and
+    # draws what the first device's engine draws (bench/devices_apart.py runs an engine per device).
+    last = result["last"]
+    assert (one["device_ids"], one["weights_device_ids"]) == ([0], [0])
+    assert (last["devices"], last["device_ids"], last["weights_device_ids"]) == (1, [3], [3])
+    assert last["images"] == one["images"]
     # Each device works on its own slots: no compiled step or decode (any bucket) moves data between devices.
     assert four["collectives"] == []
     # Each device decodes only its own count of held rows: those equal the full decode's, the others

@@ -9,11 +9,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdxl_server.engine.settings import SettingError
+
 DATA_AXIS = "data"
 
 
-def make_mesh(max_devices: int | None = None) -> Mesh:
-    devices = jax.local_devices()
+def make_mesh(max_devices: int | None = None, first_device: int = 0) -> Mesh:
+    """The local devices `first_device`, `first_device` + 1, ..., `max_devices` of them (None: all)."""
+    local = jax.local_devices()
+    if first_device >= len(local):
+        raise SettingError("first_device", f"is {first_device}, but this host has {len(local)} devices")
+    devices = local[first_device:]
     if max_devices is not None:
         devices = devices[:max_devices]
     return Mesh(np.array(devices), (DATA_AXIS,))
