@@ -139,7 +139,8 @@ class EngineCollector(Collector):
         # How full the batches ran: padding is the gap between what ran and what busy slots needed.
         yield CounterMetricFamily(
             "sdxl_unet_row_steps_total",
-            "UNet row-steps the step programs ran, padding included (rows per device x devices x steps).",
+            "UNet row-steps the step programs ran, padding included (rows per device x, per device, "
+            "the steps its block had an image in: an empty block skips the UNet).",
             value=float(s.unet_row_steps_run),
         )
         yield CounterMetricFamily(

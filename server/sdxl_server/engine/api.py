@@ -256,7 +256,8 @@ class EngineStats:
     lora_resident: int = 0
     lora_load_failures: int = 0
     lora_requests: int = 0
-    # How full the batches ran: UNet row-steps the step programs ran (padding included) and those of
+    # How full the batches ran: UNet row-steps the step programs ran (padding included; a device whose
+    # block has no image at a step skips its UNet, so it runs none there) and those of
     # busy slots (2 a guided image-step, 1 an unguided one); decode calls, and the VAE rows they ran
     # (each device's decode batch, padding included: over images_total, the decode's rows an image).
     unet_row_steps_run: int = 0

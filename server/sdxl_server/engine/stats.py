@@ -45,7 +45,8 @@ class Counters:
     lora: LoraCounts = dataclasses.field(default_factory=LoraCounts)  # written by the step loop only
     lora_requests: int = 0  # requests with adapters that reached a slot
     # How full the batches ran (the step loop only): the UNet row-steps the step programs ran, padding
-    # included (rows per device x devices x steps), and those of busy slots; the decode calls and the VAE
+    # included (the row bucket x each device's steps with an image in its block: an empty block skips
+    # the UNet), and those of busy slots; the decode calls and the VAE
     # rows they ran (each device's decode batch, padding included).
     unet_row_steps_run: int = 0
     unet_row_steps_busy: int = 0

@@ -345,7 +345,10 @@ class StepLoop:
             self._banks[resolution] = bank._replace(slots=slots)
             self._device.track(step, "step", k, key=str(resolution))
             self._tracked_this_boundary += 1
-            self._stats.counters.unet_row_steps_run += bucket * self._slots.devices * k
+            # A device's block with no image skips the UNet (device/denoise.py): its steps ran no rows.
+            self._stats.counters.unet_row_steps_run += bucket * sum(
+                self._slots.block_active_steps(resolution, k)
+            )
         self.boundary += 1
         batches = ",".join(f"{resolution}:{bucket}" for resolution, bucket in dispatch.buckets)
         detail = f"k={k} slots={dispatch.slots_busy} rows={dispatch.rows_busy} batch={batches}"

@@ -68,6 +68,8 @@ def devices(model_dir: str, cache_dir: str) -> dict:
             "slots": engine.info().slots,
             "images": images_from(engine),
             "collectives": [c for c in COLLECTIVES if c in step_hlo],
+            # Each step program decides per device whether to run the UNet (a block with no image skips).
+            "steps_branch": all("conditional" in p.as_text() for p in programs.steps.values()),
             "device_ids": sorted({d.id for d in programs.empty_bank.held.sharding.device_set}),
             "weights_device_ids": sorted(
                 {
@@ -78,6 +80,12 @@ def devices(model_dir: str, cache_dir: str) -> dict:
             ),
         }
         if name == "all":
+            stats = engine.stats()
+            result[name]["row_steps"] = {
+                "run": stats.unet_row_steps_run,
+                "busy": stats.unet_row_steps_busy,
+                "probe_steps": sum(probe["steps"] for probe in PROBES),
+            }
             result[name]["decode_counts"] = decode_counts(engine)
         engine.stop()
     return result

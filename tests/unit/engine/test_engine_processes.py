@@ -42,6 +42,12 @@ def test_one_device_and_four_devices_give_the_same_images(tiny_model_dir, compil
     assert (four["devices"], four["slots"]) == (4, 8)
     for a, b in zip(one["images"], four["images"], strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    # The 4 probes (guided, one at a time on each device: the least-loaded one) run in a bucket of 2
+    # rows, and a device whose probe has ended skips the UNet while the others' go on: every row-step
+    # run is a busy one. In lockstep without the skip, each step would run 2 rows on all 4 devices.
+    assert one["steps_branch"] and four["steps_branch"]
+    row_steps = four["row_steps"]
+    assert row_steps["run"] == row_steps["busy"] == 2 * row_steps["probe_steps"], row_steps
     # first_device: an engine of one device on the last one holds its weights and slots there only, and
     # draws what the first device's engine draws (bench/devices_apart.py runs an engine per device).
     last = result["last"]

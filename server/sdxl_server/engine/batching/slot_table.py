@@ -202,6 +202,13 @@ class SlotTable:
             for block in self._blocks[resolution]
         ]
 
+    def block_active_steps(self, resolution: Resolution, steps: int) -> list[int]:
+        """Per device, how many of the next `steps` steps its block in this bank has an image in: the
+        step program skips the UNet of a block with none (device/denoise.py), so only these run."""
+        return [
+            max((min(steps, o.remaining) for o in block), default=0) for block in self._blocks[resolution]
+        ]
+
     def occupants(self) -> list[Occupant]:
         return [o for blocks in self._blocks.values() for block in blocks for o in block]
 

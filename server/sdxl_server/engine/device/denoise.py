@@ -161,10 +161,20 @@ def denoise_steps(
     adapter_bank: Any = None,
 ) -> Any:
     """`k` steps in one program, each over `row_count` UNet rows; returns the new (latents, history,
-    step)."""
+    step).
+
+    A step whose block has no active slot skips the UNet: it would leave every slot as it was anyway.
+    The row bucket is the busiest device's (one SPMD program), so without the skip a device with no
+    image would run a whole bucket of padding at each step, as would a block whose last image ended
+    within a k-step dispatch. Where the devices share a host's cores (this CPU), that padding is cores
+    taken from the busy device; on a TPU the idle chip waits instead of computing nothing."""
+
+    def step(current: SlotState) -> SlotState:
+        return denoise_step(model, resolution, row_count, unet_params, current, adapter_bank)
 
     def one(_: Any, current: SlotState) -> SlotState:
-        return denoise_step(model, resolution, row_count, unet_params, current, adapter_bank)
+        active, _guided, _rows = slot_rows(current)
+        return jax.lax.cond(jnp.any(active), step, lambda unchanged: unchanged, current)
 
     out = one(0, state) if k == 1 else jax.lax.fori_loop(0, k, one, state)
     return out.latents, out.history, out.step
