@@ -269,6 +269,7 @@ def saturated_run(engine: Any, images: int, offset: int = 60_000) -> dict[str, A
         elif kind in ("admit", "encode", "rearrange"):
             counts[kind] += 1
     counts["decode rows"] = int(engine.stats().decode_rows_run - rows_before)
+    dispatches = [event.detail for event in engine.trace()[before:] if str(event.kind) == "step"]
     return {
         "images": images,
         "cpu_per_image": cpu / images,
@@ -276,6 +277,9 @@ def saturated_run(engine: Any, images: int, offset: int = 60_000) -> dict[str, A
         "cpu_per_image_by_thread": {name: seconds / images for name, seconds in threads.items()},
         "per_image": {name: n / images for name, n in sorted(counts.items())},
         "padded_row_steps": dict(padded),
+        # The round's first and last dispatches (busy slots and rows on both devices, bucket a device):
+        # where its padding is.
+        "edges": [*dispatches[:4], "...", *dispatches[-3:]],
     }
 
 
@@ -331,7 +335,8 @@ def main() -> None:
         say(
             f"round {r}: CPU s per image recipe {theirs_run['cpu_per_image']:.3f}, engine "
             f"{ours_run['cpu_per_image']:.3f}; "
-            f"padded UNet row-steps {json.dumps(ours_run['padded_row_steps'])}"
+            f"padded UNet row-steps {json.dumps(ours_run['padded_row_steps'])}; dispatches "
+            f"{' | '.join(ours_run['edges'])}"
         )
     # Medians over the rounds; the programs per image are the rounds' means.
     run = {
