@@ -44,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution  # noqa: E402
+from sdxl_server.engine.device.programs import busy_slots  # noqa: E402
 from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
 
 from bench.bench_model import ensure_bench_model  # noqa: E402
@@ -293,10 +294,11 @@ def cost_ratio(engine: JaxEngine) -> dict:
     programs = engine.compiled_programs().by_resolution[RESOLUTION]
     params = engine.compiled_programs().params
     bank = programs.empty_bank
+    busy = busy_slots(bank.slots)  # on the empty bank a step skips its UNet (nothing to time)
 
     # Step programs are sized in UNet rows (two per guided image): bucket r holds r/2 guided images.
     by_bucket = {
-        b: best_seconds(lambda b=b: programs.steps[(1, b)](params["unet"], bank.slots))
+        b: best_seconds(lambda b=b: programs.steps[(1, b)](params["unet"], busy))
         for b in programs.row_buckets
     }
     step = by_bucket[2]  # one guided image

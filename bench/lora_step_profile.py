@@ -50,10 +50,12 @@ def figures(compiled: Any) -> dict[str, float]:
 
 def profile(engine: JaxEngine, k: int, repeats: int) -> dict[str, dict[str, float]]:
     import jax
+    from sdxl_server.engine.device.programs import busy_slots
 
     programs = engine.compiled_programs()
     mine = programs.by_resolution[RESOLUTION]
-    unet, bank, state = programs.params["unet"], programs.adapter_banks["unet"], mine.empty_bank.slots
+    unet, bank = programs.params["unet"], programs.adapter_banks["unet"]
+    state = busy_slots(mine.empty_bank.slots)  # on the empty bank a step skips its UNet
     rows = max(mine.row_buckets)
     calls = {"plain": (mine.steps[(k, rows)], (unet, state))}
     for (kk, r, width), program in sorted(mine.adapter_steps.items()):

@@ -102,6 +102,7 @@ def measure_engine(
     import jax
     import numpy as np
     from sdxl_server.engine import EngineConfig, JaxEngine
+    from sdxl_server.engine.device.programs import busy_slots
 
     began = time.perf_counter()
     engine = JaxEngine(
@@ -130,7 +131,7 @@ def measure_engine(
     decode_images = max(programs.decode)
     step = programs.steps[max(key for key in programs.steps if key[0] == 1)]
     decode = programs.decode[decode_images]
-    step_seconds = best_seconds(lambda: step(params["unet"], bank.slots))
+    step_seconds = best_seconds(lambda: step(params["unet"], busy_slots(bank.slots)))
     counts = np.full(len(bank.held.sharding.device_set), decode_images, np.int32)  # every device's rows
     decode_seconds = best_seconds(lambda: decode(params["vae"], bank.held, np.int32(0), counts))
     decode_seconds *= busy / decode_images

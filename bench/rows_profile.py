@@ -49,11 +49,12 @@ def program_times(engine, repeats: int) -> dict[str, float]:
     them all alike. The programs run on the engine's empty bank: a step's cost is its row bucket's,
     whatever the slots hold."""
     import jax
+    from sdxl_server.engine.device.programs import busy_slots
 
     programs = engine.compiled_programs()
     mine = programs.by_resolution[RESOLUTION]
     unet, vae = programs.params["unet"], programs.params["vae"]
-    state, held = mine.empty_bank.slots, mine.empty_bank.held
+    state, held = busy_slots(mine.empty_bank.slots), mine.empty_bank.held
     calls = {
         f"step k={k} rows={rows}": (lambda s=step: s(unet, state)) for (k, rows), step in mine.steps.items()
     }

@@ -92,13 +92,12 @@ def engine_calls(
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, dict[str, float]]]:
     """Our programs at the bench's resolution and their cost analyses: the step programs `steps` ((k,
     rows)) and those of k=K and 1 at the full row bucket, one decode, insert, rearrange and encode.
-    The steps run on a bank whose every slot is busy for STEPS unguided steps (one row a slot: the
+    The steps run on a bank whose every slot is busy (`busy_slots`: one unguided row a slot, the
     full bucket on every device), so that a step program that skips a block with no image still runs
     its whole bucket; the other programs on the empty bank (their cost is their shapes')."""
-    import jax
     from sdxl_server.engine.api import Resolution
     from sdxl_server.engine.batching.buckets import rows_per_device
-    from sdxl_server.engine.device.programs import Rearrangement, SlotUpdate
+    from sdxl_server.engine.device.programs import Rearrangement, SlotUpdate, busy_slots
     from sdxl_server.engine.sampling import update as sampler_update
 
     programs = engine.compiled_programs()
@@ -107,10 +106,7 @@ def engine_calls(
     unet, vae = params["unet"], params["vae"]
     text = {"text_encoder": params["text_encoder"], "text_encoder_2": params["text_encoder_2"]}
     bank = mine.empty_bank
-    num_steps = bank.slots.num_steps
-    busy = bank.slots._replace(
-        num_steps=jax.device_put(np.full(num_steps.shape, STEPS, np.int32), num_steps.sharding)
-    )
+    busy = busy_slots(bank.slots)
     full = mine.row_buckets[-1]
     per = rows_per_device(SLOTS_PER_DEVICE)
     ids = np.zeros((2, 2, engine._model.max_tokens), np.int32)

@@ -58,7 +58,7 @@ from sdxl_server.engine.device.attention import attention_kernel, resolve_attent
 from sdxl_server.engine.device.memory_plan import fit_to_memory
 from sdxl_server.engine.device.mesh import make_mesh
 from sdxl_server.engine.device.program_cache import ProgramCache, architecture
-from sdxl_server.engine.device.programs import ProgramSet, Rearrangement, build_programs
+from sdxl_server.engine.device.programs import ProgramSet, Rearrangement, build_programs, busy_slots
 from sdxl_server.engine.device_clock import DeviceClock
 from sdxl_server.engine.event_trace import EventTrace, TraceEvent, TraceKind
 from sdxl_server.engine.image_workers import ImageWorkers
@@ -262,8 +262,9 @@ class JaxEngine:
         for resolution, res_programs in programs.by_resolution.items():
             bank = res_programs.empty_bank
             largest = res_programs.row_buckets[-1]
+            busy = busy_slots(bank.slots)  # on the empty bank a step skips its UNet on every device
             for (k, bucket), step in sorted(res_programs.steps.items()):
-                seconds = second_run(functools.partial(step, params["unet"], bank.slots)) / k
+                seconds = second_run(functools.partial(step, params["unet"], busy)) / k
                 if bucket == largest:
                     by_resolution[str(resolution)] = max(by_resolution.get(str(resolution), 0.0), seconds)
             per = rows_per_device(self.config.slots_per_device)  # slots per device block

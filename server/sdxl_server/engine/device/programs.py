@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sdxl_server.engine.adapters.adapter_bank import BankLayout
@@ -480,6 +481,21 @@ def build_programs(
         )
     return ProgramSet(
         params, encode, by_resolution, compile_seconds, compiled_count, adapter_banks, encode_with_adapters
+    )
+
+
+def busy_slots(slots: SlotState) -> SlotState:
+    """`slots` (the empty bank's) with every slot active from its first step, one unguided row each:
+    a step over them runs its whole row bucket on every device. What a step costs is timed on these
+    (the warm-up's estimates, benchmarks): on the empty bank every block has no active slot and the
+    step skips its UNet (denoise.py), so it would time nothing."""
+    num_steps, step = slots.num_steps, slots.step
+    return slots._replace(
+        num_steps=jax.device_put(
+            np.full(num_steps.shape, slots.timesteps.shape[1], np.int32), num_steps.sharding
+        ),
+        step=jax.device_put(np.zeros(step.shape, np.int32), step.sharding),
+        guided_until=jax.device_put(np.zeros(step.shape, np.int32), slots.guided_until.sharding),
     )
 
 
