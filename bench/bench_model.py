@@ -95,6 +95,23 @@ def ensure_bench_model(directory: Path, tiny_model_dir: Path, heavy_vae: bool = 
     return directory
 
 
+def prepare_side_by_side(devices: int) -> Path:
+    """What every side-by-side benchmark does before its engines: quiets the libraries' noise, refuses in
+    one line to run on fewer than `devices` local devices, and builds the heavy-VAE bench model (once).
+    Returns the model's directory."""
+    import jax
+    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
+
+    from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR, TINY_MODEL_DIR
+
+    silence_library_noise()
+    if jax.local_device_count() < devices:
+        raise SystemExit(
+            f"needs {devices} devices (XLA_FLAGS=--xla_force_host_platform_device_count={devices})"
+        )
+    return ensure_bench_model(HEAVY_VAE_BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+
+
 def _write_heavy_vae(directory: Path) -> None:
     from diffusers import FlaxAutoencoderKL
 

@@ -31,9 +31,9 @@ import numpy as np
 from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.device.denoise import decode_latents
 from sdxl_server.engine.device.programs import busy_slots
-from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
 from bench import engine_vs_recipe as bench
+from bench.bench_model import prepare_side_by_side
 from bench.timing import best_seconds as timed
 
 RESULTS = bench.REPO / "bench" / "results" / "decode_placement.json"
@@ -44,8 +44,7 @@ def best(run) -> float:
 
 
 def main() -> None:
-    silence_library_noise()
-    bench.ensure_bench_model(bench.BENCH_MODEL_DIR, bench.TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(bench.DEVICES)
     engine = JaxEngine(bench.engine_config("continuous", steps_per_dispatch=1))
     engine.start()
     programs = engine.compiled_programs().by_resolution[bench.RESOLUTION]

@@ -42,12 +42,10 @@ from typing import Any
 import numpy as np
 
 from bench.served_vs_recipe import (
-    BENCH_MODEL_DIR,
     DEVICES,
     SLOTS_PER_DEVICE,
     SMALL_SIZE,
     STEP_MIX,
-    TINY_MODEL_DIR,
     InProcess,
     batch_counts,
     batch_fullness,
@@ -106,18 +104,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    import jax
     from sdxl_server.engine import JaxEngine
-    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
-    from bench.bench_model import ensure_bench_model
+    from bench.bench_model import prepare_side_by_side
 
-    silence_library_noise()
-    if jax.local_device_count() < DEVICES:
-        raise SystemExit(
-            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
-        )
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     slots = DEVICES * SLOTS_PER_DEVICE
     per_round = max(1, args.requests // args.rounds)
     with contextlib.ExitStack() as stack:

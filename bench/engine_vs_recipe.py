@@ -45,10 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, Resolution  # noqa: E402
 from sdxl_server.engine.device.programs import busy_slots  # noqa: E402
-from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
 
-from bench.bench_model import ensure_bench_model  # noqa: E402
-from bench.paths import COMPILE_CACHE, TINY_MODEL_DIR  # noqa: E402
+from bench.bench_model import prepare_side_by_side  # noqa: E402
+from bench.paths import COMPILE_CACHE  # noqa: E402
 from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E402
 from bench.seed_recipe import SeedRecipe  # noqa: E402
 from bench.timing import best_seconds  # noqa: E402
@@ -377,12 +376,7 @@ def main() -> None:
 
     import jax
 
-    silence_library_noise()
-    if jax.local_device_count() < DEVICES:
-        raise SystemExit(
-            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
-        )
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     recipe = SeedRecipe(str(BENCH_MODEL_DIR), DEVICES)
     solo_recipe = SeedRecipe(str(BENCH_MODEL_DIR), 1)
     images = batches * DEVICES * SLOTS_PER_DEVICE

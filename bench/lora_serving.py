@@ -57,10 +57,9 @@ from typing import Any
 import numpy as np
 from sdxl_server.engine import EngineConfig, JaxEngine
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, LoraChoice, Resolution
-from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
-from bench.bench_model import ensure_bench_model
-from bench.paths import COMPILE_CACHE, RESULTS_DIR, TINY_MODEL_DIR
+from bench.bench_model import prepare_side_by_side
+from bench.paths import COMPILE_CACHE, RESULTS_DIR
 from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR
 
 RESULTS = RESULTS_DIR / "lora_serving.json"
@@ -332,14 +331,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON (and the PNG beside it)")
     args = parser.parse_args()
 
-    import jax
-
-    silence_library_noise()
-    if jax.local_device_count() < DEVICES:
-        raise SystemExit(
-            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
-        )
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     load_average = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="lora-serving-") as tmp:
         folder = Path(tmp)

@@ -30,9 +30,9 @@ from typing import Any
 
 from sdxl_server.engine import JaxEngine
 
-from bench.bench_model import ensure_bench_model
-from bench.lora_serving import BENCH_MODEL_DIR, MAX_STEPS, RESOLUTION, engine_config
-from bench.paths import RESULTS_DIR, TINY_MODEL_DIR
+from bench.bench_model import prepare_side_by_side
+from bench.lora_serving import DEVICES, MAX_STEPS, RESOLUTION, engine_config
+from bench.paths import RESULTS_DIR
 
 RESULTS = RESULTS_DIR / "lora_step_profile.json"
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--loras-per-request", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     with tempfile.TemporaryDirectory() as folder:
         engine = JaxEngine(engine_config(Path(folder), MAX_STEPS, args.loras_per_request))
         engine.start()

@@ -53,11 +53,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 from sdxl_server.engine import EngineConfig, JaxEngine  # noqa: E402
 from sdxl_server.engine.api import Failed, Finished, GenerationRequest, ImageReady, Resolution  # noqa: E402
-from sdxl_server.engine.models.quiet_libraries import silence_library_noise  # noqa: E402
 from sdxl_server.service.request_conversion import default_spacing  # noqa: E402
 
-from bench.bench_model import ensure_bench_model  # noqa: E402
-from bench.paths import COMPILE_CACHE, TINY_MODEL_DIR  # noqa: E402
+from bench.bench_model import prepare_side_by_side  # noqa: E402
+from bench.paths import COMPILE_CACHE  # noqa: E402
 from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E402
 from bench.seed_recipe import SeedRecipe  # noqa: E402
 
@@ -279,14 +278,7 @@ def main() -> None:
     if RESOLUTION != DEFAULT_RESOLUTION:  # keep the default size's results beside another size's
         RESULTS = RESULTS.with_name(f"rows_and_guidance-{RESOLUTION}.json")
 
-    import jax
-
-    silence_library_noise()
-    if jax.local_device_count() < DEVICES:
-        raise SystemExit(
-            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
-        )
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     say("starting the engine (compiles every row bucket's step program on a cold cache)")
     engine = JaxEngine(engine_config())
     engine.start()

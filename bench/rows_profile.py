@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.rows_and_guidance import (
-    BENCH_MODEL_DIR,
+    DEVICES,
     FEW_STEPS,
     GUIDANCE,
     RESOLUTION,
     STEPS,
-    TINY_MODEL_DIR,
     Kind,
     engine_config,
     run_batch,
@@ -102,13 +101,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from sdxl_server.engine import JaxEngine
-    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
     from sdxl_server.service.request_conversion import default_spacing
 
-    from bench.bench_model import ensure_bench_model
+    from bench.bench_model import prepare_side_by_side
 
-    silence_library_noise()
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     engine = JaxEngine(engine_config())
     engine.start()
     limits = engine.limits()

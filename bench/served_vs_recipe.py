@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-from bench.paths import COMPILE_CACHE, TINY_MODEL_DIR  # noqa: E402
+from bench.paths import COMPILE_CACHE  # noqa: E402
 from bench.paths import HEAVY_VAE_BENCH_MODEL_DIR as BENCH_MODEL_DIR  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "served_vs_recipe.json"
@@ -416,16 +416,10 @@ def main() -> None:
         return
 
     import jax
-    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
-    from bench.bench_model import ensure_bench_model
+    from bench.bench_model import prepare_side_by_side
 
-    silence_library_noise()
-    if jax.local_device_count() < DEVICES:
-        raise SystemExit(
-            f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES})"
-        )
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     STEPS_PER_DISPATCH = args.steps_per_dispatch
     rounds = args.rounds or (1 if args.quick else 2)
     batches = args.batches or (3 if args.quick else 5)

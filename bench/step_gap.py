@@ -44,7 +44,6 @@ from bench.served_vs_recipe import (
     DEVICES,
     GUIDANCE,
     SLOTS_PER_DEVICE,
-    TINY_MODEL_DIR,
     InProcess,
     engine_config,
     process_cpu_seconds,
@@ -311,13 +310,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from sdxl_server.engine import JaxEngine
-    from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
-    from bench.bench_model import ensure_bench_model
+    from bench.bench_model import prepare_side_by_side
     from bench.seed_recipe import SeedRecipe
 
-    silence_library_noise()
-    ensure_bench_model(BENCH_MODEL_DIR, TINY_MODEL_DIR, heavy_vae=True)
+    prepare_side_by_side(DEVICES)
     load_before = os.getloadavg()
     say("starting the engine and the recipe")
     engine = JaxEngine(engine_config(DEVICES, SLOTS_PER_DEVICE, SIZE))
