@@ -52,10 +52,12 @@ def images_from(engine: JaxEngine) -> list[str]:
 def devices(model_dir: str, cache_dir: str) -> dict:
     result: dict = {"device_count": jax.local_device_count()}
     for name, overrides in (
-        ("one", dict(max_devices=1, slots_per_device=4)),
+        # Few slots where the test needs no more: each engine compiles a step per row bucket (1, 2, 4 rows
+        # for 2 slots) and a decode per batch size, and these three starts are most of the test's time.
+        ("one", dict(max_devices=1, slots_per_device=2)),
         ("all", dict(slots_per_device=2)),  # 2 per device: packing and held decodes across devices
         # An engine of its own on the last device (an engine per device): its programs run there.
-        ("last", dict(max_devices=1, slots_per_device=4, first_device=jax.local_device_count() - 1)),
+        ("last", dict(max_devices=1, slots_per_device=1, first_device=jax.local_device_count() - 1)),
     ):
         engine = JaxEngine(config(model_dir, cache_dir, **overrides))
         engine.start()

@@ -31,12 +31,6 @@ from sdxl_server.engine import JaxEngine
 from sdxl_server.engine.api import Finished, InvalidRequestError, LoraChoice
 from sdxl_test_support.lora_writers import merged_flax_params, random_layers, write_diffusers, write_kohya
 
-# The module's first test pays for its engine's compile (37 programs) and, when it is the first of the
-# shared-engines group on its worker, for the shared engine's as well. The LoRA engine alone took 418 s
-# on a 2-core machine 2.5x slower than the usual one (the same with and without the step's skip), so
-# the suite's 600 s limit failed every test here; its own limit leaves room for such a machine.
-pytestmark = pytest.mark.timeout(1500)
-
 PROMPT, NEGATIVE, STEPS, GUIDANCE = "a red bicycle", "blurry", 4, 7.5
 
 
@@ -58,13 +52,16 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_engine(tiny_model_dir, compilation_cache_dir, adapters, engine):
-    # After the shared engine: a start with the same programs loads them from the compilation cache.
+def lora_engine(tiny_model_dir, compilation_cache_dir, adapters):
+    # The fewest programs that still mix requests in a step (2 slots: 4 rows, buckets 1, 2, 4) and stack
+    # two adapters (the narrow and the wide adapter steps): one step per dispatch halves the step programs.
     folder, _ = adapters
     config = make_config(
         tiny_model_dir,
         compilation_cache_dir,
         resolutions=(SQUARE,),
+        slots_per_device=2,
+        steps_per_dispatch=1,
         lora_dir=str(folder),
         lora_places=2,
         lora_max_rank=4,
