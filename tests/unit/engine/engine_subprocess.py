@@ -115,7 +115,7 @@ def decode_counts(engine: JaxEngine) -> dict:
 
 
 def start(model_dir: str, cache_dir: str) -> dict:
-    engine = JaxEngine(config(model_dir, cache_dir, max_devices=1, slots_per_device=2))
+    engine = JaxEngine(config(model_dir, cache_dir, max_devices=1, slots_per_device=1))  # few programs
     engine.start()
     stats = engine.stats()
     images = images_from(engine)

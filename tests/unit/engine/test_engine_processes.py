@@ -76,20 +76,18 @@ def test_a_second_start_loads_its_programs_from_the_compilation_cache(tiny_model
     assert entries, "the first start wrote nothing to the compilation cache"
     saved = list((cache / "sdxl-programs").iterdir())
     saved_programs = [path for path in saved if path.suffix == ".bin"]
-    # encode, insert, rearrange, a step per row bucket (2 slots: 1, 2, 3 and 4 UNet rows) and a decode
-    # per batch bucket (1 and 2 images)
-    assert len(saved_programs) == 9, saved
+    # encode, insert, rearrange, a step per row bucket (1 slot: 1 and 2 UNet rows) and a decode of 1 image
+    assert len(saved_programs) == 6, saved
     # and the memory plan's two probes (step and decode at 64x64), as figures the next start reads
     assert sorted(path.name.split("-64x64")[0] for path in saved if path.suffix == ".json") == [
         "memory-probe-decode",
         "memory-probe-step",
     ], saved
     warm = run_engine_process("start", tiny_model_dir, cache)
-    assert warm["cache_hits"] >= 8  # each of them traced no more
+    assert warm["cache_hits"] >= 5  # each of them traced no more
     assert warm["cache_hits"] > cold["cache_hits"]
-    # Programs loaded from the cache compute what freshly compiled ones do. (Within one level, not
-    # bit for bit: the probes share the batch differently in two runs, and a step of batch 1 and one of
-    # batch 2 may round the last bit differently, as the pipeline's own batch-1 oracle does.)
+    # Programs loaded from the cache compute what freshly compiled ones do (within one level, as the
+    # engine's oracles compare: a loaded executable need not round the last bit as a fresh compile does).
     for a, b in zip(cold["images"], warm["images"], strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
