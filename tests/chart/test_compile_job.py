@@ -65,6 +65,20 @@ def test_changed_settings_make_a_new_job() -> None:
     assert before == _compile_job(render(values))["metadata"]["name"]  # and the same settings the same Job
 
 
+def test_the_servers_extra_environment_reaches_the_job_and_a_change_of_it_makes_a_new_job() -> None:
+    """Compiler flags (LIBTPU_INIT_ARGS) are part of the programs' key: compiled without the pods' flags,
+    no pod could load what the Job wrote."""
+    flags = [{"name": "LIBTPU_INIT_ARGS", "value": "--xla_tpu_enable_latency_hiding_scheduler=true"}]
+    values = {
+        "compilationCache": {"type": "pvc", "pvc": {"claimName": "cache"}, "aheadOfTime": {"enabled": True}},
+    }
+    manifests = render({**values, "extraEnv": flags})
+    (container,) = _job_pod(manifests)["containers"]
+    (server_container,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert flags[0] in container["env"] and flags[0] in server_container["env"]
+    assert _compile_job(manifests)["metadata"]["name"] != _compile_job(render(values))["metadata"]["name"]
+
+
 def test_off_by_default() -> None:
     assert _compile_jobs(render_value_set("defaults")) == []
 

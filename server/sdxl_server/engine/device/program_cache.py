@@ -15,7 +15,8 @@ cache, loading runs what the directory holds: it must be writable only by the se
 
 The key has named parts (`key_parts`): the model (its modules' settings and configs, dtype included), the
 attention implementation, the topology (platform, device kind, each device's id and coordinates), the
-versions of jax, jaxlib, libtpu and the model libraries, and the program-building sources. Each saved
+compiler flags (XLA_FLAGS and LIBTPU_INIT_ARGS), the versions of jax, jaxlib, libtpu and the model
+libraries, and the program-building sources. Each saved
 program has a small JSON of its parts beside it (`sdxl-program-keys/`), so that a start that misses a
 program it expected can say which part differed. `sdxl-server compile --cache-dir` fills the same layout
 ahead of time, for a TPU topology from a machine without one (engine/device/ahead_of_time.py).
@@ -56,6 +57,11 @@ _SOURCE_MODULES = (
     "sdxl_server.engine.device.attention",
     "sdxl_server.engine.device.memory_plan",  # its probes' figures are recorded under this key too
 )
+# Compiler flags change what a program compiles to, as JAX's own cache key counts them. Not the ones that
+# only shape the host: the simulated CPU device count is already in the topology part (and an
+# ahead-of-time builder sets it where a pod does not), and dump options write files beside a compile.
+_FLAG_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+_FLAGS_OUTSIDE_THE_KEY = ("--xla_force_host_platform_device_count", "--xla_dump")
 
 
 class ProgramCache:
@@ -221,6 +227,7 @@ def key_parts(context: str, devices: list[Any], attention: str) -> dict[str, str
         "model": _digest(context),  # modules' settings and configs, parameter dtype
         "attention": attention,
         "topology": describe_topology(devices),
+        "compiler_flags": compiler_flags(),
     }
     for library in _LIBRARIES:
         try:
@@ -229,6 +236,12 @@ def key_parts(context: str, devices: list[Any], attention: str) -> dict[str, str
             parts[library] = "?"
     parts["sources"] = _digest(b"".join(_module_source(name) for name in _SOURCE_MODULES))
     return parts
+
+
+def compiler_flags() -> str:
+    """This process's compiler flags that shape a program, sorted ("none" without any)."""
+    flags = [flag for variable in _FLAG_VARIABLES for flag in os.environ.get(variable, "").split()]
+    return " ".join(sorted(f for f in flags if not f.startswith(_FLAGS_OUTSIDE_THE_KEY))) or "none"
 
 
 def describe_topology(devices: list[Any]) -> str:

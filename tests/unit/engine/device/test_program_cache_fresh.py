@@ -1,6 +1,7 @@
 """A program the program cache lacks is saved whole even where XLA's persistent cache already holds it
 (the program's sources changed, its HLO did not: what a fleet sees after most code changes), and the next
-process loads it without tracing and gets the same result.
+process loads it without tracing and gets the same result. A process with other compiler flags compiles
+its own.
 
 Each step runs in its own interpreter: XLA's cache directory is fixed per process, and an executable that
 lost its kernels fails only where they were never compiled."""
@@ -8,6 +9,7 @@ lost its kernels fails only where they were never compiled."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +40,10 @@ print(json.dumps({"loaded": cache.hits, "xla_hits": xla_cache.hits() - hits,
 """
 
 
-def _step(directory: Path, context: str, may_trace: bool) -> dict[str, float]:
+def _step(directory: Path, context: str, may_trace: bool, xla_flags: str = "") -> dict[str, float]:
     run = subprocess.run(
         [sys.executable, "-c", _STEP, str(directory), context, "trace" if may_trace else "load"],
+        env=dict(os.environ, XLA_FLAGS=xla_flags),
         capture_output=True,
         text=True,
         check=True,
@@ -57,3 +60,16 @@ def test_a_program_xla_already_holds_is_saved_whole_and_loads_without_tracing(tm
     again = _step(tmp_path, "sources-2", may_trace=False)
     assert again["loaded"] == 1
     assert again["result"] == again["expected"]
+
+
+def test_other_compiler_flags_compile_their_own_program_and_the_host_device_count_does_not(
+    tmp_path: Path,
+) -> None:
+    two_devices = "--xla_force_host_platform_device_count=2"
+    assert _step(tmp_path, "sources", may_trace=True, xla_flags=two_devices)["loaded"] == 0
+    # The device count shapes only the host (the program runs on the first device either way): loaded.
+    assert _step(tmp_path, "sources", may_trace=False)["loaded"] == 1
+    # LLVM at -O1 builds another executable: a program saved without the flag is not loaded for it.
+    other = _step(tmp_path, "sources", may_trace=True, xla_flags="--xla_backend_optimization_level=1")
+    assert other["loaded"] == 0
+    assert other["result"] == other["expected"]
