@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PROTO_OUT := client/sdxl_client/_proto
-# Shared by tests, `make run` and benchmarks so that a compile happens once per machine.
+# Shared by tests, `make run` and benchmarks so that a compile happens once per machine (the tests compile
+# with flags of their own, tests/support/xla_flags.py, so their programs are keyed apart).
 export SDXL_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax-compilation-cache
 export SDXL_TINY_MODEL_DIR ?= $(CURDIR)/.cache/tiny-sdxl
 

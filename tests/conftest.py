@@ -11,6 +11,7 @@ import pathlib
 from typing import Any
 
 import pytest
+from sdxl_test_support.xla_flags import with_test_compile_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE_ROOT = pathlib.Path(os.environ.get("SDXL_TEST_CACHE_ROOT", REPO / ".cache"))
@@ -19,7 +20,9 @@ COMPILATION_CACHE_DIR = pathlib.Path(
 )
 TINY_MODEL_DIR = pathlib.Path(os.environ.get("SDXL_TINY_MODEL_DIR", CACHE_ROOT / "tiny-sdxl"))
 
-# Inherited by server subprocesses started from tests.
+# Inherited by server subprocesses started from tests. XLA_FLAGS is read when JAX starts its backend, after
+# this file is imported.
+os.environ["XLA_FLAGS"] = with_test_compile_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ["SDXL_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE_DIR)
 os.environ["SDXL_TINY_MODEL_DIR"] = str(TINY_MODEL_DIR)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from sdxl_test_support.chart_render import REPO, objects_of_kind, one, render, server_container
+from sdxl_test_support.xla_flags import xla_flags
 
 # A share of memory so small that the demo at 1024x1024 with XLA attention (about 27 GiB of scores) cannot
 # fit on any CI machine, while the demo at 64x64 (about 0.1 GiB) fits on any with 2 GiB or more.
@@ -98,7 +99,7 @@ def _run_the_hooks_command(values: dict[str, Any], home: pathlib.Path) -> subpro
     env = {e["name"]: e["value"] for e in container["env"]}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
     env.update({k: v for k, v in os.environ.items() if k in ("PATH", "SDXL_TINY_MODEL_DIR")})
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(devices=1)
     return subprocess.run(
         [sys.executable, "-m", "sdxl_server.main", *args],
         env=env,

@@ -14,6 +14,7 @@ import openai
 import pytest
 from http_helpers import base_url, curl, long_request, self_signed_certificate
 from sdxl_test_support.held_warmup import HELD_SERVER_COMMAND
+from sdxl_test_support.xla_flags import xla_flags
 
 
 def test_http_is_503_while_warming_up_then_serves_then_is_503_while_draining(http_server_factory, tmp_path):
@@ -22,7 +23,7 @@ def test_http_is_503_while_warming_up_then_serves_then_is_503_while_draining(htt
     server = http_server_factory(
         "--hold-warmup-until-file", str(go), "--slots-per-device", "1", "--max-steps", "5000",
         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, wait_ready=False,
+        env={"XLA_FLAGS": xla_flags(devices=1)}, wait_ready=False,
         command=HELD_SERVER_COMMAND,
     )  # fmt: skip
     url = base_url(server, "https")

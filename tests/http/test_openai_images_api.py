@@ -17,6 +17,7 @@ from http_helpers import LONG_STEPS, base_url, curl, long_request, queued_reques
 from PIL import Image
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2, sdxl_pb2_grpc
 from sdxl_test_support.metrics_page import metric_samples, sample
+from sdxl_test_support.xla_flags import xla_flags
 
 TOKEN = "the-http-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -29,7 +30,7 @@ def server(http_server_factory, tmp_path_factory):
     return http_server_factory(
         "--slots-per-device", "1", "--max-queue", "2", "--max-steps", str(LONG_STEPS),
         "--auth-token-file", str(token_file),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env={"XLA_FLAGS": xla_flags(devices=1)},
     )  # fmt: skip
 
 

@@ -14,8 +14,9 @@ import time
 import pytest
 from sdxl_client import AsyncClient, Client, GenerateResult, Progress, RetryPolicy, Unavailable
 from sdxl_test_support.metrics_page import metric_samples, sample
+from sdxl_test_support.xla_flags import xla_flags
 
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ONE_DEVICE = {"XLA_FLAGS": xla_flags(devices=1)}
 LONG_STEPS = 5000
 WAVE = 8
 

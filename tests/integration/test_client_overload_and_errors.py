@@ -32,6 +32,7 @@ from sdxl_client import (
     Unauthenticated,
 )
 from sdxl_test_support.metrics_page import metric_samples, sample
+from sdxl_test_support.xla_flags import xla_flags
 
 TOKEN = "client-tests-token"
 LONG_STEPS = 5000
@@ -68,7 +69,7 @@ def server(module_server_factory, files):
         "--slots-per-device", "1", "--max-queue", "1", "--max-steps", str(LONG_STEPS),
         "--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"]),
         "--auth-token-file", str(files["token"]),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env={"XLA_FLAGS": xla_flags(devices=1)},
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from sdxl_client import (
     RetryPolicy,
     Unauthenticated,
 )
+from sdxl_test_support.xla_flags import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +176,7 @@ def test_token_on_a_plaintext_channel_is_sent_as_metadata(server_factory, tmp_pa
     """Inside a cluster the channel may be plaintext and still need the token (the TLS case is elsewhere)."""
     token_file = tmp_path / "token"
     token_file.write_text("plain-token\n")
-    server = server_factory(
-        "--auth-token-file", str(token_file), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    )
+    server = server_factory("--auth-token-file", str(token_file), env={"XLA_FLAGS": xla_flags(devices=1)})
     with Client(server.target, token="plain-token", timeout=120) as client:
         assert client.generate("with token", steps=1).images[0].to_pil().size == (64, 64)
     with Client(server.target, timeout=30) as client, pytest.raises(Unauthenticated):

@@ -17,6 +17,7 @@ import pytest
 from sdxl_client._proto.sdxl.v1 import sdxl_pb2
 from sdxl_test_support.grpc_details import image_stub, retry_delay_seconds
 from sdxl_test_support.metrics_page import metric_samples, sample
+from sdxl_test_support.xla_flags import xla_flags
 
 LONG_STEPS = 5000
 
@@ -26,7 +27,7 @@ def server(module_server_factory):
     # One device, one slot, one queued image: easy to fill, deterministic to reason about.
     return module_server_factory(
         "--slots-per-device", "1", "--max-queue", "1", "--max-steps", str(LONG_STEPS),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env={"XLA_FLAGS": xla_flags(devices=1)},
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from sdxl_server.engine.device.program_cache import ProgramCache
+from sdxl_test_support.xla_flags import xla_flags
 
 HERE = pathlib.Path(__file__).parent
 REPO = HERE.parents[2]
@@ -41,11 +42,9 @@ print(json.dumps({"loaded": engine.programs_loaded, "built": built, "probes": en
 
 
 def compile_command(python: pathlib.Path | str, tiny_model_dir, *args: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        SDXL_TINY_MODEL_DIR=str(tiny_model_dir),
-    )
+    # libtpu compiles as a pod's server would: without the tests' CPU compile flags.
+    flags = "--xla_force_host_platform_device_count=1" if python == TPU_PYTHON else xla_flags(devices=1)
+    env = dict(os.environ, XLA_FLAGS=flags, SDXL_TINY_MODEL_DIR=str(tiny_model_dir))
     return subprocess.run(
         [str(python), "-m", "sdxl_server.main", "compile", *args],
         env=env,
@@ -56,7 +55,7 @@ def compile_command(python: pathlib.Path | str, tiny_model_dir, *args: str) -> s
 
 
 def start_engine(tiny_model_dir, cache_dir, **overrides: object) -> tuple[dict, str]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1))
     completed = subprocess.run(
         [sys.executable, "-c", START_SCRIPT, str(tiny_model_dir), str(cache_dir), json.dumps(overrides)],
         env=env,
@@ -162,7 +161,7 @@ print(json.dumps({name: str(path) for name, path in keys.items()}))
 
 
 def test_the_cache_key_changes_with_attention_and_topology():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=4))
     completed = subprocess.run(
         [sys.executable, "-c", KEY_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )

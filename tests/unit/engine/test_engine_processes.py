@@ -11,12 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+from sdxl_test_support.xla_flags import xla_flags
 
 HERE = pathlib.Path(__file__).parent
 
 
 def run_engine_process(command: str, model_dir, cache_dir, devices: int = 1) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     completed = subprocess.run(
         [sys.executable, str(HERE / "engine_subprocess.py"), command, str(model_dir), str(cache_dir)],
         env=env,
