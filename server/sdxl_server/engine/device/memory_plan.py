@@ -48,6 +48,7 @@ from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes, rows_per_device
 from sdxl_server.engine.device.attention import attention_kernel, resolve_attention
 from sdxl_server.engine.device.denoise import decode_latents
+from sdxl_server.engine.device.flax_parameters import parameters_as_loaded
 from sdxl_server.engine.device.program_cache import ProgramCache
 from sdxl_server.engine.device.programs import _bank_shapes
 from sdxl_server.engine.models.loader import LoadedModel
@@ -361,6 +362,7 @@ def tree_bytes(tree: Any) -> int:
     )
 
 
+@parameters_as_loaded()
 def plan_memory(
     model: LoadedModel,
     devices: Sequence[Any],

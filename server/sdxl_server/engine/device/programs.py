@@ -45,6 +45,7 @@ from sdxl_server.engine.adapters.row_deltas import row_adapters
 from sdxl_server.engine.api import Resolution
 from sdxl_server.engine.batching.buckets import bucket_sizes, row_bucket_sizes, rows_per_device
 from sdxl_server.engine.device.denoise import SlotState, decode_latents, denoise_steps, per_slot
+from sdxl_server.engine.device.flax_parameters import parameters_as_loaded
 from sdxl_server.engine.device.mesh import DATA_AXIS, replicated, slot_sharded
 from sdxl_server.engine.device.program_cache import ProgramCache
 from sdxl_server.engine.models.loader import LoadedModel
@@ -286,6 +287,7 @@ def _per_device(mesh: Mesh, fn: Any, in_specs: Any, out_specs: Any) -> Any:
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+@parameters_as_loaded()
 def build_programs(
     model: LoadedModel,
     mesh: Mesh,
