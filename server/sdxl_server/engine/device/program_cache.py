@@ -15,7 +15,8 @@ cache, loading runs what the directory holds: it must be writable only by the se
 
 The key has named parts (`key_parts`): the model (its modules' settings and configs, dtype included), the
 attention implementation, the topology (platform, device kind, each device's id and coordinates), the
-compiler flags (XLA_FLAGS and LIBTPU_INIT_ARGS), the versions of jax, jaxlib, libtpu and the model
+compiler flags (XLA_FLAGS and LIBTPU_INIT_ARGS), the JAX settings that change a traced program (matmul
+precision, x64, the PRNG), the versions of jax, jaxlib, libtpu and the model
 libraries, and the program-building sources. Each saved
 program has a small JSON of its parts beside it (`sdxl-program-keys/`), so that a start that misses a
 program it expected can say which part differed. `sdxl-server compile --cache-dir` fills the same layout
@@ -62,6 +63,15 @@ _SOURCE_MODULES = (
 # ahead-of-time builder sets it where a pod does not), and dump options write files beside a compile.
 _FLAG_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _FLAGS_OUTSIDE_THE_KEY = ("--xla_force_host_platform_device_count", "--xla_dump")
+# JAX settings that change what tracing produces (each also set by an environment variable, e.g.
+# JAX_DEFAULT_MATMUL_PRECISION). JAX's cache sees them in the HLO; a saved program skips tracing, so its key
+# must name them.
+_TRACING_SETTINGS = (
+    "jax_default_matmul_precision",
+    "jax_enable_x64",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+)
 
 
 class ProgramCache:
@@ -228,6 +238,7 @@ def key_parts(context: str, devices: list[Any], attention: str) -> dict[str, str
         "attention": attention,
         "topology": describe_topology(devices),
         "compiler_flags": compiler_flags(),
+        "jax_settings": " ".join(f"{name}={getattr(jax.config, name)}" for name in _TRACING_SETTINGS),
     }
     for library in _LIBRARIES:
         try:

@@ -1,7 +1,7 @@
 """A program the program cache lacks is saved whole even where XLA's persistent cache already holds it
 (the program's sources changed, its HLO did not: what a fleet sees after most code changes), and the next
-process loads it without tracing and gets the same result. A process with other compiler flags compiles
-its own.
+process loads it without tracing and gets the same result. A process with other compiler flags or other
+JAX settings compiles its own.
 
 Each step runs in its own interpreter: XLA's cache directory is fixed per process, and an executable that
 lost its kernels fails only where they were never compiled."""
@@ -40,10 +40,12 @@ print(json.dumps({"loaded": cache.hits, "xla_hits": xla_cache.hits() - hits,
 """
 
 
-def _step(directory: Path, context: str, may_trace: bool, xla_flags: str = "") -> dict[str, float]:
+def _step(
+    directory: Path, context: str, may_trace: bool, xla_flags: str = "", **environment: str
+) -> dict[str, float]:
     run = subprocess.run(
         [sys.executable, "-c", _STEP, str(directory), context, "trace" if may_trace else "load"],
-        env=dict(os.environ, XLA_FLAGS=xla_flags),
+        env=dict(os.environ, XLA_FLAGS=xla_flags, **environment),
         capture_output=True,
         text=True,
         check=True,
@@ -73,3 +75,11 @@ def test_other_compiler_flags_compile_their_own_program_and_the_host_device_coun
     other = _step(tmp_path, "sources", may_trace=True, xla_flags="--xla_backend_optimization_level=1")
     assert other["loaded"] == 0
     assert other["result"] == other["expected"]
+
+
+def test_another_matmul_precision_compiles_its_own_program(tmp_path: Path) -> None:
+    assert _step(tmp_path, "sources", may_trace=True)["loaded"] == 0
+    assert _step(tmp_path, "sources", may_trace=False)["loaded"] == 1
+    # A setting that changes the traced program (the convolution's precision), not the compiler flags.
+    highest = _step(tmp_path, "sources", may_trace=True, JAX_DEFAULT_MATMUL_PRECISION="highest")
+    assert highest["loaded"] == 0
