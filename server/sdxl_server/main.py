@@ -118,12 +118,12 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
 
 
 async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None) -> int:
-    from sdxl_server.engine import JaxEngine
     from sdxl_server.engine.device.memory_plan import MemoryPlanError
+    from sdxl_server.engine.group.engine_group import engine_for
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
-    engine = JaxEngine(config.engine)
+    engine = engine_for(config.engine)  # one engine over the devices, or one per device
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
     demand = DemandMeter(

@@ -175,6 +175,7 @@ _REFUSED_ENGINE_VALUES = {
     "max_loras_per_request": "-1",
     "lora_places": "0",
     "lora_max_rank": "0",
+    "engine_per_device": None,  # a switch: the flag takes no value (its variable is parsed as a boolean)
 }
 
 

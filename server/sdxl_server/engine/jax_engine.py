@@ -90,10 +90,18 @@ class _Phase(enum.Enum):
 
 
 class JaxEngine:
-    def __init__(self, config: EngineConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """`clock` gives the time deadlines are measured in (time.monotonic; tests pass their own)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        load: Callable[[EngineConfig], LoadedModel] | None = None,
+    ) -> None:
+        """`clock` gives the time deadlines are measured in (time.monotonic; tests pass their own).
+        `load`: how start() gets the model (default `load_engine_model`; an engine group shares one)."""
         self.config = config
         self._clock = clock
+        self._load = load or load_engine_model
         self._phase = _Phase.NEW
         self._failure: BaseException | None = None
         self._stats = StatsBoard(slots_total=0)
@@ -131,8 +139,7 @@ class JaxEngine:
             compile_cache.enable(cfg.compilation_cache_dir)
         hits_before = compile_cache.hits()
         with _timed(phases, "load"):
-            model = load_model(resolve_model(cfg.model, cfg.tiny_model_dir), cfg.dtype, cfg.model_configs)
-            fuse_into_model(model, cfg.fuse_lora)  # before anything is placed on the devices
+            model = self._load(cfg)
             self._adapters = open_adapter_directory(
                 cfg.lora_dir, model, cfg.lora_rescan_seconds, cfg.lora_places, cfg.lora_max_rank
             )
@@ -515,6 +522,14 @@ class JaxEngine:
         """Lifecycle flags only: everything else in the stats is the step loop's to publish."""
         if ready is not None:
             self._stats.counters.ready = ready
+
+
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    """The model as the engine runs it: loaded, its fused LoRA adapters merged (before anything is placed
+    on a device). Only read from then on, so engines of one process may share it."""
+    model = load_model(resolve_model(config.model, config.tiny_model_dir), config.dtype, config.model_configs)
+    fuse_into_model(model, config.fuse_lora)
+    return model
 
 
 @contextlib.contextmanager

@@ -186,9 +186,14 @@ class EngineConfig:
     prompt_cache_entries: int = setting(256, "prompt embeddings kept on the device (0: no cache)")
     prompt_cache_mib: int = setting(256, "device memory the prompt-embedding cache may fill, MiB")
     # Use only N local devices (None: all), from the local device `first_device` on. Lets one process
-    # compare 1 and N devices, or run an engine per device (bench/served_vs_recipe.py's "apart" sides).
+    # compare 1 and N devices (bench/devices_apart.py).
     max_devices: int | None = None
     first_device: int = 0
+    # An engine per device, each stepping on its own clock, behind one queue (engine/group/): no device
+    # waits for the busiest one's rows or decode. Each engine compiles its own programs (N compiles).
+    engine_per_device: bool = setting(
+        False, "an engine per device, each on its own clock (no device waits for another); N compiles"
+    )
     # Wall-time window over which the device busy ratio is measured.
     busy_window_seconds: float = 10.0
     # Capacity of the in-memory event trace (admissions, step boundaries, finishes) tests assert on.
