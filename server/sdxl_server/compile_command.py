@@ -95,6 +95,14 @@ def add_compile_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str
     parser.add_argument(
         "--max-devices", **serve_default("MAX_DEVICES", ""), help="as serve's (the CPU topology)"
     )
+    parser.add_argument(
+        "--engine-per-device",
+        action="store_const",
+        const="1",
+        default=env.get("SDXL_ENGINE_PER_DEVICE", "0"),
+        help="as serve's: each chip's programs apart, for its own engine (N compiles) "
+        "[$SDXL_ENGINE_PER_DEVICE, else off]",
+    )
     from sdxl_server.engine.settings import EngineConfig
 
     # A server with --lora-dir also runs step programs that take the adapter bank: they are compiled
@@ -205,6 +213,12 @@ def run_compile(args: argparse.Namespace) -> int:
     args.max_decode_batch = numbers["max_decode_batch"]
     args.max_steps, args.max_devices = numbers["max_steps"], numbers.get("max_devices")
     args.model_configs = args.model_configs or None
+    from sdxl_server.server_settings import parse_boolean
+
+    try:
+        args.engine_per_device = parse_boolean(args.engine_per_device)
+    except ValueError as error:
+        return _refuse(f"--engine-per-device ($SDXL_ENGINE_PER_DEVICE): {error}")
     from sdxl_server.engine.device.ahead_of_time import allow_libtpu_without_a_tpu
 
     allow_libtpu_without_a_tpu()  # before anything initialises JAX's backends
@@ -235,26 +249,44 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from sdxl_server.engine.device.memory_plan import MemoryPlanError
 
+    # An engine per device compiles each chip's programs apart: a program is bound to its chip.
+    first_devices = [0]
+    if args.engine_per_device:
+        first_devices = list(range(len(topology_devices(args.topology, args.max_devices)[0])))
     try:
-        report = _compile(args, model, resolutions, attention, progress)
+        reports = [
+            _compile(args, model, resolutions, attention, progress, first_device, args.engine_per_device)
+            for first_device in first_devices
+        ]
     except MemoryPlanError as error:  # what a pod would refuse at start, in its one line
         sys.stderr.write(f"sdxl-server compile: --{error.field.replace('_', '-')}: {error.message}\n")
         return 1
     if args.fit_check:
-        print(f"fits: {report.memory_plan}", flush=True)
+        print(f"fits: {reports[0].memory_plan}", flush=True)
         return 0
-    print(describe(report), flush=True)
+    for first_device, report in zip(first_devices, reports, strict=True):
+        heading = f"engine of device {first_device}: " if args.engine_per_device else ""
+        print(heading + describe(report), flush=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        written = [r.as_json() for r in reports]
+        path.write_text(
+            json.dumps({"engines": written} if args.engine_per_device else written[0], indent=2) + "\n"
+        )
     if args.cache_dir:
         print(f"executables written into the program cache under {args.cache_dir}", flush=True)
-    return 0 if report.fits else 1
+    return 0 if all(report.fits for report in reports) else 1
 
 
 def _compile(
-    args: argparse.Namespace, model: Any, resolutions: tuple[Resolution, ...], attention: str, progress: Any
+    args: argparse.Namespace,
+    model: Any,
+    resolutions: tuple[Resolution, ...],
+    attention: str,
+    progress: Any,
+    first_device: int,
+    per_device: bool,
 ) -> Any:
     from sdxl_server.engine.device.ahead_of_time import compile_for_topology
 
@@ -269,7 +301,8 @@ def _compile(
         attention=attention,
         cache_dir=args.cache_dir,
         seed_steps=args.seed_steps or None,
-        max_devices=args.max_devices,
+        max_devices=1 if per_device else args.max_devices,
+        first_device=first_device,
         progress=progress,
         programs=args.programs,
         seed_images=args.seed_images,

@@ -74,7 +74,7 @@ def _seconds(text: str) -> float:
         raise ValueError(f"{text!r} is not a number of seconds") from None
 
 
-def _boolean(text: str) -> bool:
+def parse_boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -89,7 +89,7 @@ _PARSERS_BY_TYPE: dict[Any, Callable[[str], Any]] = {
     int: _whole_number,
     float: _number,
     str: str,
-    bool: _boolean,
+    bool: parse_boolean,
     tuple[Resolution, ...]: parse_resolutions,
 }
 
@@ -247,7 +247,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for option in OPTIONS:
         group = groups[option.owner]
-        if option.parse is _boolean:
+        if option.parse is parse_boolean:
             group.add_argument(option.flag, action="store_const", const="1", help=option.help)
         elif option.setting.repeatable:
             group.add_argument(option.flag, action="append", metavar=option.field.upper(), help=option.help)

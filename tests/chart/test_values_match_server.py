@@ -41,6 +41,7 @@ ACCEPTED: dict[str, dict[str, Any]] = {
         }
     },
     "decode-batch": {"server": {"slotsPerDevice": 4, "maxDecodeBatch": 1}},
+    "engine-per-device": {"server": {"enginePerDevice": True}},
     "smallest": {
         "server": {
             "resolutions": ["8x8", "1016x1000", "2048x1152"],
@@ -68,6 +69,7 @@ def test_every_accepted_value_set_is_accepted_by_the_server(name):
     server = ACCEPTED[name].get("server", {})
     if "maxQueue" in server:
         assert config.engine.max_queue == server["maxQueue"]
+    assert config.engine.engine_per_device == server.get("enginePerDevice", False)
     if "resolutions" in server:
         assert [str(r) for r in config.engine.resolutions] == server["resolutions"]
     if "defaultSampler" in server:

@@ -25,6 +25,7 @@ from sdxl_server.engine.api import (
     Progress,
     Queued,
 )
+from sdxl_server.engine.device.ahead_of_time import CPU_TOPOLOGY, topology_devices
 from sdxl_server.engine.group.engine_group import EngineGroup, engine_for
 
 SPLIT = dict(prompt="a red circle", seed=7, num_images=3, steps=4)
@@ -123,7 +124,15 @@ def main(model_dir: str, cache_dir: str) -> None:
     assert isinstance(group, EngineGroup)
     group.start()
     info, stats = group.info(), group.stats()
+    # `sdxl-server compile --engine-per-device` compiles engine i's programs for these devices: the
+    # program cache keys them by device, so they must be the ones engine i runs on.
+    aot_devices = [topology_devices(CPU_TOPOLOGY, 1, first_device=i)[0] for i in range(2)]
     result: dict = {
+        "aot_devices_match": aot_devices
+        == [
+            list(e.compiled_programs().by_resolution[SQUARE].empty_bank.held.sharding.device_set)
+            for e in group.engines
+        ],
         "device_count": jax.local_device_count(),
         "engines": len(group.engines),
         "engine_devices": [

@@ -209,6 +209,23 @@ def test_the_tiny_model_compiles_for_a_v5e_chip_ahead_of_time(tiny_model_dir, tm
     assert all(k["parts"]["libtpu"] != "?" for k in keys)
 
 
+@pytest.mark.slow
+def test_an_engine_per_device_has_each_devices_programs_compiled_apart(tiny_model_dir, tmp_path):
+    # A partial run (the encode only) on 2 CPU devices: one report per engine, each of one device.
+    report_file = tmp_path / "apart.json"
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=2), SDXL_TINY_MODEL_DIR=str(tiny_model_dir))
+    compiled = subprocess.run(
+        [sys.executable, "-m", "sdxl_server.main", "compile", "--topology", "cpu", *TINY_ARGS,
+         "--slots-per-device", "1", "--programs", "^encode$", "--json", str(report_file)],
+        env={**env, "SDXL_ENGINE_PER_DEVICE": "1"},  # as the chart's Job reads the pods' ConfigMap
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    engines = json.loads(report_file.read_text())["engines"]
+    assert [(e["devices"], [p["name"] for p in e["programs"]]) for e in engines] == [(1, ["encode"])] * 2
+    assert "engine of device 1: " in compiled.stdout
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [

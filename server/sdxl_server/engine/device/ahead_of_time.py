@@ -73,11 +73,14 @@ class TopologyUnavailable(RuntimeError):
     """The topology cannot be described here (libtpu missing): the message says how to get it."""
 
 
-def topology_devices(name: str, max_devices: int | None = None) -> tuple[list[Any], Chip]:
+def topology_devices(
+    name: str, max_devices: int | None = None, first_device: int = 0
+) -> tuple[list[Any], Chip]:
     """The devices of topology `name` in mesh order (as a pod of that slice lists its local devices),
-    and the chip's rates. The CPU "chip" takes this host's memory and nominal rates (no roofline meaning)."""
+    from `first_device` on, and the chip's rates. The CPU "chip" takes this host's memory and nominal
+    rates (no roofline meaning)."""
     if name == CPU_TOPOLOGY:
-        devices = jax.local_devices(backend="cpu")[:max_devices]
+        devices = jax.local_devices(backend="cpu")[first_device:][:max_devices]
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return devices, Chip("CPU (this host)", 1e12, 50e9, memory)
     if name not in TPU_TOPOLOGIES:
@@ -101,7 +104,7 @@ def topology_devices(name: str, max_devices: int | None = None) -> tuple[list[An
         )
     except Exception as error:
         raise TopologyUnavailable(f"--topology {name}: libtpu cannot describe it here: {error}") from None
-    return list(described.devices)[:max_devices], V5E
+    return list(described.devices)[first_device:][:max_devices], V5E
 
 
 def abstract_model(
@@ -313,6 +316,7 @@ def compile_for_topology(
     cache_dir: str | None = None,
     seed_steps: int | None = None,
     max_devices: int | None = None,
+    first_device: int = 0,
     progress: Callable[[ProgramReport], None] | None = None,
     programs: str | None = None,
     seed_images: int | None = None,
@@ -334,8 +338,11 @@ def compile_for_topology(
 
     `lora_places` > 0: a server with `--lora-dir` and that many `--lora-places` (of `lora_max_rank`, with
     `loras_per_request` adapters a slot): its adapter bank's step and encode programs too, and the banks
-    counted as resident."""
-    devices, chip = topology_devices(topology, max_devices)
+    counted as resident.
+
+    `first_device` with `max_devices` 1: the programs of one engine of a server with an engine per device
+    (engine/group/), which are bound to their chip and keyed by it."""
+    devices, chip = topology_devices(topology, max_devices, first_device)
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
     pattern = re.compile(programs) if programs else None
     cache = _WritingCache(

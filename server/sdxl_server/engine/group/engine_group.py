@@ -44,10 +44,13 @@ def engine_for(
     config: EngineConfig, *, clock: Callable[[], float] = time.monotonic
 ) -> JaxEngine | EngineGroup:
     """The engine the settings describe: one over the devices, or with ``engine_per_device`` a group of
-    one engine per device (the devices `first_device` on, at most `max_devices` of them)."""
+    one engine per device (the devices `first_device` on, at most `max_devices` of them; one device is
+    the plain engine)."""
     if not config.engine_per_device:
         return JaxEngine(config, clock=clock)
     devices = make_mesh(config.max_devices, config.first_device).size  # SettingError past the last one
+    if devices == 1:
+        return JaxEngine(config, clock=clock)  # nothing to keep apart
     load = _SharedLoad()
     engines = [
         JaxEngine(
