@@ -1,7 +1,7 @@
 """An engine per device (engine/group/) on 2 simulated CPU devices, in a process of its own (the test
 process has one device); prints what the test needs as JSON (the last stdout line).
 
-    python engine_group_subprocess.py MODEL_DIR CACHE_DIR
+    python engine_group_subprocess.py group MODEL_DIR CACHE_DIR
 """
 
 from __future__ import annotations
@@ -171,4 +171,5 @@ def main(model_dir: str, cache_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    assert sys.argv[1] == "group", sys.argv  # the command test_engine_processes.run_engine_process passes
+    main(*sys.argv[2:4])

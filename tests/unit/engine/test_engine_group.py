@@ -5,11 +5,6 @@ process of its own (the test process has one device)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,11 +22,7 @@ from sdxl_server.engine.api import (
 from sdxl_server.engine.group.merged_stats import merge_histograms, merge_stats
 from sdxl_server.engine.group.split_request import Part, SplitRequest
 from sdxl_server.engine.group.work_ledger import WorkLedger
-from sdxl_test_support.xla_flags import xla_flags
-from test_engine_processes import pixels
-
-HERE = pathlib.Path(__file__).parent
-
+from test_engine_processes import pixels, run_engine_process
 
 # ---- the routing ledger
 
@@ -167,22 +158,9 @@ def test_the_groups_stats_add_the_engines_counts_and_average_their_times():
 
 @pytest.fixture(scope="module")
 def group_run(tiny_model_dir, compilation_cache_dir) -> dict:
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "engine_group_subprocess.py"),
-            str(tiny_model_dir),
-            str(compilation_cache_dir),
-        ],
-        env=env,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    return run_engine_process(
+        "group", tiny_model_dir, compilation_cache_dir, devices=2, script="engine_group_subprocess.py"
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow

@@ -16,10 +16,13 @@ from sdxl_test_support.xla_flags import xla_flags
 HERE = pathlib.Path(__file__).parent
 
 
-def run_engine_process(command: str, model_dir, cache_dir, devices: int = 1) -> dict:
+def run_engine_process(
+    command: str, model_dir, cache_dir, devices: int = 1, script: str = "engine_subprocess.py"
+) -> dict:
+    """`script COMMAND MODEL_DIR CACHE_DIR` in a process with `devices` CPU devices: its last line's JSON."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     completed = subprocess.run(
-        [sys.executable, str(HERE / "engine_subprocess.py"), command, str(model_dir), str(cache_dir)],
+        [sys.executable, str(HERE / script), command, str(model_dir), str(cache_dir)],
         env=env,
         cwd=HERE,
         capture_output=True,
