@@ -27,6 +27,12 @@ A p99 is a tail: pooled over few seeds it swings with a single long busy period 
 to 129 steps between 4 and 24 seeds of 1,000 requests), so the default pools 24 runs of 1,000.
 
     .venv/bin/python bench/batching_model.py            # table + bench/results/batching_model.json
+    .venv/bin/python bench/batching_model.py --devices 1 --slots-per-device 4   # one pool of 4 slots
+    .venv/bin/python bench/batching_model.py --admission-gates --slots-per-device 4  # gated admission
+
+Two simulated CPU devices share this host's cores, so to a queue they are one device of their slots
+together (docs/PERFORMANCE.md, "Eighteenth session"): ``--devices 1`` models this machine, the default
+``--devices 2`` models two chips.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +69,24 @@ def step_cost(images: int, growth: float) -> float:
     return 1 + growth * (bucket(images) - 1)
 
 
+# An admission gate: may the request at the queue's head (waiting for `waited` units) take a free slot
+# while `in_flight` images are being denoised? Continuous batching's own rule is "always".
+Gate = Callable[[int, float], bool]
+
+
 def simulate(
-    policy: str, work: Workload, *, devices: int, slots: int, growth: float, decode: float
+    policy: str,
+    work: Workload,
+    *,
+    devices: int,
+    slots: int,
+    growth: float,
+    decode: float,
+    gate: Gate | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Latencies, images served per unit of time, and the share of image-steps run that were padding;
-    the unit is one guided step of one image, a decode of one image costs ``decode`` units."""
+    the unit is one guided step of one image, a decode of one image costs ``decode`` units. `gate`
+    (continuous only) holds a free slot empty while it says no."""
     if policy == "apart":
         return _simulate_apart(work, devices=devices, slots=slots, growth=growth, decode=decode)
     requests = len(work.arrivals)
@@ -83,6 +103,8 @@ def simulate(
         # Admission at the boundary: continuous fills any free slot; static only an empty bank.
         if policy == "continuous" or not any(bank):
             while queue and (free := [d for d in range(devices) if len(bank[d]) < slots]):
+                if gate is not None and not gate(sum(map(len, bank)), now - arrivals[queue[0]]):
+                    break
                 bank[min(free, key=lambda d: len(bank[d]))].append(queue.pop(0))
         if not any(bank):
             now = float(arrivals[arrived])  # idle until the next arrival
@@ -168,6 +190,32 @@ def compare(growth: float, decode: float, devices: int, slots: int, requests: in
     }
 
 
+def gate_table(growth: float, decode: float, slots: int, requests: int, seeds: int) -> list[dict]:
+    """One device of `slots` slots at 70% of continuous batching's capacity: continuous batching's p99,
+    and that of continuous batching behind admission gates that trade throughput for less sharing,
+    over static batching's p99, on the same arrivals. The question: can any admission rule of a
+    continuous batcher reach a p99 of 0.6x static's on one device, where the devices are not apart?"""
+    shape = {"devices": 1, "slots": slots, "growth": growth, "decode": decode}
+    capacity = simulate("continuous", Workload(100.0, 4000, seed=0), **shape)[1]
+    workloads = [Workload(0.7 * capacity, requests, seed) for seed in range(1, seeds + 1)]
+
+    def p99(policy: str, gate: Gate | None = None) -> float:
+        runs = [simulate(policy, work, **shape, gate=gate)[0] for work in workloads]
+        return float(np.percentile(np.concatenate(runs), 99))
+
+    gates: dict[str, Gate | None] = {"continuous (always admit)": None}
+    for cap in range(1, slots):
+        gates[f"at most {cap} in flight"] = lambda n, _, cap=cap: n < cap
+        for wait in (5, 10, 20):  # steps of one image
+            gates[f"at most {cap} unless the head waited {wait}"] = lambda n, waited, cap=cap, wait=wait: (
+                n < cap or waited > wait
+            )
+    static = p99("static")
+    return [
+        {"gate": name, "p99_over_static": p99("continuous", gate) / static} for name, gate in gates.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,7 +232,20 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests per seed and point")
     parser.add_argument("--seeds", type=int, default=24)
+    parser.add_argument(
+        "--admission-gates",
+        action="store_true",
+        help="instead: one device of --slots-per-device slots at 70%% load, continuous batching behind "
+        "admission gates against static batching (does any rule reach 0.6 where devices are not apart?)",
+    )
     args = parser.parse_args()
+    if args.admission_gates:
+        for growth in args.step_cost_growth:
+            rows = gate_table(growth, args.decode, args.slots_per_device, args.requests, args.seeds)
+            print(f"one device x {args.slots_per_device} slots, growth {growth}, 70% load, p99 / static's:")
+            for row in rows:
+                print(f"  {row['gate']:<44}{row['p99_over_static']:>6.2f}")
+        return
     results = [
         compare(g, args.decode, args.devices, args.slots_per_device, args.requests, args.seeds)
         for g in args.step_cost_growth
