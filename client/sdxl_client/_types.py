@@ -286,6 +286,9 @@ class ServerInfo:
     # The model's recipe: what a request that names no sampler or spacing gets ("" from an older server).
     default_sampler: str = ""
     default_timestep_spacing: str = ""
+    # Engines the devices are split into: 1 for one engine over every device (and from an older server),
+    # the device count with an engine per device.
+    engines: int = 1
 
     @classmethod
     def from_proto(cls, info: sdxl_pb2.ServerInfo) -> ServerInfo:
@@ -310,6 +313,7 @@ class ServerInfo:
             versions=dict(info.versions),
             default_sampler=_enum_name(sdxl_pb2.Sampler, info.default_sampler),
             default_timestep_spacing=_enum_name(sdxl_pb2.TimestepSpacing, info.default_timestep_spacing),
+            engines=info.engines or 1,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def _call_hint(config: ServerConfig, port: int, http_port: int | None = None) ->
 
 async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None) -> int:
     from sdxl_server.engine.device.memory_plan import MemoryPlanError
-    from sdxl_server.engine.group.engine_group import engine_for
+    from sdxl_server.engine.group.engine_group import EngineGroup, engine_for
     from sdxl_server.engine.models.quiet_libraries import silence_library_noise
 
     silence_library_noise()
@@ -136,6 +136,7 @@ async def serve(config: ServerConfig, before_warm_up: BeforeWarmUp | None = None
             engine.step_histogram,
             serving=lambda: admission.state is ServingState.SERVING,
             demand=demand.value,
+            per_engine=engine.engine_stats if isinstance(engine, EngineGroup) else None,
         )
     )
     health = await new_health_servicer()

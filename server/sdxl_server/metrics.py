@@ -84,13 +84,16 @@ class EngineCollector(Collector):
         step_histogram: StepHistogram | None = None,
         serving: Callable[[], bool] | None = None,
         demand: Callable[[EngineStats], float] | None = None,
+        per_engine: Callable[[], list[EngineStats]] | None = None,
     ) -> None:
         """``serving``, when given, says whether the service takes new requests (False while draining);
-        ``demand``, when given, computes ``sdxl_demand`` from the same snapshot (service/demand.py)."""
+        ``demand``, when given, computes ``sdxl_demand`` from the same snapshot (service/demand.py);
+        ``per_engine``, given with an engine per device, each engine's own snapshot, in device order."""
         self._stats = stats
         self._step_histogram = step_histogram
         self._serving = serving
         self._demand = demand
+        self._per_engine = per_engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self._stats()
@@ -200,6 +203,8 @@ class EngineCollector(Collector):
             "LoRA adapters resident in the adapter bank now.",
             value=float(s.lora_resident),
         )
+        if self._per_engine is not None:
+            yield from _per_engine_families(self._per_engine())
         histogram = self._step_histogram() if self._step_histogram else None
         if histogram is not None:
             buckets, total = histogram
@@ -209,6 +214,33 @@ class EngineCollector(Collector):
                 buckets=[(_bound(b), count) for b, count in buckets],
                 sum_value=total,
             )
+
+
+def _per_engine_families(engines: list[EngineStats]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """With an engine per device, each engine's share under an `engine` label (its device's index among
+    the server's): the unlabelled families are the group's sums and means, which hide an engine that the
+    router starves or floods. A few series per device, never per request."""
+    families = (
+        (
+            GaugeMetricFamily,
+            "sdxl_engine_queue_depth",
+            "Images waiting for a slot of this engine.",
+            "queue_depth",
+        ),
+        (GaugeMetricFamily, "sdxl_engine_slots_busy", "This engine's slots holding an image.", "slots_busy"),
+        (
+            GaugeMetricFamily,
+            "sdxl_engine_device_busy_ratio",
+            "Share of recent wall time this engine's device was computing.",
+            "device_busy_ratio",
+        ),
+        (CounterMetricFamily, "sdxl_engine_images", "Images this engine generated.", "images_total"),
+    )
+    for kind, name, documentation, field in families:
+        family = kind(name, documentation, labels=["engine"])
+        for index, stats in enumerate(engines):
+            family.add_metric([str(index)], float(getattr(stats, field)))
+        yield family
 
 
 def _bound(upper: float) -> str:

@@ -127,6 +127,7 @@ def test_server_info(client, shared_server):
     assert (info.max_steps, info.default_steps) == (20, 4)
     assert set(info.formats) == {ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.WEBP}
     assert info.slots >= 1 and info.devices >= 1 and "jax" in info.versions
+    assert info.engines == 1
 
     async def async_info():
         async with AsyncClient(shared_server.target) as async_client:

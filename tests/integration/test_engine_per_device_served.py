@@ -37,7 +37,7 @@ def test_a_split_request_is_served_as_one_and_draws_each_seeds_image(server):
     with server.channel() as channel:
         stub = image_stub(channel)
         info = stub.GetServerInfo(sdxl_pb2.GetServerInfoRequest(), timeout=30)
-        assert (info.devices, info.slots, info.policy) == (2, 2, "continuous")
+        assert (info.devices, info.engines, info.slots, info.policy) == (2, 2, 2, "continuous")
         whole = generate(stub, "split-3", seed=7, num_images=3)
         alone = generate(stub, "alone-8", seed=8, num_images=1)
     assert [(image.index, image.seed) for image in whole.images] == [(0, 7), (1, 8), (2, 9)]
@@ -49,5 +49,10 @@ def test_a_split_request_is_served_as_one_and_draws_each_seeds_image(server):
     samples = metric_samples(server.scrape_metrics())
     assert sample(samples, "sdxl_slots_total") == 2
     assert sample(samples, "sdxl_images_total") >= 4
+    # Each engine's share under its device's index: the split request's 3 images ran on both engines,
+    # and the shares add up to the group's count.
+    per_engine = [sample(samples, "sdxl_engine_images_total", engine=str(i)) for i in range(2)]
+    assert min(per_engine) >= 1 and sum(per_engine) == sample(samples, "sdxl_images_total")
+    assert ("sdxl_engine_device_busy_ratio", frozenset({("engine", "1")})) in samples
     # Each engine logs its own start; the group logs that all are ready.
     assert len([e for e in server.log_entries() if str(e.get("message", "")).startswith("engine ready")]) == 2

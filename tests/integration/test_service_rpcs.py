@@ -25,6 +25,7 @@ def test_server_info_describes_the_model_and_limits(stub) -> None:
     assert (info.max_steps, info.default_steps) == (20, 4)
     assert info.max_prompt_tokens == 77
     assert info.slots >= 1 and info.devices >= 1
+    assert info.engines == 1  # one engine steps every device (no --engine-per-device)
     assert set(info.formats) == {sdxl_pb2.PNG, sdxl_pb2.JPEG, sdxl_pb2.WEBP}
     assert info.policy == "continuous"
 
@@ -164,6 +165,8 @@ def test_metrics_count_requests_and_work(shared_server, stub) -> None:
         assert (gauge, frozenset()) in after, gauge
     for gauge in ("sdxl_compile_seconds", "sdxl_startup_seconds"):
         assert sample(after, gauge) > 0, gauge
+    # One engine over the devices: no per-engine series (they come with --engine-per-device).
+    assert not [name for name, _ in after if name.startswith("sdxl_engine_")]
 
 
 def test_logs_are_json_and_leave_prompts_out_by_default(shared_server, stub) -> None:

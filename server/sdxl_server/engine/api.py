@@ -221,6 +221,9 @@ class EngineInfo:
     dtype: str
     versions: dict[str, str]
     adapters: tuple[AdapterInfo, ...] = ()  # the adapter directory's files, usable or not
+    # Engines the devices are split into: 1 for one engine stepping every device together, the device
+    # count with an engine per device (engine/group/), each stepping on its own clock.
+    engines: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,6 +161,7 @@ def server_info(info: api.EngineInfo) -> sdxl_pb2.ServerInfo:
         max_prompt_tokens=limits.max_prompt_tokens,
         slots=info.slots,
         devices=info.devices,
+        engines=info.engines,
         device_kind=info.device_kind,
         policy=info.policy,
         dtype=info.dtype,

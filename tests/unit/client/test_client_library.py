@@ -406,3 +406,11 @@ def test_guidance_zero_is_sent_and_none_is_not():
     )
     assert (request.sampler, list(request.timesteps)) == (sdxl_pb2.DPMPP_2M, [999, 499])
     assert request.guidance_interval.end == pytest.approx(0.4)
+
+
+def test_server_info_says_how_many_engines_share_the_devices():
+    from sdxl_client._types import ServerInfo
+
+    assert ServerInfo.from_proto(sdxl_pb2.ServerInfo(devices=4, engines=4)).engines == 4
+    # A server older than the field sends 0: it ran one engine over its devices.
+    assert ServerInfo.from_proto(sdxl_pb2.ServerInfo(devices=4)).engines == 1

@@ -144,7 +144,7 @@ def main(model_dir: str, cache_dir: str) -> None:
             )
             for e in group.engines
         ],
-        "info": {"devices": info.devices, "slots": info.slots},
+        "info": {"devices": info.devices, "slots": info.slots, "engines": info.engines},
         "stats": {"slots_total": stats.slots_total, "ready": stats.ready, "healthy": stats.healthy},
         "split": split_request(group),
         "routing": routing(group),

@@ -168,7 +168,7 @@ def test_an_engine_per_device_runs_each_on_its_own_device_as_one_engine(group_ru
     assert group_run["device_count"] == 2 and group_run["engines"] == 2
     assert group_run["engine_devices"] == [[0], [1]]
     assert group_run["aot_devices_match"]  # what `sdxl-server compile --engine-per-device` compiles for
-    assert group_run["info"] == {"devices": 2, "slots": 2}
+    assert group_run["info"] == {"devices": 2, "slots": 2, "engines": 2}
     assert group_run["stats"] == {"slots_total": 2, "ready": True, "healthy": True}
     assert group_run["estimate"]
     # The group's counters are its engines' sums; its step histogram counts every engine's steps.

@@ -132,6 +132,7 @@ class EngineGroup:
             infos[0],
             slots=sum(info.slots for info in infos),
             devices=sum(info.devices for info in infos),
+            engines=len(infos),
             adapters=tuple(dataclasses.replace(a, resident=a.name in resident) for a in infos[0].adapters),
         )
 
@@ -162,7 +163,11 @@ class EngineGroup:
             ticket.cancel()
 
     def stats(self) -> EngineStats:
-        return merge_stats([engine.stats() for engine in self.engines])
+        return merge_stats(self.engine_stats())
+
+    def engine_stats(self) -> list[EngineStats]:
+        """Each engine's own snapshot, in device order (the per-engine metrics)."""
+        return [engine.stats() for engine in self.engines]
 
     def estimate_seconds(
         self, num_images: int, steps: int, resolution: Resolution | None = None, rows_per_image: int = 2

@@ -696,6 +696,7 @@ class ServerInfo(_message.Message):
     MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MIN_LORA_SCALE_FIELD_NUMBER: _builtins.int
     MAX_LORA_SCALE_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model source (directory or hub id) as given to the server."""
     min_steps: _builtins.int
@@ -736,6 +737,10 @@ class ServerInfo(_message.Message):
     """Smallest LoraRef.scale accepted."""
     max_lora_scale: _builtins.float
     """Largest LoraRef.scale accepted."""
+    engines: _builtins.int
+    """Engines the devices are split into: 1 when one engine steps every device together, the device count
+    when each device runs its own engine (--engine-per-device). 0 from a server older than this field.
+    """
     @_builtins.property
     def resolutions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resolution]:
         """Served sizes; the first is the default."""
@@ -779,10 +784,11 @@ class ServerInfo(_message.Message):
         max_loras_per_request: _builtins.int = ...,
         min_lora_scale: _builtins.float = ...,
         max_lora_scale: _builtins.float = ...,
+        engines: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "default_guidance_scale", b"default_guidance_scale", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_timestep_spacing", b"default_timestep_spacing", "device_kind", b"device_kind", "devices", b"devices", "dtype", b"dtype", "formats", b"formats", "max_guidance_scale", b"max_guidance_scale", "max_images_per_request", b"max_images_per_request", "max_lora_scale", b"max_lora_scale", "max_loras_per_request", b"max_loras_per_request", "max_prompt_tokens", b"max_prompt_tokens", "max_queue", b"max_queue", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_lora_scale", b"min_lora_scale", "min_steps", b"min_steps", "model", b"model", "policy", b"policy", "resolutions", b"resolutions", "slots", b"slots", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "default_guidance_scale", b"default_guidance_scale", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_timestep_spacing", b"default_timestep_spacing", "device_kind", b"device_kind", "devices", b"devices", "dtype", b"dtype", "engines", b"engines", "formats", b"formats", "max_guidance_scale", b"max_guidance_scale", "max_images_per_request", b"max_images_per_request", "max_lora_scale", b"max_lora_scale", "max_loras_per_request", b"max_loras_per_request", "max_prompt_tokens", b"max_prompt_tokens", "max_queue", b"max_queue", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_lora_scale", b"min_lora_scale", "min_steps", b"min_steps", "model", b"model", "policy", b"policy", "resolutions", b"resolutions", "slots", b"slots", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
