@@ -23,6 +23,10 @@ _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _lock = threading.Lock()
 _hits = 0
 _listening = False
+# fresh_compiles: how many are open now, and JAX's cache object the first one swapped out. Counted so
+# that overlapping uses (two threads compiling) restore the real object once, after the last.
+_fresh_open = 0
+_swapped_out: Any = None
 
 
 def _count(event: str, **_: object) -> None:
@@ -67,17 +71,30 @@ def fresh_compiles() -> Iterator[bool]:
     """Compiles inside really compile (the persistent cache is not read, still written); yields whether
     that holds. JAX has no public switch for it, so this swaps its private cache object and yields False
     (compiles load as usual) where that object is not there: callers must still check `hits()`. Process-
-    wide while it lasts: a compile on another thread meanwhile compiles too, which costs time only."""
+    wide while it lasts: a compile on another thread meanwhile compiles too, which costs time only. Uses
+    may overlap (threads): the first swaps, the last restores."""
+    global _fresh_open, _swapped_out
     from jax._src import compilation_cache as jax_cache
 
-    inner = getattr(jax_cache, "_cache", None)
-    if inner is None or not callable(getattr(inner, "get", None)):
+    with _lock:
+        inner = getattr(jax_cache, "_cache", None)
+        if _fresh_open == 0:
+            if inner is None or not callable(getattr(inner, "get", None)):
+                swapped = False
+            else:
+                _swapped_out, jax_cache._cache = inner, cast(Any, _WritesOnly(inner))
+                swapped = True
+        else:  # another thread's swap is in place: share it (never wrap the wrapper)
+            swapped = isinstance(inner, _WritesOnly)
+        if swapped:
+            _fresh_open += 1
+    if not swapped:
         yield False
         return
-    with _lock:
-        jax_cache._cache = cast(Any, _WritesOnly(inner))
     try:
         yield True
     finally:
         with _lock:
-            jax_cache._cache = inner
+            _fresh_open -= 1
+            if _fresh_open == 0:
+                jax_cache._cache, _swapped_out = _swapped_out, None
